@@ -1,0 +1,31 @@
+# The two front-door commands (README): `make shakespeare` trains the default experiment,
+# `make test` runs the tests. Each creates .venv (Python >= 3.12) on first use.
+
+# A Python >= 3.12: pyenv's 3.12/3.13 if present (this machine kind), else whatever is on PATH.
+PYTHON ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.1[23]*/bin/python3) $(shell command -v python3.13 python3.12 2>/dev/null))
+VENV := .venv
+# Keep XLA's scratch buffers mapped between steps (REFERENCE.md §5); launch.py sets this itself.
+export GLIBC_TUNABLES ?= glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=100000000000
+
+WORKDIR ?= runs/shakespeare_char
+
+.PHONY: shakespeare test test-all venv
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt
+	@test -n "$(PYTHON)" || { echo "error: no Python >= 3.12 found; set PYTHON=/path/to/python3.12" >&2; exit 2; }
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 12))' || { echo "error: $(PYTHON) is older than 3.12" >&2; exit 2; }
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q --upgrade pip
+	$(VENV)/bin/python -m pip install -q -r requirements.txt
+	touch $@
+
+shakespeare: venv
+	$(VENV)/bin/python launch.py --config experiments/shakespeare_char.py --workdir $(WORKDIR)
+
+test: venv
+	$(VENV)/bin/python -m pytest -q
+
+test-all: venv
+	$(VENV)/bin/python -m pytest -q -m ""

@@ -1,0 +1,195 @@
+"""Config schema, model presets and validation.
+
+Experiment files (`experiments/*.py`) return `base_config()` with their own values filled in; the
+launcher applies `--config.KEY=VALUE` overrides, then `resolve()` fills what a preset implies and
+checks every number a user can get wrong, raising `InputError` (exit 2) before anything compiles.
+"""
+import dataclasses
+import math
+
+import ml_collections
+from ml_collections import config_dict
+
+from cgpt_jax.errors import InputError
+
+# Cerebras-GPT (arXiv 2304.03208, model zoo configs): layers, d_model, heads, peak LR, batch of
+# 2048-token sequences, Adam eps, decay shape. d_ffn = 4 d_model, vocab 50257, 2048 positions.
+@dataclasses.dataclass(frozen=True)
+class Preset:
+  n_layers: int
+  d_model: int
+  n_heads: int
+  lr: float = 6e-4
+  batch: int = 120
+  eps: float = 1e-8
+  decay: str = "linear"
+
+
+CEREBRAS_GPT = {
+    "111m": Preset(10, 768, 12, 6e-4, 120, 1e-8, "linear"),
+    "256m": Preset(14, 1088, 17, 6e-4, 264, 1e-8, "linear"),
+    "590m": Preset(18, 1536, 12, 2e-4, 264, 1e-8, "linear"),
+    "1.3b": Preset(24, 2048, 16, 2e-4, 528, 1e-8, "cosine"),
+    "2.7b": Preset(32, 2560, 32, 2e-4, 528, 1e-8, "cosine"),
+    "6.7b": Preset(32, 4096, 32, 1.2e-4, 1040, 1e-9, "linear"),
+    "13b": Preset(40, 5120, 40, 1.2e-4, 720, 1e-9, "cosine"),
+}
+# Small shapes for laptops and tests; not part of the paper.
+SMALL = {
+    "tiny": Preset(2, 64, 2),  # tests: compiles in seconds
+    "char4": Preset(4, 128, 4),  # nanoGPT's CPU shakespeare_char shape
+    "char6": Preset(6, 384, 6),  # nanoGPT's GPU shakespeare_char shape
+}
+PRESETS = {**CEREBRAS_GPT, **SMALL}
+
+LAYOUTS = ("single", "dp")  # more arrive with the sharded-layouts issue
+TOKENIZERS = ("char", "bytes", "gpt2")
+SCHEDULES = ("cosine", "linear", "constant")
+REMAT = ("none", "full")
+
+TOKENS_PER_PARAM = 20  # Chinchilla-optimal budget used by Cerebras-GPT
+WARMUP_TOKENS = 375e6  # Cerebras-GPT's linear warm-up length in tokens
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every key a run understands, with defaults. Typed placeholders mean "derived in resolve()"."""
+  c = ml_collections.ConfigDict()
+  c.model = dict(
+      preset="",  # a key of PRESETS, or "" to give every shape field by hand
+      n_layers=config_dict.placeholder(int),
+      d_model=config_dict.placeholder(int),
+      n_heads=config_dict.placeholder(int),
+      d_ff=config_dict.placeholder(int),  # default 4 * d_model
+      vocab_size=config_dict.placeholder(int),  # default: the tokenizer's
+      n_positions=2048,
+      init_std=0.02,
+      # Cerebras: 0.02/sqrt(2L) up to 590M, 0.0025 from 1.3B (REFERENCE.md §1).
+      residual_init_std=config_dict.placeholder(float),
+      ln_eps=1e-5,
+      remat="none",  # "full": recompute each block in the backward pass
+      scan_unroll=1,  # layers unrolled per scan iteration; >= n_layers unrolls fully
+      grad_barrier=True,  # optimization barrier on the residual gradient (REFERENCE.md §5)
+  )
+  c.data = dict(
+      source="../shared/data/tinyshakespeare/input.txt",  # file, glob, folder or tfds:NAME
+      tokenizer="char",
+      tokenizer_path="../shared/data/gpt2",  # folder with encoder.json + vocab.bpe (gpt2 only)
+      data_dir="",  # TFDS data_dir; "" = $CGPT_DATA_DIR or ~/.cache/cgpt_jax/tfds
+      seq_len=64,
+      global_batch=12,
+      eval_batch=config_dict.placeholder(int),  # default global_batch
+      eval_batches=0,  # 0 = the whole validation split
+      seed=0,  # shuffling of training windows
+  )
+  c.optim = dict(
+      name="adamw",
+      lr=1e-3,
+      b1=0.9,
+      b2=0.95,
+      eps=1e-8,
+      weight_decay=0.1,  # on weight matrices and embeddings only
+      clip_norm=1.0,
+      warmup_steps=100,
+      schedule="cosine",
+      final_lr_fraction=0.1,
+  )
+  c.train = dict(
+      steps=2000,
+      seed=0,  # parameter initialisation
+      log_every=10,
+      eval_every=250,
+      progress=True,
+  )
+  c.mesh = dict(
+      layout="single",
+      data=config_dict.placeholder(int),
+      pipe=config_dict.placeholder(int),
+      fsdp=config_dict.placeholder(int),
+      tensor=config_dict.placeholder(int),
+  )
+  return c
+
+
+def _fail(key: str, value, why: str, fix: str):
+  raise InputError(f"config {key}={value!r}: {why}. {fix}")
+
+
+def resolve_model(model: ml_collections.ConfigDict) -> None:
+  """Fills shape fields from the preset and checks them (in place)."""
+  if model.preset:
+    if model.preset not in PRESETS:
+      _fail("model.preset", model.preset, "unknown preset",
+            f"Choose one of: {', '.join(PRESETS)}.")
+    p = PRESETS[model.preset]
+    for key, value in (("n_layers", p.n_layers), ("d_model", p.d_model), ("n_heads", p.n_heads)):
+      if model[key] is None:
+        model[key] = value
+  for key in ("n_layers", "d_model", "n_heads"):
+    if model[key] is None:
+      _fail(f"model.{key}", None, "not set and no preset given",
+            f"Set --config.model.preset (one of {', '.join(PRESETS)}) or --config.model.{key}.")
+    if model[key] <= 0:
+      _fail(f"model.{key}", model[key], "must be positive", "Give a positive integer.")
+  if model.d_ff is None:
+    model.d_ff = 4 * model.d_model
+  if model.d_model % model.n_heads:
+    _fail("model.n_heads", model.n_heads, f"does not divide d_model={model.d_model}",
+          "Pick a head count that divides d_model.")
+  if model.residual_init_std is None:
+    big = model.preset in CEREBRAS_GPT and CEREBRAS_GPT[model.preset].d_model >= 2048
+    model.residual_init_std = 0.0025 if big else model.init_std / math.sqrt(2 * model.n_layers)
+  if model.remat not in REMAT:
+    _fail("model.remat", model.remat, "unknown remat policy", f"Choose one of: {', '.join(REMAT)}.")
+  if model.scan_unroll < 1:
+    _fail("model.scan_unroll", model.scan_unroll, "must be >= 1",
+          "Use 1 for a rolled scan or n_layers to unroll fully.")
+
+
+def resolve(c: ml_collections.ConfigDict, vocab_size: int) -> ml_collections.ConfigDict:
+  """Fills derived values and validates the whole config; `vocab_size` is the tokenizer's."""
+  resolve_model(c.model)
+  if c.model.vocab_size is None:
+    c.model.vocab_size = vocab_size
+  elif c.model.vocab_size < vocab_size:
+    _fail("model.vocab_size", c.model.vocab_size,
+          f"is smaller than the {c.data.tokenizer} tokenizer's vocabulary ({vocab_size})",
+          "Leave it unset to use the tokenizer's size.")
+  d = c.data
+  if d.tokenizer not in TOKENIZERS:
+    _fail("data.tokenizer", d.tokenizer, "unknown tokenizer", f"Choose one of: {', '.join(TOKENIZERS)}.")
+  if d.seq_len <= 0 or d.seq_len > c.model.n_positions:
+    _fail("data.seq_len", d.seq_len, f"must be in 1..n_positions ({c.model.n_positions})",
+          f"Use --config.data.seq_len<={c.model.n_positions} or raise --config.model.n_positions.")
+  if d.global_batch <= 0:
+    _fail("data.global_batch", d.global_batch, "must be positive", "Give a positive batch size.")
+  if d.eval_batch is None:
+    d.eval_batch = d.global_batch
+  o = c.optim
+  if o.name != "adamw":
+    _fail("optim.name", o.name, "unknown optimizer", "Use adamw.")
+  if o.schedule not in SCHEDULES:
+    _fail("optim.schedule", o.schedule, "unknown schedule", f"Choose one of: {', '.join(SCHEDULES)}.")
+  if not 0 <= o.final_lr_fraction <= 1:
+    _fail("optim.final_lr_fraction", o.final_lr_fraction, "must be in [0, 1]", "E.g. 0.1.")
+  t = c.train
+  if t.steps <= 0:
+    _fail("train.steps", t.steps, "must be positive", "Give the number of optimizer steps.")
+  if o.warmup_steps < 0 or o.warmup_steps >= t.steps:
+    _fail("optim.warmup_steps", o.warmup_steps, f"must be in [0, train.steps={t.steps})",
+          "Shorten the warm-up or train longer.")
+  for key in ("log_every", "eval_every"):
+    if t[key] <= 0:
+      _fail(f"train.{key}", t[key], "must be positive", "Give a step interval.")
+  if c.mesh.layout not in LAYOUTS:
+    _fail("mesh.layout", c.mesh.layout, "unknown layout", f"Choose one of: {', '.join(LAYOUTS)}.")
+  return c
+
+
+
+def closed_form_params(n_layers: int, d_model: int, vocab: int = 50257, positions: int = 2048) -> int:
+  """REFERENCE.md §1: V d + P d + L (12 d^2 + 13 d) + 2 d, for d_ff = 4 d and tied embeddings.
+
+  Lets a config derive its Chinchilla budget without building the model; the model's own count,
+  from abstract shapes, is what reports use and what the tests hold to the paper's table.
+  """
+  return (vocab + positions) * d_model + n_layers * (12 * d_model**2 + 13 * d_model) + 2 * d_model

@@ -1,0 +1,173 @@
+"""Cerebras-GPT in Flax NNX: the GPT-2 graph with GPT-3 shapes (REFERENCE.md §1).
+
+Pre-LN blocks and a final LN (eps 1e-5), exact GELU, learned absolute positions, token embedding tied
+to the output head (no head bias), biases on QKV / attention-out / both MLP linears, dense causal
+attention in every layer, no dropout (Cerebras trains with dropout 0, so there is no RNG in the step).
+
+Every parameter carries logical axis names (`out_sharding` metadata) and the layer stack has a leading
+`layers` axis, so `mesh.Layout` can shard any of them without the model knowing about devices. The
+blocks are created with `nnx.vmap` and applied with `lax.scan`: compile time stays flat in depth.
+"""
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from cgpt_jax.mesh import constrain
+
+# Parameters keep only logical names; Layout turns them into shardings at jit time. Without this,
+# flax would try to place each variable on a mesh the moment it is created.
+nnx.use_eager_sharding(False)
+
+
+def _trunc_normal(std: float):
+  # Cerebras (like torch's trunc_normal_(std, a=-2std, b=2std)) cuts at two standard deviations and
+  # does not rescale: exactly jax's truncated_normal with its default bounds.
+  return jax.nn.initializers.truncated_normal(stddev=std)
+
+
+def _param(rngs: nnx.Rngs, init, shape, names) -> nnx.Param:
+  return nnx.Param(init(rngs.params(), shape, jnp.float32), out_sharding=names)
+
+
+def _zeros(shape, names) -> nnx.Param:
+  return nnx.Param(jnp.zeros(shape, jnp.float32), out_sharding=names)
+
+
+class LayerNorm(nnx.Module):
+
+  def __init__(self, d: int, eps: float):
+    self.scale = nnx.Param(jnp.ones((d,), jnp.float32), out_sharding=("embed",))
+    self.bias = _zeros((d,), ("embed",))
+    self.eps = eps
+
+  def __call__(self, x):
+    mean = x.mean(-1, keepdims=True)
+    var = jnp.square(x - mean).mean(-1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
+
+
+class Attention(nnx.Module):
+  """Causal multi-head attention. QKV is one [embed, 3, heads, head_dim] kernel so that splitting
+  `heads` over a tensor axis splits q, k and v alike (Megatron's column-parallel QKV)."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs):
+    d, h = cfg.d_model, cfg.n_heads
+    dh = d // h
+    self.qkv_kernel = _param(rngs, _trunc_normal(cfg.init_std), (d, 3, h, dh),
+                             ("embed", None, "heads", "head_dim"))
+    self.qkv_bias = _zeros((3, h, dh), (None, "heads", "head_dim"))
+    self.out_kernel = _param(rngs, _trunc_normal(cfg.residual_init_std), (h, dh, d),
+                             ("heads", "head_dim", "embed"))
+    self.out_bias = _zeros((d,), ("embed",))
+    self.scale = dh**-0.5
+
+  def __call__(self, x):
+    qkv = jnp.einsum("btd,dkhe->kbthe", x, self.qkv_kernel[...])
+    qkv = qkv + self.qkv_bias[...][:, None, None]
+    q, k, v = (constrain(a, ("batch", "seq", "heads", "head_dim")) for a in qkv)
+    scores = jnp.einsum("bqhe,bkhe->bhqk", q, k) * self.scale
+    t = x.shape[1]
+    causal = jnp.tril(jnp.ones((t, t), bool))
+    scores = jnp.where(causal, scores, jnp.finfo(scores.dtype).min)
+    probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(x.dtype)
+    ctx = jnp.einsum("bhqk,bkhe->bqhe", probs, v)
+    return jnp.einsum("bqhe,hed->bqd", ctx, self.out_kernel[...]) + self.out_bias[...]
+
+
+class MLP(nnx.Module):
+
+  def __init__(self, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs):
+    d, f = cfg.d_model, cfg.d_ff
+    self.fc_kernel = _param(rngs, _trunc_normal(cfg.init_std), (d, f), ("embed", "mlp"))
+    self.fc_bias = _zeros((f,), ("mlp",))
+    self.proj_kernel = _param(rngs, _trunc_normal(cfg.residual_init_std), (f, d), ("mlp", "embed"))
+    self.proj_bias = _zeros((d,), ("embed",))
+
+  def __call__(self, x):
+    h = jax.nn.gelu(x @ self.fc_kernel[...] + self.fc_bias[...], approximate=False)
+    h = constrain(h, ("batch", "seq", "mlp"))
+    return h @ self.proj_kernel[...] + self.proj_bias[...]
+
+
+class Block(nnx.Module):
+
+  def __init__(self, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs):
+    self.ln1 = LayerNorm(cfg.d_model, cfg.ln_eps)
+    self.attn = Attention(cfg, rngs)
+    self.ln2 = LayerNorm(cfg.d_model, cfg.ln_eps)
+    self.mlp = MLP(cfg, rngs)
+
+  def __call__(self, x):
+    x = x + self.attn(self.ln1(x))
+    x = x + self.mlp(self.ln2(x))
+    return constrain(x, ("batch", "seq", "embed"))
+
+
+@jax.custom_vjp
+def grad_barrier(x):
+  """Identity whose gradient passes through an optimization barrier.
+
+  On CPU, XLA otherwise re-derives the residual-stream gradient several times across the unrolled
+  layers; pinning it at each block input saved ~10 ms/step with bit-identical results
+  (REFERENCE.md §5).
+  """
+  return x
+
+
+grad_barrier.defvjp(lambda x: (x, None), lambda _, g: (jax.lax.optimization_barrier(g),))
+
+
+class GPT(nnx.Module):
+
+  def __init__(self, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.wte = _param(rngs, _trunc_normal(cfg.init_std), (cfg.vocab_size, cfg.d_model),
+                      ("vocab", "embed"))
+    self.wpe = _param(rngs, _trunc_normal(cfg.init_std), (cfg.n_positions, cfg.d_model),
+                      (None, "embed"))
+
+    @nnx.split_rngs(splits=cfg.n_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def make_blocks(rngs):
+      return Block(cfg, rngs)
+
+    self.blocks = make_blocks(rngs)
+    self.ln_f = LayerNorm(cfg.d_model, cfg.ln_eps)
+
+  def __call__(self, tokens: jax.Array) -> jax.Array:
+    """tokens [batch, seq] int -> logits [batch, seq, vocab] float32."""
+    cfg = self.cfg
+    x = jnp.take(self.wte[...], tokens, axis=0) + self.wpe[...][: tokens.shape[1]]
+    x = constrain(x, ("batch", "seq", "embed"))
+
+    graphdef, stacked = nnx.split(self.blocks)
+
+    def layer(x, params):
+      if cfg.grad_barrier:
+        x = grad_barrier(x)
+      return nnx.merge(graphdef, params)(x), None
+
+    if cfg.remat == "full":
+      layer = jax.checkpoint(layer)
+    x, _ = jax.lax.scan(layer, x, stacked, unroll=min(cfg.scan_unroll, cfg.n_layers))
+    x = self.ln_f(x)
+    logits = jnp.einsum("btd,vd->btv", x, self.wte[...])
+    return constrain(logits, ("batch", "seq", "vocab"))
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """Mean next-token cross entropy in nats, computed in float32."""
+  logits = logits.astype(jnp.float32)
+  lse = jax.nn.logsumexp(logits, axis=-1)
+  picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  return jnp.mean(lse - picked)
+
+
+def abstract_model(cfg: ml_collections.ConfigDict, seed: int = 0):
+  """(graphdef, abstract params) of the model: shapes, dtypes and logical names, nothing allocated."""
+  return nnx.split(nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(seed))))
+
+
+def count_params(abstract_params) -> int:
+  return sum(x.size for x in jax.tree.leaves(abstract_params))

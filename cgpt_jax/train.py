@@ -1,0 +1,321 @@
+"""One training run (or one plan) from a config.
+
+config -> data -> validated config -> layout -> abstract state and its shardings -> sharded init ->
+one AOT-compiled train step -> loop with logging and periodic eval -> summary.json.
+Everything that can reject bad input runs before the first compile.
+"""
+import json
+import math
+import os
+import pathlib
+import time
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import tqdm
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from cgpt_jax import analysis, config as config_lib, data, mesh as mesh_lib, model as model_lib, optim
+from cgpt_jax.errors import InputError
+
+RUN_MARKERS = ("metrics.jsonl", "summary.json", "checkpoints")
+
+
+class TrainState(NamedTuple):
+  step: jax.Array
+  params: nnx.State
+  opt_state: optax.OptState
+
+
+# ----------------------------------------------------------------------------------------------
+# Input checks (all before anything compiles)
+# ----------------------------------------------------------------------------------------------
+def check_workdir(workdir: str, markers) -> pathlib.Path:
+  """Creates `workdir`, or refuses one that is unwritable or already holds a run."""
+  path = pathlib.Path(workdir)
+  if path.exists() and not path.is_dir():
+    raise InputError(f"--workdir {path} exists and is not a directory. Choose another path.")
+  found = [m for m in markers if (path / m).exists()]
+  if found:
+    raise InputError(f"--workdir {path} already holds a run ({', '.join(found)} exist); refusing to "
+                     "overwrite it. Choose a new --workdir or delete the old one.")
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+    probe = path / f".write-test-{os.getpid()}"
+    probe.write_bytes(b"")
+    probe.unlink()
+  except OSError as e:
+    raise InputError(f"--workdir {path} is not writable ({e.strerror}). "
+                     "Choose a directory you can write to.") from None
+  return path
+
+
+def data_dir(cfg: ml_collections.ConfigDict) -> str:
+  return cfg.data.data_dir or os.environ.get("CGPT_DATA_DIR") or os.path.expanduser(
+      "~/.cache/cgpt_jax/tfds")
+
+
+def load_data(cfg: ml_collections.ConfigDict) -> data.Corpus:
+  return data.load_corpus(cfg.data.source, data_dir(cfg), cfg.data.tokenizer, cfg.data.tokenizer_path)
+
+
+def check_batches(cfg: ml_collections.ConfigDict, layout: mesh_lib.Layout) -> None:
+  n = layout.batch_size_divisor
+  for key in ("global_batch", "eval_batch"):
+    if cfg.data[key] % n:
+      raise InputError(
+          f"config data.{key}={cfg.data[key]}: not divisible by the {n} devices of the batch axes "
+          f"({layout.name}: {layout.axis_sizes}). Use a multiple of {n}, e.g. "
+          f"--config.data.{key}={max(n, cfg.data[key] // n * n)}.")
+
+
+# ----------------------------------------------------------------------------------------------
+# State, shardings and the step functions
+# ----------------------------------------------------------------------------------------------
+def _is_spec(x) -> bool:
+  return isinstance(x, P)
+
+
+def state_shardings(layout, abstract_params, tx):
+  """Shardings of TrainState from the parameters' logical names and the layout's rules."""
+  logical = nnx.get_partition_spec(abstract_params)
+  params = jax.tree.map(lambda spec: layout.sharding(tuple(spec)), logical, is_leaf=_is_spec)
+  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  # Moments shard like the parameter they belong to; counters and other scalars are replicated.
+  opt = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, params,
+                              transform_non_params=lambda _: layout.replicated)
+  return TrainState(layout.replicated, params, opt)
+
+
+def make_init(cfg: ml_collections.ConfigDict, tx, shardings: TrainState):
+  def init():
+    params = nnx.state(model_lib.GPT(cfg.model, rngs=nnx.Rngs(cfg.train.seed)))
+    return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+  return jax.jit(init, out_shardings=shardings)
+
+
+def make_loss(graphdef, layout: mesh_lib.Layout):
+  def loss_fn(params, batch):
+    with layout.active():
+      logits = nnx.merge(graphdef, params)(batch[:, :-1])
+      return model_lib.cross_entropy(logits, batch[:, 1:])
+  return loss_fn
+
+
+def make_train_step(graphdef, tx, lr_schedule, layout, shardings: TrainState, batch_sharding):
+  # A fresh closure per layout: a jitted function reused across layouts keeps its old trace.
+  loss_fn = make_loss(graphdef, layout)
+
+  def train_step(state: TrainState, batch):
+    loss, grads = jax.value_and_grad(loss_fn)(state.params, batch)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
+               "learning_rate": lr_schedule(state.step)}
+    return TrainState(state.step + 1, params, opt_state), metrics
+
+  return jax.jit(train_step, in_shardings=(shardings, batch_sharding),
+                 out_shardings=(shardings, layout.replicated), donate_argnums=0)
+
+
+def make_eval_step(graphdef, layout, param_shardings, batch_sharding):
+  return jax.jit(make_loss(graphdef, layout), in_shardings=(param_shardings, batch_sharding),
+                 out_shardings=layout.replicated)
+
+
+class Setup(NamedTuple):
+  cfg: ml_collections.ConfigDict
+  layout: mesh_lib.Layout
+  graphdef: Any
+  abstract_params: nnx.State
+  tx: optax.GradientTransformation
+  lr_schedule: optax.Schedule
+  shardings: TrainState
+  batch_sharding: jax.sharding.NamedSharding
+  n_params: int
+
+
+def build(cfg: ml_collections.ConfigDict, vocab_size: int) -> Setup:
+  """Validates the config against the tokenizer and devices, then derives everything from shapes."""
+  cfg = config_lib.resolve(cfg, vocab_size)
+  layout = mesh_lib.make_layout(cfg.mesh)
+  check_batches(cfg, layout)
+  graphdef, abstract_params = model_lib.abstract_model(cfg.model, cfg.train.seed)
+  lr_schedule = optim.schedule(cfg.optim, cfg.train.steps)
+  tx = optim.make_optimizer(cfg.optim, cfg.train.steps)
+  shardings = state_shardings(layout, abstract_params, tx)
+  batch_sharding = layout.sharding(("batch", None))
+  return Setup(cfg, layout, graphdef, abstract_params, tx, lr_schedule, shardings, batch_sharding,
+               model_lib.count_params(abstract_params))
+
+
+def describe(s: Setup) -> dict:
+  m = s.cfg.model
+  return {
+      "params": s.n_params,
+      "layout": s.layout.name,
+      "mesh": s.layout.axis_sizes,
+      "devices": s.layout.mesh.size,
+      "flops_per_token": analysis.flops_per_token(m, s.cfg.data.seq_len),
+  }
+
+
+def abstract_state(s: Setup) -> TrainState:
+  shapes = jax.eval_shape(make_init(s.cfg, s.tx, s.shardings))
+  return jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                      shapes, s.shardings)
+
+
+# ----------------------------------------------------------------------------------------------
+# Plan: everything from abstract shapes, nothing allocated
+# ----------------------------------------------------------------------------------------------
+def plan(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
+  out = check_workdir(workdir, ("plan.json",))
+  if cfg.model.vocab_size is not None:
+    vocab = cfg.model.vocab_size
+  elif cfg.data.tokenizer == "char":  # the vocabulary is the corpus's characters
+    vocab = load_data(cfg).tokenizer.vocab_size
+  else:
+    vocab = data.make_tokenizer(cfg.data.tokenizer, path=cfg.data.tokenizer_path).vocab_size
+  s = build(cfg, vocab)
+  state = abstract_state(s)
+  batch = jax.ShapeDtypeStruct((s.cfg.data.global_batch, s.cfg.data.seq_len + 1), jnp.int32,
+                               sharding=s.batch_sharding)
+  t0 = time.perf_counter()
+  compiled = make_train_step(s.graphdef, s.tx, s.lr_schedule, s.layout, s.shardings,
+                             s.batch_sharding).lower(state, batch).compile()
+  compile_s = time.perf_counter() - t0
+  tokens_per_step = s.cfg.data.global_batch * s.cfg.data.seq_len
+  budget = config_lib.TOKENS_PER_PARAM * s.n_params
+  result = {
+      **describe(s),
+      "chinchilla_tokens": budget,
+      "chinchilla_steps": math.ceil(budget / tokens_per_step),
+      "tokens_per_step": tokens_per_step,
+      "param_bytes": analysis.tree_bytes(state.params),
+      "optimizer_state_bytes": analysis.tree_bytes(state.opt_state),
+      "model_flops_per_step": analysis.flops_per_token(s.cfg.model, s.cfg.data.seq_len) * tokens_per_step,
+      "compile_s": round(compile_s, 3),
+      "memory_per_device_bytes": analysis.compiled_memory(compiled),
+      "config": s.cfg.to_dict(),
+  }
+  (out / "plan.json").write_text(json.dumps(result, indent=2))
+  return result
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------
+class Logger:
+  """metrics.jsonl + TensorBoard events; one line per logged step."""
+
+  def __init__(self, workdir: pathlib.Path):
+    from tensorboardX import SummaryWriter  # imported here: it is slow to import and plan needs none
+    self.jsonl = open(workdir / "metrics.jsonl", "x")
+    self.tb = SummaryWriter(str(workdir))
+
+  def write(self, step: int, metrics: dict) -> None:
+    self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+    self.jsonl.flush()
+    for key, value in metrics.items():
+      self.tb.add_scalar(key, value, step)
+
+  def close(self) -> None:
+    self.jsonl.close()
+    self.tb.close()
+
+
+def evaluate(eval_step, params, batches, sharding) -> dict:
+  losses = [eval_step(params, jax.make_array_from_process_local_data(sharding, b)) for b in batches]
+  loss = float(np.mean(jax.device_get(losses)))
+  return {"eval_loss": loss, "eval_perplexity": math.exp(loss)}
+
+
+def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
+  # ---- inputs ---------------------------------------------------------------------------------
+  out = check_workdir(workdir, RUN_MARKERS)
+  corpus = load_data(cfg)
+  s = build(cfg, corpus.tokenizer.vocab_size)
+  cfg, layout = s.cfg, s.layout
+  d = cfg.data
+  eval_sharding = s.batch_sharding
+  eval_batches = data.eval_batches(corpus.tokens["validation"], seq_len=d.seq_len, batch=d.eval_batch,
+                                   max_batches=d.eval_batches or None)
+  batches = data.train_batches(corpus.tokens["train"], seq_len=d.seq_len, global_batch=d.global_batch,
+                               seed=d.seed, process_index=jax.process_index(),
+                               process_count=jax.process_count())
+  (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+
+  # ---- compile --------------------------------------------------------------------------------
+  peak = analysis.measure_matmul_peak()
+  t0 = time.perf_counter()
+  state = make_init(cfg, s.tx, s.shardings)()
+  init_s = time.perf_counter() - t0
+  batch_struct = jax.ShapeDtypeStruct((d.global_batch, d.seq_len + 1), jnp.int32,
+                                      sharding=s.batch_sharding)
+  t0 = time.perf_counter()
+  train_step = make_train_step(s.graphdef, s.tx, s.lr_schedule, layout, s.shardings,
+                               s.batch_sharding).lower(state, batch_struct).compile()
+  compile_s = time.perf_counter() - t0
+  eval_step = make_eval_step(s.graphdef, layout, s.shardings.params, eval_sharding)
+  memory = analysis.compiled_memory(train_step)
+
+  # ---- train ----------------------------------------------------------------------------------
+  logger = Logger(out)
+  tokens_per_step = d.global_batch * d.seq_len
+  flops_per_token = analysis.flops_per_token(cfg.model, d.seq_len)
+  train_time, last_log, last_log_step = 0.0, time.perf_counter(), 0
+  last, eval_metrics = {}, {}
+  bar = tqdm.tqdm(total=cfg.train.steps, disable=not cfg.train.progress, mininterval=1.0,
+                  dynamic_ncols=True)
+  run_start = time.perf_counter()
+  for step in range(1, cfg.train.steps + 1):
+    batch = jax.make_array_from_process_local_data(s.batch_sharding, next(batches))
+    state, metrics = train_step(state, batch)
+    bar.update()
+    is_eval = step % cfg.train.eval_every == 0 or step == cfg.train.steps
+    if step % cfg.train.log_every == 0 or is_eval:
+      last = {k: float(v) for k, v in jax.device_get(metrics).items()}  # waits for the step
+      now = time.perf_counter()
+      interval = now - last_log
+      train_time += interval
+      last["step_s"] = interval / (step - last_log_step)
+      last["tokens_per_s"] = tokens_per_step * (step - last_log_step) / interval
+      record = dict(last)
+      if is_eval:
+        eval_metrics = evaluate(eval_step, state.params, eval_batches, eval_sharding)
+        record.update(eval_metrics)
+      logger.write(step, record)
+      bar.set_postfix(loss=f"{last['loss']:.4f}", **({"val": f"{eval_metrics['eval_loss']:.4f}"}
+                                                      if is_eval else {}))
+      last_log, last_log_step = time.perf_counter(), step
+  bar.close()
+  logger.close()
+  wall_s = time.perf_counter() - run_start
+
+  # ---- summary --------------------------------------------------------------------------------
+  tokens_per_s = tokens_per_step * cfg.train.steps / train_time
+  summary = {
+      **describe(s),
+      "steps": cfg.train.steps,
+      "tokens": tokens_per_step * cfg.train.steps,
+      "final_loss": last["loss"],
+      "final_eval_loss": eval_metrics["eval_loss"],
+      "final_eval_perplexity": eval_metrics["eval_perplexity"],
+      "tokens_per_s": tokens_per_s,
+      "step_ms": 1000 * train_time / cfg.train.steps,
+      "mfu": tokens_per_s * flops_per_token / peak,
+      "matmul_peak_flops": peak,
+      "compile_s": compile_s,
+      "init_s": init_s,
+      "train_wall_s": wall_s,
+      "model_flops_per_step": flops_per_token * tokens_per_step,
+      "memory_per_device_bytes": memory,
+  }
+  (out / "summary.json").write_text(json.dumps(summary, indent=2))
+  return summary

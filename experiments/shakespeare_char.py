@@ -1,0 +1,30 @@
+"""The default experiment: a 4-layer character-level Cerebras-GPT learning tiny Shakespeare on the CPU.
+
+The recipe of nanoGPT's CPU run (config/train_shakespeare_char.py with --n_layer=4 --n_head=4
+--n_embd=128 --block_size=64 --batch_size=12 --max_iters=2000 --lr_decay_iters=2000 --dropout=0.0,
+REFERENCE.md §4: val loss 1.8857 in 167 s here), on our architecture (biases, exact GELU, tied
+head, Cerebras init).
+"""
+from cgpt_jax.config import base_config
+
+
+def get_config(arg=None):
+  del arg
+  c = base_config()
+  c.model.preset = "char4"
+  c.model.n_positions = 64  # nanoGPT's block_size: no positions beyond the context are learned
+  c.model.scan_unroll = 4  # unrolled: a rolled scan over 4 small layers costs ~13 ms/step on CPU
+  c.data.source = "../shared/data/tinyshakespeare/input.txt"
+  c.data.tokenizer = "char"
+  c.data.seq_len = 64
+  c.data.global_batch = 12
+  c.data.eval_batch = 64  # evaluation covers the whole validation split, in bigger batches
+  c.optim.lr = 1e-3
+  c.optim.b2 = 0.99  # nanoGPT's choice for this small-batch run
+  c.optim.warmup_steps = 100
+  c.optim.schedule = "cosine"
+  c.optim.final_lr_fraction = 0.1  # 1e-3 -> 1e-4
+  c.train.steps = 2000
+  c.train.eval_every = 250
+  c.train.log_every = 10
+  return c

@@ -1,0 +1,74 @@
+"""Runs one experiment: python launch.py --config experiments/NAME.py[:ARG] --workdir DIR [--devices N].
+
+  --config.KEY=VALUE   override any config value (e.g. --config.mesh.layout=dp)
+  --devices N          N virtual CPU devices (set before jax starts)
+  --plan               compile ahead of time from abstract shapes only and write DIR/plan.json
+
+Exit codes: 0 success, 2 bad configuration or input (a message says what and how to fix it), 1 a bug.
+"""
+import os
+import sys
+
+# glibc hands XLA's large scratch buffers back to the OS after every step and page-faults them in
+# again on the next: up to seconds of system time per step at d=768 (REFERENCE.md §5). Keeping them
+# mapped needs the tunables in the environment at process start, so re-exec once with them set.
+GLIBC_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=100000000000"
+if __name__ == "__main__" and "GLIBC_TUNABLES" not in os.environ:
+  os.environ["GLIBC_TUNABLES"] = GLIBC_TUNABLES
+  os.execv(sys.executable, [sys.executable, *sys.argv])
+
+from absl import app, flags, logging  # noqa: E402  (after the re-exec above)
+from ml_collections import config_flags  # noqa: E402
+
+from cgpt_jax.errors import InputError  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment file with get_config(arg), as path.py[:arg].", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (metrics, summary, checkpoints).")
+_DEVICES = flags.DEFINE_integer("devices", 1, "Number of virtual CPU devices.", lower_bound=1)
+_PLAN = flags.DEFINE_bool("plan", False, "Only plan: compile from abstract shapes, write plan.json.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def fail(message: str) -> None:
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def parse_flags(argv):
+  """absl's parser, but a bad flag or a config file that rejects its argument exits 2, not 1."""
+  try:
+    rest = flags.FLAGS(argv)
+  except (flags.Error, InputError) as e:  # get_config(arg) raises InputError for a bad arg
+    fail(str(e))
+  except (AttributeError, KeyError) as e:  # config_flags' answer to --config.NO_SUCH_KEY=...
+    fail(f"unknown config key {e}: see base_config() in cgpt_jax/config.py for every key.")
+  if len(rest) > 1:
+    fail(f"unexpected arguments {rest[1:]}; overrides take the form --config.KEY=VALUE.")
+  return rest
+
+
+def main(_):
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # jax logs every backend it fails to find at INFO
+  import jax  # the device count must be set before any JAX operation
+  jax.config.update("jax_num_cpu_devices", _DEVICES.value)
+  from cgpt_jax import train
+
+  try:
+    if _PLAN.value:
+      result = train.plan(_CONFIG.value, _WORKDIR.value)
+      print(f"plan: {result['params']:,} params, {result['flops_per_token']:,} FLOPs/token, "
+            f"{result['memory_per_device_bytes']['total_bytes'] / 2**30:.2f} GiB per device "
+            f"-> {_WORKDIR.value}/plan.json")
+    else:
+      s = train.run(_CONFIG.value, _WORKDIR.value)
+      print(f"done: loss {s['final_loss']:.4f}, val loss {s['final_eval_loss']:.4f}, "
+            f"{s['tokens_per_s']:,.0f} tokens/s, {s['step_ms']:.1f} ms/step, MFU {s['mfu']:.3f}, "
+            f"compile {s['compile_s']:.1f} s, wall {s['train_wall_s']:.1f} s -> {_WORKDIR.value}")
+  except InputError as e:
+    fail(str(e))
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=parse_flags)
