@@ -54,7 +54,8 @@ def test_init_follows_cerebras_rules():
   cfg = model_cfg("", n_layers=8, d_model=256, n_heads=4, n_positions=128, vocab_size=512)
   m = model_lib.GPT(cfg, rngs=nnx.Rngs(0))
   std = 0.02
-  trunc_std = std * 0.8796  # std of a unit normal truncated to [-2, 2]
+  trunc_std = std * 0.8796  # std of a unit normal truncated to [-2, 2] (tables of the normal law)
+  assert model_lib.TRUNCATED_STD_RATIO == pytest.approx(0.8796, abs=1e-4)
   wte = np.asarray(m.wte[...])
   assert np.abs(wte).max() <= 2 * std + 1e-7
   np.testing.assert_allclose(wte.std(), trunc_std, rtol=0.02)
