@@ -42,7 +42,6 @@ SMALL = {
 }
 PRESETS = {**CEREBRAS_GPT, **SMALL}
 
-LAYOUTS = ("single", "dp")  # more arrive with the sharded-layouts issue
 TOKENIZERS = ("char", "bytes", "gpt2")
 SCHEDULES = ("cosine", "linear", "constant")
 REMAT = ("none", "full")
@@ -180,8 +179,6 @@ def resolve(c: ml_collections.ConfigDict, vocab_size: int) -> ml_collections.Con
   for key in ("log_every", "eval_every"):
     if t[key] <= 0:
       _fail(f"train.{key}", t[key], "must be positive", "Give a step interval.")
-  if c.mesh.layout not in LAYOUTS:
-    _fail("mesh.layout", c.mesh.layout, "unknown layout", f"Choose one of: {', '.join(LAYOUTS)}.")
   return c
 
 

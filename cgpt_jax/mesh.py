@@ -13,6 +13,7 @@ from typing import Iterator, Mapping, Sequence
 
 import jax
 import numpy as np
+from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from cgpt_jax.errors import InputError
@@ -23,12 +24,30 @@ BATCH_AXES = ("data", "fsdp")  # FSDP is data parallelism whose state is sharded
 # Logical axis -> mesh axes. A logical name missing from a table is replicated.
 Rules = Mapping[str, tuple[str, ...]]
 
-LAYOUT_PRESETS: dict[str, tuple[dict[str, int], Rules]] = {
+
+
+@dataclasses.dataclass(frozen=True)
+class LayoutPreset:
+  sizes: dict[str, int]  # axes not named are 1
+  rules: Rules  # parameters and activations
+  state_rules: Rules | None = None  # optimizer state, where it differs from the parameters
+
+
+LAYOUT_PRESETS: dict[str, LayoutPreset] = {
     # The reference: one device, nothing sharded.
-    "single": ({}, {}),
+    "single": LayoutPreset({}, {}),
     # Batch split over every device; parameters and optimizer state replicated; XLA all-reduces the
     # gradients (2 P b (n-1)/n bytes per device per step, REFERENCE.md §2).
-    "dp": ({"data": -1}, {"batch": BATCH_AXES}),
+    "dp": LayoutPreset({"data": -1}, {"batch": BATCH_AXES}),
+    # ZeRO-1: as dp, but each device keeps 1/n of the Adam moments (sharded along d_model, or d_ff
+    # for the MLP biases); the update is computed on that slice and the new parameters all-gathered.
+    # Same bytes as dp (reduce-scatter + all-gather), K Psi / n of optimizer memory (REFERENCE.md §2).
+    "zero1": LayoutPreset({"data": -1}, {"batch": BATCH_AXES},
+                          {"embed": ("data",), "mlp": ("data",)}),
+    # ZeRO-3: parameters, gradients and moments sharded along d_model over `fsdp`; inside the layer
+    # scan XLA all-gathers one layer's weights at a time, forward and again backward, and
+    # reduce-scatters its gradients: 3 P b (n-1)/n bytes per device per step.
+    "fsdp": LayoutPreset({"fsdp": -1}, {"batch": BATCH_AXES, "embed": ("fsdp",), "mlp": ("fsdp",)}),
 }
 
 
@@ -37,17 +56,29 @@ class Layout:
   name: str
   mesh: Mesh
   rules: Rules
+  state_rules: Rules
 
-  def spec(self, names: Sequence[str | None]) -> P:
-    """Logical axis names -> PartitionSpec over this mesh (axes of size 1 dropped)."""
-    out = []
+  def spec(self, names: Sequence[str | None], rules: Rules | None = None) -> P:
+    """Logical axis names -> PartitionSpec over this mesh.
+
+    Axes of size 1 are dropped, and a mesh axis already taken by an earlier dimension is skipped:
+    that is how one table serves parameters and activations, e.g. under fsdp a weight's `embed`
+    dimension is sharded over `fsdp` while an activation's batch dimension has taken it first.
+    """
+    rules = self.rules if rules is None else rules
+    out, used = [], set()
     for name in names:
-      axes = tuple(a for a in self.rules.get(name, ()) if self.mesh.shape[a] > 1) if name else ()
+      axes = tuple(a for a in rules.get(name, ()) if self.mesh.shape[a] > 1 and a not in used)
+      used.update(axes)
       out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
     return P(*out)
 
   def sharding(self, names: Sequence[str | None]) -> NamedSharding:
     return NamedSharding(self.mesh, self.spec(names))
+
+  def state_sharding(self, names: Sequence[str | None]) -> NamedSharding:
+    """Sharding of optimizer state that belongs to a parameter with these logical names."""
+    return NamedSharding(self.mesh, self.spec(names, self.state_rules))
 
   @property
   def replicated(self) -> NamedSharding:
@@ -91,10 +122,12 @@ def make_layout(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Layout
   if mesh_cfg.layout not in LAYOUT_PRESETS:
     raise InputError(f"config mesh.layout={mesh_cfg.layout!r}: unknown layout. "
                      f"Choose one of: {', '.join(LAYOUT_PRESETS)}.")
-  preset_sizes, rules = LAYOUT_PRESETS[mesh_cfg.layout]
+  preset = LAYOUT_PRESETS[mesh_cfg.layout]
+  rules = dict(preset.rules)
+  state_rules = {**rules, **(preset.state_rules or {})}
   if mesh_cfg.layout == "single":
     devices = devices[:1]
-  sizes = {a: preset_sizes.get(a, 1) for a in AXES}
+  sizes = {a: preset.sizes.get(a, 1) for a in AXES}
   for a in AXES:
     if mesh_cfg.get(a) is not None:
       sizes[a] = mesh_cfg[a]
@@ -117,14 +150,32 @@ def make_layout(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Layout
   if total != len(devices):
     raise InputError(f"layout {mesh_cfg.layout}: mesh {_fmt(sizes)} needs {total} devices but "
                      f"{len(devices)} are available. Use --devices {total} or set one axis to -1.")
-  unused = [a for a in AXES if sizes[a] > 1 and not any(a in axes for axes in rules.values())]
+  unused = [a for a in AXES if sizes[a] > 1 and not any(a in axes for axes in state_rules.values())]
   if unused:
     raise InputError(f"layout {mesh_cfg.layout} does not use mesh axes {', '.join(unused)}, so "
                      f"devices on them would only repeat work ({_fmt(sizes)}). Set them to 1 or "
                      "choose a layout that shards over them.")
   mesh = Mesh(np.asarray(devices).reshape([sizes[a] for a in AXES]), AXES,
               axis_types=(AxisType.Auto,) * len(AXES))
-  return Layout(mesh_cfg.layout, mesh, dict(rules))
+  return Layout(mesh_cfg.layout, mesh, rules, state_rules)
+
+
+def check_divisible(layout: Layout, abstract_params) -> None:
+  """Every sharded dimension of every parameter (and its optimizer state) divides evenly."""
+  logical = nnx.get_partition_spec(abstract_params)
+  is_spec = lambda x: isinstance(x, P)
+  for (path, names), leaf in zip(jax.tree_util.tree_flatten_with_path(logical, is_leaf=is_spec)[0],
+                                 jax.tree.leaves(abstract_params)):
+    for rules in (layout.rules, layout.state_rules):
+      for dim, (size, axes) in enumerate(zip(leaf.shape, layout.spec(tuple(names), rules))):
+        axes = (axes,) if isinstance(axes, str) else axes or ()
+        n = math.prod(layout.mesh.shape[a] for a in axes)
+        if size % n:
+          raise InputError(
+              f"layout {layout.name}: parameter {jax.tree_util.keystr(path)} has {size} along its "
+              f"'{names[dim]}' dimension, which does not divide over mesh axes {'x'.join(axes)} "
+              f"({n} devices). Choose a model size whose {names[dim]} divides by {n}, or fewer devices "
+              "on those axes.")
 
 
 def _fmt(sizes: Mapping[str, int]) -> str:

@@ -85,9 +85,10 @@ def state_shardings(layout, abstract_params, tx):
   """Shardings of TrainState from the parameters' logical names and the layout's rules."""
   logical = nnx.get_partition_spec(abstract_params)
   params = jax.tree.map(lambda spec: layout.sharding(tuple(spec)), logical, is_leaf=_is_spec)
+  state = jax.tree.map(lambda spec: layout.state_sharding(tuple(spec)), logical, is_leaf=_is_spec)
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
-  # Moments shard like the parameter they belong to; counters and other scalars are replicated.
-  opt = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, params,
+  # Moments follow the state rules of the parameter they belong to; counters are replicated.
+  opt = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, state,
                               transform_non_params=lambda _: layout.replicated)
   return TrainState(layout.replicated, params, opt)
 
@@ -146,6 +147,7 @@ def build(cfg: ml_collections.ConfigDict, vocab_size: int) -> Setup:
   layout = mesh_lib.make_layout(cfg.mesh)
   check_batches(cfg, layout)
   graphdef, abstract_params = model_lib.abstract_model(cfg.model, cfg.train.seed)
+  mesh_lib.check_divisible(layout, abstract_params)
   lr_schedule = optim.schedule(cfg.optim, cfg.train.steps)
   tx = optim.make_optimizer(cfg.optim, cfg.train.steps)
   shardings = state_shardings(layout, abstract_params, tx)
