@@ -4,6 +4,8 @@ Exact figures (FLOPs, bytes, memory) come from shapes and from the compiled prog
 here, the matmul peak, is measured in the same process as the run it is compared with, so MFU on a
 noisy shared CPU compares like with like.
 """
+import math
+import re
 import time
 
 import jax
@@ -59,3 +61,75 @@ def measure_matmul_peak(n: int = 2048, seconds: float = 1.0) -> float:
     f(a).block_until_ready()
     reps += 1
   return 2 * n**3 * reps / elapsed
+
+
+# ----------------------------------------------------------------------------------------------
+# Collective bytes from the compiled, partitioned HLO
+# ----------------------------------------------------------------------------------------------
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4,
+                "u32": 4, "f64": 8, "s64": 8, "u64": 8}
+_COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+_HEADER = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) \(.*\{$")
+_OP = re.compile(r"^\s*(?:ROOT )?%?[\w.\-]+ = (.+?) (" + "|".join(_COLLECTIVES) + r")(?:-start)?\(")
+_ARRAY = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([\d,]*)\]")
+_WHILE = re.compile(r"\bwhile\(.*\bbody=%?([\w.\-]+).*?\"known_trip_count\":\{\"n\":\"(\d+)\"")
+_CALLEE = re.compile(r"\b(?:to_apply|calls|body|condition)=%?([\w.\-]+)")
+
+
+def _array_bytes(type_str: str) -> int:
+  return sum(_DTYPE_BYTES[d] * math.prod(int(n) for n in dims.split(",") if n)
+             for d, dims in _ARRAY.findall(type_str))
+
+
+def _group_size(line: str) -> int:
+  """Devices per replica group, from any of the forms XLA prints."""
+  if m := re.search(r"replica_groups=mesh\[([^\]]*)\] \{([^}]*)\}", line):  # mesh['a'=2,'b'=4] {'b'}
+    sizes = {k: int(v) for k, v in re.findall(r"'([^']+)'=(\d+)", m.group(1))}
+    return math.prod(sizes[a] for a in re.findall(r"'([^']+)'", m.group(2)))
+  if m := re.search(r"replica_groups=\{\{([\d,]*)\}", line):
+    return len(m.group(1).split(","))
+  if m := re.search(r"replica_groups=\[(\d+),(\d+)\]", line):  # iota form [groups, size]<=[...]
+    return int(m.group(2))
+  return 1
+
+
+def collective_bytes(hlo_text: str) -> dict[str, int]:
+  """Bytes each device sends per call of the program, by collective kind (REFERENCE.md §2 formulas:
+  all-reduce 2V(n-1)/n, all-gather V_out(n-1)/n, reduce-scatter V_in(n-1)/n, all-to-all V(n-1)/n,
+  collective-permute V). Ops inside while bodies count once per known trip."""
+  computations: dict[str, list[str]] = {}
+  entry, current = None, None
+  for line in hlo_text.splitlines():
+    if m := _HEADER.match(line):
+      current = m.group(1)
+      computations[current] = []
+      entry = current if line.startswith("ENTRY") else entry
+    elif current is not None:
+      computations[current].append(line)
+
+  def visit(name: str, times: int, totals: dict[str, float]) -> None:
+    for line in computations.get(name, ()):
+      if m := _OP.match(line):
+        kind, out, n = m.group(2), _array_bytes(m.group(1)), _group_size(line)
+        sent = {"all-reduce": 2 * out * (n - 1) / n, "all-gather": out * (n - 1) / n,
+                "reduce-scatter": out * (n - 1), "all-to-all": out * (n - 1) / n,
+                "collective-permute": out}[kind]
+        totals[kind] = totals.get(kind, 0) + sent * times
+      trips = dict(_WHILE.findall(line))
+      for callee in _CALLEE.findall(line):
+        if callee in computations and callee != name:
+          visit(callee, times * int(trips.get(callee, 1)), totals)
+
+  totals: dict[str, float] = {}
+  if entry is not None:
+    visit(entry, 1, totals)
+  return {k: int(round(v)) for k, v in sorted(totals.items())}
+
+
+def analytic_collective_bytes(layout_name: str, n_params: int, batch_ways: int, bytes_per_el: int = 4) -> int:
+  """Per-device bytes per step the layout should move (REFERENCE.md §2), with P all parameters."""
+  if batch_ways <= 1 or layout_name == "single":
+    return 0
+  share = (batch_ways - 1) / batch_ways
+  factor = {"dp": 2, "zero1": 2, "fsdp": 3}[layout_name]
+  return int(round(factor * n_params * bytes_per_el * share))

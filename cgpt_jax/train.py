@@ -156,6 +156,15 @@ def build(cfg: ml_collections.ConfigDict, vocab_size: int) -> Setup:
                model_lib.count_params(abstract_params))
 
 
+def communication(s: Setup, compiled) -> dict:
+  """Collective bytes per device per step, measured from the compiled program and analytic."""
+  return {
+      "collective_bytes_per_step": analysis.collective_bytes(compiled.as_text()),
+      "analytic_collective_bytes_per_step": analysis.analytic_collective_bytes(
+          s.layout.name, s.n_params, s.layout.batch_size_divisor),
+  }
+
+
 def describe(s: Setup) -> dict:
   m = s.cfg.model
   return {
@@ -204,6 +213,7 @@ def plan(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
       "model_flops_per_step": analysis.flops_per_token(s.cfg.model, s.cfg.data.seq_len) * tokens_per_step,
       "compile_s": round(compile_s, 3),
       "memory_per_device_bytes": analysis.compiled_memory(compiled),
+      **communication(s, compiled),
       "config": s.cfg.to_dict(),
   }
   (out / "plan.json").write_text(json.dumps(result, indent=2))
@@ -318,6 +328,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
       "train_wall_s": wall_s,
       "model_flops_per_step": flops_per_token * tokens_per_step,
       "memory_per_device_bytes": memory,
+      **communication(s, train_step),
   }
   (out / "summary.json").write_text(json.dumps(summary, indent=2))
   return summary

@@ -79,3 +79,33 @@ def test_indivisible_dimension_is_a_clear_error(shared_data, data_dir):
   c.model.n_heads = 2
   with pytest.raises(InputError, match=r"'embed' dimension.*8 devices"):
     train.build(c, 65)
+
+
+def compiled_step(s):
+  batch = jax.ShapeDtypeStruct((s.cfg.data.global_batch, s.cfg.data.seq_len + 1), np.int32,
+                               sharding=s.batch_sharding)
+  step = train.make_train_step(s.graphdef, s.tx, s.lr_schedule, s.layout, s.shardings, s.batch_sharding)
+  return step.lower(train.abstract_state(s), batch).compile()
+
+
+def test_dp_collective_bytes_match_the_all_reduce_formula(shared_data, data_dir):
+  """dp all-reduces every gradient once: 2 P b (n-1)/n per device (REFERENCE.md §2). The tied
+  embedding's two partial gradients (lookup and head) are reduced separately, +V d on top."""
+  s = setup_for(shared_data, data_dir, "dp")
+  measured = sum(train.analysis.collective_bytes(compiled_step(s).as_text()).values())
+  analytic = train.analysis.analytic_collective_bytes("dp", s.n_params, 8)
+  assert analytic == round(2 * s.n_params * 4 * 7 / 8)
+  assert abs(measured / analytic - 1) < 0.15
+
+
+def test_collectives_in_a_scan_count_once_per_layer(shared_data, data_dir):
+  """fsdp gathers each layer's weights inside the layer loop: a rolled scan (a while loop whose
+  body appears once in the HLO) must report the same bytes as the fully unrolled program."""
+  def fsdp_bytes(unroll):
+    c = tiny_config(shared_data, data_dir, layout="fsdp")
+    c.model.scan_unroll = unroll
+    return train.analysis.collective_bytes(compiled_step(train.build(c, 65)).as_text())
+
+  rolled, unrolled = fsdp_bytes(1), fsdp_bytes(2)
+  assert rolled["all-gather"] > 0
+  assert rolled == unrolled
