@@ -126,10 +126,25 @@ def collective_bytes(hlo_text: str) -> dict[str, int]:
   return {k: int(round(v)) for k, v in sorted(totals.items())}
 
 
-def analytic_collective_bytes(layout_name: str, n_params: int, batch_ways: int, bytes_per_el: int = 4) -> int:
-  """Per-device bytes per step the layout should move (REFERENCE.md §2), with P all parameters."""
-  if batch_ways <= 1 or layout_name == "single":
-    return 0
-  share = (batch_ways - 1) / batch_ways
-  factor = {"dp": 2, "zero1": 2, "fsdp": 3}[layout_name]
-  return int(round(factor * n_params * bytes_per_el * share))
+def analytic_collective_bytes(sizes: dict, m: ml_collections.ConfigDict, n_params: int,
+                              zero3: bool, global_batch: int, seq_len: int, bytes_per_el: int = 4) -> int:
+  """Per-device bytes per step the layout should move (REFERENCE.md §2).
+
+  X = data x fsdp devices share the batch, Y = tensor devices share each layer.
+  - Parameter sync over X, on each device's 1/Y of the parameters: DP and ZeRO-1 all-reduce the
+    gradients, 2 P b (X-1)/X; ZeRO-3 (zero3=True) gathers weights forward and backward and
+    reduce-scatters gradients, 3 P b (X-1)/X. (A mesh with both data and fsdp > 1 is counted as
+    ZeRO-3 over all X: an approximation.)
+  - Tensor parallelism over Y: an all-reduce of the [tokens/X, d] activation after attention and
+    after the MLP forward, and before each backward: 4 per layer, each 2 V (Y-1)/Y; plus one for the
+    vocab-parallel embedding lookup (forward) and one for the head's input gradient (backward).
+  """
+  x_ways = sizes["data"] * sizes["fsdp"]
+  y_ways = sizes["tensor"]
+  total = 0.0
+  if x_ways > 1:
+    total += (3 if zero3 else 2) * n_params * bytes_per_el * (x_ways - 1) / x_ways / y_ways
+  if y_ways > 1:
+    activation = global_batch * seq_len / x_ways * m.d_model * bytes_per_el
+    total += (4 * m.n_layers + 2) * 2 * activation * (y_ways - 1) / y_ways
+  return int(round(total))

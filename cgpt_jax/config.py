@@ -60,6 +60,7 @@ def base_config() -> ml_collections.ConfigDict:
       n_heads=config_dict.placeholder(int),
       d_ff=config_dict.placeholder(int),  # default 4 * d_model
       vocab_size=config_dict.placeholder(int),  # default: the tokenizer's
+      vocab_multiple=128,  # the embedding table is padded to this so a tensor axis splits it
       n_positions=2048,
       init_std=0.02,
       # Cerebras: 0.02/sqrt(2L) up to 590M, 0.0025 from 1.3B (REFERENCE.md §1).
@@ -139,6 +140,8 @@ def resolve_model(model: ml_collections.ConfigDict) -> None:
     model.residual_init_std = 0.0025 if big else model.init_std / math.sqrt(2 * model.n_layers)
   if model.remat not in REMAT:
     _fail("model.remat", model.remat, "unknown remat policy", f"Choose one of: {', '.join(REMAT)}.")
+  if model.vocab_multiple < 1:
+    _fail("model.vocab_multiple", model.vocab_multiple, "must be >= 1", "E.g. 128 (Megatron's default).")
   if model.scan_unroll < 1:
     _fail("model.scan_unroll", model.scan_unroll, "must be >= 1",
           "Use 1 for a rolled scan or n_layers to unroll fully.")

@@ -26,28 +26,47 @@ Rules = Mapping[str, tuple[str, ...]]
 
 
 
+# One table for every layout: which devices hold what follows from the axis sizes alone (an axis
+# of size 1 drops out). Within one array a mesh axis is used once, by the first dimension that asks
+# for it (see Layout.spec): a weight [embed, mlp] puts embed on fsdp and mlp on tensor, while an
+# activation [batch, seq, mlp] has batch take data and fsdp and mlp take tensor.
+RULES: Rules = {
+    "batch": BATCH_AXES,
+    "embed": ("fsdp",),  # ZeRO-3: weights split along d_model, gathered one layer at a time
+    "heads": ("tensor",),  # Megatron: column-parallel QKV, row-parallel attention-out
+    "mlp": ("tensor", "fsdp"),  # column-parallel MLP-in, row-parallel MLP-out; MLP biases on fsdp
+    "vocab": ("tensor",),  # vocab-parallel embedding, logits and cross entropy
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class LayoutPreset:
-  sizes: dict[str, int]  # axes not named are 1
-  rules: Rules  # parameters and activations
-  state_rules: Rules | None = None  # optimizer state, where it differs from the parameters
+  sizes: dict[str, int]  # axes not named are 1; the config may override any of them
+  extra_rules: Rules = dataclasses.field(default_factory=dict)  # added to RULES
+  state_rules: Rules = dataclasses.field(default_factory=dict)  # optimizer state, over RULES
 
 
 LAYOUT_PRESETS: dict[str, LayoutPreset] = {
     # The reference: one device, nothing sharded.
-    "single": LayoutPreset({}, {}),
+    "single": LayoutPreset({}),
     # Batch split over every device; parameters and optimizer state replicated; XLA all-reduces the
-    # gradients (2 P b (n-1)/n bytes per device per step, REFERENCE.md §2).
-    "dp": LayoutPreset({"data": -1}, {"batch": BATCH_AXES}),
-    # ZeRO-1: as dp, but each device keeps 1/n of the Adam moments (sharded along d_model, or d_ff
-    # for the MLP biases); the update is computed on that slice and the new parameters all-gathered.
-    # Same bytes as dp (reduce-scatter + all-gather), K Psi / n of optimizer memory (REFERENCE.md §2).
-    "zero1": LayoutPreset({"data": -1}, {"batch": BATCH_AXES},
-                          {"embed": ("data",), "mlp": ("data",)}),
-    # ZeRO-3: parameters, gradients and moments sharded along d_model over `fsdp`; inside the layer
-    # scan XLA all-gathers one layer's weights at a time, forward and again backward, and
-    # reduce-scatters its gradients: 3 P b (n-1)/n bytes per device per step.
-    "fsdp": LayoutPreset({"fsdp": -1}, {"batch": BATCH_AXES, "embed": ("fsdp",), "mlp": ("fsdp",)}),
+    # gradients: 2 P b (n-1)/n bytes per device per step (REFERENCE.md §2).
+    "dp": LayoutPreset({"data": -1}),
+    # ZeRO-1: as dp, but each device keeps 1/n of the Adam moments (split along d_model, or d_ff for
+    # the MLP biases); the update runs on that slice and the new parameters are all-gathered.
+    # Same bytes as dp (reduce-scatter + all-gather), K Psi / n of optimizer memory.
+    "zero1": LayoutPreset({"data": -1}, state_rules={"embed": ("data",), "mlp": ("data",)}),
+    # ZeRO-3: parameters, gradients and moments split along d_model over fsdp; inside the layer scan
+    # each layer's weights are all-gathered forward and again backward, its gradients
+    # reduce-scattered: 3 P b (n-1)/n.
+    "fsdp": LayoutPreset({"fsdp": -1}),
+    # Megatron tensor parallelism: per layer 4 all-reduces of the [tokens, d_model] activation
+    # forward + backward, 8 B T d b (Y-1)/Y, plus the vocab-parallel embedding and head.
+    "tp": LayoutPreset({"tensor": -1}),
+    # tp + sequence parallelism: the residual stream (layer norms, residual adds) is also split along
+    # the sequence between the tensor-parallel regions; all-reduces become all-gather +
+    # reduce-scatter pairs (same bytes, 1/Y of the residual-stream activation memory).
+    "sp": LayoutPreset({"tensor": -1}, extra_rules={"residual_seq": ("tensor",)}),
 }
 
 
@@ -123,8 +142,8 @@ def make_layout(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Layout
     raise InputError(f"config mesh.layout={mesh_cfg.layout!r}: unknown layout. "
                      f"Choose one of: {', '.join(LAYOUT_PRESETS)}.")
   preset = LAYOUT_PRESETS[mesh_cfg.layout]
-  rules = dict(preset.rules)
-  state_rules = {**rules, **(preset.state_rules or {})}
+  rules = {**RULES, **preset.extra_rules}
+  state_rules = {**rules, **preset.state_rules}
   if mesh_cfg.layout == "single":
     devices = devices[:1]
   sizes = {a: preset.sizes.get(a, 1) for a in AXES}

@@ -107,7 +107,9 @@ class Block(nnx.Module):
   def __call__(self, x):
     x = x + self.attn(self.ln1(x))
     x = x + self.mlp(self.ln2(x))
-    return constrain(x, ("batch", "seq", "embed"))
+    # Between blocks the residual stream may be split along the sequence as well (sequence
+    # parallelism): a name of its own, so attention and the MLP keep the whole sequence.
+    return constrain(x, ("batch", "residual_seq", "embed"))
 
 
 @jax.custom_vjp
@@ -128,8 +130,12 @@ class GPT(nnx.Module):
 
   def __init__(self, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs):
     self.cfg = cfg
-    self.wte = _param(rngs, _trunc_normal(cfg.init_std), (cfg.vocab_size, cfg.d_model),
-                      ("vocab", "embed"))
+    # The table has padded_vocab(cfg) rows so that it splits evenly over a tensor axis; the rows past
+    # the real vocabulary start at zero, are never looked up and are masked out of the logits, so
+    # they never get a gradient and the real rows are the same values as without padding.
+    real = _trunc_normal(cfg.init_std)(rngs.params(), (cfg.vocab_size, cfg.d_model), jnp.float32)
+    pad = jnp.zeros((padded_vocab(cfg) - cfg.vocab_size, cfg.d_model), jnp.float32)
+    self.wte = nnx.Param(jnp.concatenate([real, pad]), out_sharding=("vocab", "embed"))
     self.wpe = _param(rngs, _trunc_normal(cfg.init_std), (cfg.n_positions, cfg.d_model),
                       (None, "embed"))
 
@@ -145,7 +151,7 @@ class GPT(nnx.Module):
     """tokens [batch, seq] int -> logits [batch, seq, vocab] float32."""
     cfg = self.cfg
     x = jnp.take(self.wte[...], tokens, axis=0) + self.wpe[...][: tokens.shape[1]]
-    x = constrain(x, ("batch", "seq", "embed"))
+    x = constrain(x, ("batch", "residual_seq", "embed"))
 
     graphdef, stacked = nnx.split(self.blocks)
 
@@ -158,15 +164,24 @@ class GPT(nnx.Module):
       layer = jax.checkpoint(layer)
     x, _ = jax.lax.scan(layer, x, stacked, unroll=min(cfg.scan_unroll, cfg.n_layers))
     x = self.ln_f(x)
-    logits = jnp.einsum("btd,vd->btv", x, self.wte[...])
-    return constrain(logits, ("batch", "seq", "vocab"))
+    logits = constrain(jnp.einsum("btd,vd->btv", x, self.wte[...]), ("batch", "seq", "vocab"))
+    if logits.shape[-1] > cfg.vocab_size:
+      real = jnp.arange(logits.shape[-1]) < cfg.vocab_size
+      logits = jnp.where(real, logits, jnp.finfo(logits.dtype).min)
+    return logits
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
-  """Mean next-token cross entropy in nats, computed in float32."""
+  """Mean next-token cross entropy in nats, computed in float32.
+
+  The target's logit is picked with a compare-and-sum over the vocabulary rather than a gather, so
+  with the vocabulary split over a tensor axis each device reduces its own slice and only [batch,
+  seq] partial sums cross devices: the full logits are never gathered on one device.
+  """
   logits = logits.astype(jnp.float32)
   lse = jax.nn.logsumexp(logits, axis=-1)
-  picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  vocab = jnp.arange(logits.shape[-1])
+  picked = jnp.sum(jnp.where(vocab == targets[..., None], logits, 0.0), axis=-1)
   return jnp.mean(lse - picked)
 
 
@@ -175,5 +190,13 @@ def abstract_model(cfg: ml_collections.ConfigDict, seed: int = 0):
   return nnx.split(nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(seed))))
 
 
-def count_params(abstract_params) -> int:
-  return sum(x.size for x in jax.tree.leaves(abstract_params))
+def padded_vocab(cfg: ml_collections.ConfigDict) -> int:
+  """Vocabulary rounded up to cfg.vocab_multiple (Megatron's make-vocab-size-divisible-by). A fixed
+  multiple, not one per layout, so every layout has the same shapes (and checkpoints move freely)."""
+  return -(-cfg.vocab_size // cfg.vocab_multiple) * cfg.vocab_multiple
+
+
+def count_params(abstract_params, cfg: ml_collections.ConfigDict) -> int:
+  """Trainable parameters: every element, less the padding rows of the embedding table."""
+  padding = (padded_vocab(cfg) - cfg.vocab_size) * cfg.d_model
+  return sum(x.size for x in jax.tree.leaves(abstract_params)) - padding

@@ -70,6 +70,21 @@ def test_mesh_that_does_not_fit_the_devices(tmp_path, data_flags):
   assert_bad_input(r, "data=3", "8")
 
 
+@pytest.mark.parametrize("flags,phrases", [
+    (["--config.mesh.layout=tp", "--config.model.n_heads=4", "--config.model.preset=char4"],
+     ["'heads' dimension", "8 devices"]),  # 4 heads over 8 tensor devices
+    (["--config.mesh.layout=tp", "--config.mesh.data=-1", "--config.mesh.tensor=-1"], ["at most one"]),
+    (["--config.mesh.layout=dp", "--config.mesh.data=0"], ["mesh.data=0", "positive"]),
+    (["--config.mesh.layout=dp", "--config.mesh.data=4", "--config.mesh.pipe=2",
+      "--config.data.global_batch=16"], ["does not use mesh axes pipe"]),
+    (["--config.mesh.layout=single", "--config.mesh.data=2"], ["needs 2 devices", "1 are available"]),
+    (["--config.mesh.layout=fsdp", "--config.model.d_model=132", "--config.data.global_batch=16"],
+     ["'embed' dimension", "132"]),
+])
+def test_bad_layouts(tmp_path, data_flags, flags, phrases):
+  assert_bad_input(launch(SHAKESPEARE, *data_flags, *flags, f"--workdir={tmp_path}", devices=8), *phrases)
+
+
 def test_unknown_override_and_layout(tmp_path, data_flags):
   assert_bad_input(launch(SHAKESPEARE, "--config.model.colour=red", f"--workdir={tmp_path}"), "colour")
   assert_bad_input(launch(SHAKESPEARE, *data_flags, "--config.mesh.layout=wafer9",
@@ -106,8 +121,25 @@ def test_plan_13b_from_abstract_shapes(tmp_path):
   plan = json.loads((tmp_path / "plan.json").read_text())
   assert plan["params"] == 12_853_386_240
   assert plan["chinchilla_tokens"] == 20 * 12_853_386_240
-  assert plan["param_bytes"] == 4 * 12_853_386_240
+  # Bytes held include the embedding table's padding to 50304 rows (a multiple of 128).
+  assert plan["param_bytes"] == 4 * (12_853_386_240 + (50304 - 50257) * 5120)
   assert plan["optimizer_state_bytes"] >= 8 * 12_853_386_240  # Adam's two float32 moments
   # 6 N per token for the matmul parameters plus 12 L T d for attention (REFERENCE.md §2).
   n_matmul = 40 * 12 * 5120**2 + 50257 * 5120
   assert plan["flops_per_token"] == 6 * n_matmul + 12 * 40 * 2048 * 5120
+  assert plan["fits_80GB"] is False  # 154 GB of fp32 parameters and Adam moments on one device
+
+
+def test_plan_13b_on_64_devices(tmp_path):
+  """fsdp 8 x tensor 8: state is split 64 ways, so per-device arguments are 1/64 of one device's."""
+  r = launch("--config=experiments/cerebras_gpt.py:13b", "--plan", f"--workdir={tmp_path}",
+             "--config.mesh.layout=fsdp", "--config.mesh.fsdp=8", "--config.mesh.tensor=8",
+             "--config.data.global_batch=64", "--config.model.remat=full",
+             f"--config.data.tokenizer_path={REPO.parent / 'shared' / 'data' / 'gpt2'}", devices=64)
+  assert r.returncode == 0, r.stderr[-3000:]
+  plan = json.loads((tmp_path / "plan.json").read_text())
+  assert plan["devices"] == 64 and plan["mesh"]["fsdp"] == 8 and plan["mesh"]["tensor"] == 8
+  state_bytes = plan["param_bytes"] + plan["optimizer_state_bytes"]
+  arguments = plan["memory_per_device_bytes"]["argument_bytes"]
+  assert state_bytes / 64 <= arguments <= state_bytes / 64 * 1.01 + 2**20
+  assert plan["analytic_collective_bytes_per_step"] > 0 and plan["collective_bytes_per_step"]

@@ -54,23 +54,74 @@ def test_shardings_are_what_the_layout_promises(shared_data, data_dir, layout, p
       <= per_device_bytes(ref.opt_state) / state_shrink + opt_slack
 
 
+# (layout, axis sizes) on 8 devices; tiny model with 8 heads so that every axis can split it.
+MESHES = [
+    ("zero1", {}),
+    ("fsdp", {}),
+    ("tp", {}),
+    ("sp", {}),
+    ("tp", {"data": 2, "tensor": 4}),  # dp x tp
+    ("fsdp", {"fsdp": 2, "tensor": 4}),  # fsdp x tp
+]
+
+
+def eight_head_config(shared_data, data_dir, layout, **sizes):
+  c = tiny_config(shared_data, data_dir, layout=layout, **sizes)
+  c.model.n_heads = 8
+  return c
+
+
 def test_each_layout_trains_like_single(shared_data, data_dir, tmp_path_factory):
   """Same seed, same data: 12 steps under each layout give single's losses to rtol 1e-5.
 
-  The layouts only change where rows are summed and where the update runs: float32 reassociation
-  over 8 shards moves a loss by a few ulps per step (dp measured 7.7e-7 relative over 50 steps),
-  while a lost or doubled reduction moves it by 1e-2 or more.
+  The layouts only change where sums are split and where the update runs: float32 reassociation
+  moves a loss by a few ulps per step (dp measured 7.7e-7 relative over 50 steps), while a lost,
+  doubled or misplaced reduction moves it by 1e-2 or more.
   """
   ref_dir = tmp_path_factory.mktemp("single")
-  train.run(tiny_config(shared_data, data_dir, layout="single"), str(ref_dir))
+  train.run(eight_head_config(shared_data, data_dir, "single"), str(ref_dir))
   ref_train, ref_eval = losses(ref_dir)
-  for layout in LAYOUTS[1:]:  # dp is covered in test_train
+  for layout, sizes in MESHES:
     workdir = tmp_path_factory.mktemp(layout)
-    summary = train.run(tiny_config(shared_data, data_dir, layout=layout), str(workdir))
+    summary = train.run(eight_head_config(shared_data, data_dir, layout, **sizes), str(workdir))
     assert summary["devices"] == 8
     got_train, got_eval = losses(workdir)
-    np.testing.assert_allclose(got_train, ref_train, rtol=1e-5, err_msg=layout)
-    np.testing.assert_allclose(got_eval, ref_eval, rtol=1e-5, err_msg=layout)
+    np.testing.assert_allclose(got_train, ref_train, rtol=1e-5, err_msg=f"{layout} {sizes}")
+    np.testing.assert_allclose(got_eval, ref_eval, rtol=1e-5, err_msg=f"{layout} {sizes}")
+
+
+def gradients(s):
+  state = train.make_init(s.cfg, s.tx, s.shardings)()
+  batch = np.asarray(next(iter(train.data.train_batches(
+      np.arange(10_000, dtype=np.int32) % 65, seq_len=64, global_batch=16, seed=0))))
+  grad = jax.jit(jax.grad(train.make_loss(s.graphdef, s.layout)),
+                 in_shardings=(s.shardings.params, s.batch_sharding))
+  return jax.device_get(grad(state.params, batch))
+
+
+def test_each_layout_has_single_gradients(shared_data, data_dir):
+  """Gradients at initialisation equal single's to 1e-5 of the largest gradient of each tensor
+  (elementwise relative error is meaningless for entries that are zero up to rounding)."""
+  ref = gradients(train.build(eight_head_config(shared_data, data_dir, "single"), 65))
+  for layout, sizes in MESHES:
+    got = gradients(train.build(eight_head_config(shared_data, data_dir, layout, **sizes), 65))
+    for (path, g), r in zip(jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(ref)):
+      scale = float(np.abs(r).max()) or 1.0
+      np.testing.assert_allclose(g, r, rtol=0, atol=1e-5 * scale,
+                                 err_msg=f"{layout} {sizes} {jax.tree_util.keystr(path)}")
+
+
+def test_tensor_parallel_shardings(shared_data, data_dir):
+  s = train.build(eight_head_config(shared_data, data_dir, "tp"), 65)
+  p = s.shardings.params
+  assert p["blocks"]["attn"]["qkv_kernel"].spec == P(None, None, None, "tensor", None)  # column
+  assert p["blocks"]["attn"]["out_kernel"].spec == P(None, "tensor", None, None)  # row
+  assert p["blocks"]["mlp"]["fc_kernel"].spec == P(None, None, "tensor")  # column
+  assert p["blocks"]["mlp"]["proj_kernel"].spec == P(None, "tensor", None)  # row
+  assert p["wte"].spec == P("tensor", None)  # vocab-parallel (65 padded to 128 rows)
+  sp = train.build(eight_head_config(shared_data, data_dir, "sp"), 65)
+  assert sp.layout.spec(("batch", "residual_seq", "embed")) == P(None, "tensor", None)
+  assert s.layout.spec(("batch", "residual_seq", "embed")) == P(None, None, None)
 
 
 def test_indivisible_dimension_is_a_clear_error(shared_data, data_dir):
@@ -84,7 +135,8 @@ def test_indivisible_dimension_is_a_clear_error(shared_data, data_dir):
 def compiled_step(s):
   batch = jax.ShapeDtypeStruct((s.cfg.data.global_batch, s.cfg.data.seq_len + 1), np.int32,
                                sharding=s.batch_sharding)
-  step = train.make_train_step(s.graphdef, s.tx, s.lr_schedule, s.layout, s.shardings, s.batch_sharding)
+  step = train.make_train_step(s.graphdef, s.tx, s.lr_schedule, s.layout, s.shardings,
+                               s.grad_shardings, s.batch_sharding)
   return step.lower(train.abstract_state(s), batch).compile()
 
 
@@ -93,7 +145,8 @@ def test_dp_collective_bytes_match_the_all_reduce_formula(shared_data, data_dir)
   embedding's two partial gradients (lookup and head) are reduced separately, +V d on top."""
   s = setup_for(shared_data, data_dir, "dp")
   measured = sum(train.analysis.collective_bytes(compiled_step(s).as_text()).values())
-  analytic = train.analysis.analytic_collective_bytes("dp", s.n_params, 8)
+  analytic = train.analysis.analytic_collective_bytes(s.layout.axis_sizes, s.cfg.model, s.n_params,
+                                                      False, 16, 64)
   assert analytic == round(2 * s.n_params * 4 * 7 / 8)
   assert abs(measured / analytic - 1) < 0.15
 

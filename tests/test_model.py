@@ -28,7 +28,8 @@ def model_cfg(preset, **overrides):
 def test_param_count_matches_paper(size):
   _, abstract = model_lib.abstract_model(model_cfg(size))
   assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(abstract))  # nothing allocated
-  assert model_lib.count_params(abstract) == PAPER_PARAMS[size]
+  assert model_lib.count_params(abstract, model_cfg(size)) == PAPER_PARAMS[size]
+  assert abstract['wte'].shape == (50304, model_cfg(size).d_model)  # padded to a multiple of 128
   p = config_lib.CEREBRAS_GPT[size]
   assert config_lib.closed_form_params(p.n_layers, p.d_model) == PAPER_PARAMS[size]
 
@@ -72,7 +73,8 @@ def test_forward_is_causal_and_scan_matches_unrolled():
   m = model_lib.GPT(cfg, rngs=nnx.Rngs(1))
   tokens = jax.random.randint(jax.random.key(0), (2, 16), 0, 97)
   logits = m(tokens)
-  assert logits.shape == (2, 16, 97) and logits.dtype == jnp.float32
+  assert logits.shape == (2, 16, 128) and logits.dtype == jnp.float32  # vocab padded to 128
+  assert (logits[..., 97:] == jnp.finfo(jnp.float32).min).all()  # padding never predicted
   changed = tokens.at[:, 10].set((tokens[:, 10] + 1) % 97)
   np.testing.assert_array_equal(m(changed)[:, :10], logits[:, :10])  # the past never sees the future
   cfg_unrolled = model_cfg("tiny", vocab_size=97, n_positions=32, scan_unroll=2, grad_barrier=False)
