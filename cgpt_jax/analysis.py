@@ -93,10 +93,18 @@ def _group_size(line: str) -> int:
   return 1
 
 
-def collective_bytes(hlo_text: str) -> dict[str, int]:
-  """Bytes each device sends per call of the program, by collective kind (REFERENCE.md §2 formulas:
-  all-reduce 2V(n-1)/n, all-gather V_out(n-1)/n, reduce-scatter V_in(n-1)/n, all-to-all V(n-1)/n,
-  collective-permute V). Ops inside while bodies count once per known trip."""
+_DEF = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\S+) ")
+_DOT = re.compile(r" dot\(%?([\w.\-]+), .*lhs_contracting_dims=\{([\d,]*)\}")
+
+
+def _dims(type_str: str) -> list[int]:
+  m = _ARRAY.search(type_str)
+  return [int(n) for n in m.group(2).split(",") if n] if m else []
+
+
+def _walk(hlo_text: str):
+  """Yields (instruction line, its computation's name -> type table, times it runs per call of the
+  program): entry once, while bodies once per known trip, called computations as often as their caller."""
   computations: dict[str, list[str]] = {}
   entry, current = None, None
   for line in hlo_text.splitlines():
@@ -107,23 +115,45 @@ def collective_bytes(hlo_text: str) -> dict[str, int]:
     elif current is not None:
       computations[current].append(line)
 
-  def visit(name: str, times: int, totals: dict[str, float]) -> None:
-    for line in computations.get(name, ()):
-      if m := _OP.match(line):
-        kind, out, n = m.group(2), _array_bytes(m.group(1)), _group_size(line)
-        sent = {"all-reduce": 2 * out * (n - 1) / n, "all-gather": out * (n - 1) / n,
-                "reduce-scatter": out * (n - 1), "all-to-all": out * (n - 1) / n,
-                "collective-permute": out}[kind]
-        totals[kind] = totals.get(kind, 0) + sent * times
+  def visit(name: str, times: int):
+    lines = computations.get(name, ())
+    types = {m.group(1): m.group(2) for line in lines if (m := _DEF.match(line))}
+    for line in lines:
+      yield line, types, times
       trips = dict(_WHILE.findall(line))
       for callee in _CALLEE.findall(line):
         if callee in computations and callee != name:
-          visit(callee, times * int(trips.get(callee, 1)), totals)
+          yield from visit(callee, times * int(trips.get(callee, 1)))
 
-  totals: dict[str, float] = {}
   if entry is not None:
-    visit(entry, 1, totals)
+    yield from visit(entry, 1)
+
+
+def collective_bytes(hlo_text: str) -> dict[str, int]:
+  """Bytes each device sends per call of the program, by collective kind (REFERENCE.md §2 formulas:
+  all-reduce 2V(n-1)/n, all-gather V_out(n-1)/n, reduce-scatter V_in(n-1)/n, all-to-all V(n-1)/n,
+  collective-permute V). Ops inside while bodies count once per known trip."""
+  totals: dict[str, float] = {}
+  for line, _, times in _walk(hlo_text):
+    if m := _OP.match(line):
+      kind, out, n = m.group(2), _array_bytes(m.group(1)), _group_size(line)
+      sent = {"all-reduce": 2 * out * (n - 1) / n, "all-gather": out * (n - 1) / n,
+              "reduce-scatter": out * (n - 1), "all-to-all": out * (n - 1) / n,
+              "collective-permute": out}[kind]
+      totals[kind] = totals.get(kind, 0) + sent * times
   return {k: int(round(v)) for k, v in sorted(totals.items())}
+
+
+def dot_flops(hlo_text: str) -> int:
+  """Matmul FLOPs one device runs per call of the program: 2 x output elements x contracted size
+  for every dot, once per trip of its loop (cost_analysis() counts a loop body once)."""
+  total = 0
+  for line, types, times in _walk(hlo_text):
+    if (m := _DOT.search(line)) and (d := _DEF.match(line)):
+      lhs = _dims(types.get(m.group(1), ""))
+      contracted = math.prod(lhs[int(i)] for i in m.group(2).split(",") if i)
+      total += 2 * math.prod(_dims(d.group(2))) * contracted * times
+  return total
 
 
 def analytic_collective_bytes(sizes: dict, m: ml_collections.ConfigDict, n_params: int,

@@ -164,10 +164,13 @@ def build(cfg: ml_collections.ConfigDict, vocab_size: int) -> Setup:
                model_lib.count_params(abstract_params, cfg.model))
 
 
-def communication(s: Setup, compiled) -> dict:
-  """Collective bytes per device per step, measured from the compiled program and analytic."""
+def compiled_costs(s: Setup, compiled) -> dict:
+  """Collective bytes per device and matmul FLOPs per step, measured in the compiled program, beside
+  their analytic values."""
+  hlo = compiled.as_text()
   return {
-      "collective_bytes_per_step": analysis.collective_bytes(compiled.as_text()),
+      "compiled_matmul_flops_per_step": analysis.dot_flops(hlo) * s.layout.mesh.size,
+      "collective_bytes_per_step": analysis.collective_bytes(hlo),
       "analytic_collective_bytes_per_step": analysis.analytic_collective_bytes(
           s.layout.axis_sizes, s.cfg.model, s.n_params, s.layout.axis_sizes["fsdp"] > 1,
           s.cfg.data.global_batch, s.cfg.data.seq_len),
@@ -224,7 +227,7 @@ def plan(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
       "compile_s": round(compile_s, 3),
       "memory_per_device_bytes": memory,
       "fits_80GB": memory["total_bytes"] <= 80e9,
-      **communication(s, compiled),
+      **compiled_costs(s, compiled),
       "config": s.cfg.to_dict(),
   }
   (out / "plan.json").write_text(json.dumps(result, indent=2))
@@ -339,7 +342,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
       "train_wall_s": wall_s,
       "model_flops_per_step": flops_per_token * tokens_per_step,
       "memory_per_device_bytes": memory,
-      **communication(s, train_step),
+      **compiled_costs(s, train_step),
   }
   (out / "summary.json").write_text(json.dumps(summary, indent=2))
   return summary

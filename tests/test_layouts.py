@@ -151,14 +151,28 @@ def test_dp_collective_bytes_match_the_all_reduce_formula(shared_data, data_dir)
   assert abs(measured / analytic - 1) < 0.15
 
 
+def test_compiled_matmul_flops_are_the_model_flops(shared_data, data_dir):
+  """Single device: every dot in the compiled step, once per loop trip, adds up exactly to
+  6 N_matmul per token (forward + backward) plus 12 L T d of attention (REFERENCE.md §2), with N
+  counting the head over the padded vocabulary (128 rows for 65 characters)."""
+  s = setup_for(shared_data, data_dir, "single")
+  m, tokens = s.cfg.model, 16 * 64
+  n_matmul = m.n_layers * (4 * m.d_model**2 + 2 * m.d_model * m.d_ff) + 128 * m.d_model
+  expected = (6 * n_matmul + 12 * m.n_layers * 64 * m.d_model) * tokens
+  assert train.analysis.dot_flops(compiled_step(s).as_text()) == expected
+
+
 def test_collectives_in_a_scan_count_once_per_layer(shared_data, data_dir):
   """fsdp gathers each layer's weights inside the layer loop: a rolled scan (a while loop whose
   body appears once in the HLO) must report the same bytes as the fully unrolled program."""
-  def fsdp_bytes(unroll):
+  def fsdp_costs(unroll):
     c = tiny_config(shared_data, data_dir, layout="fsdp")
     c.model.scan_unroll = unroll
-    return train.analysis.collective_bytes(compiled_step(train.build(c, 65)).as_text())
+    hlo = compiled_step(train.build(c, 65)).as_text()
+    assert ("while(" in hlo) == (unroll == 1)
+    return train.analysis.collective_bytes(hlo), train.analysis.dot_flops(hlo)
 
-  rolled, unrolled = fsdp_bytes(1), fsdp_bytes(2)
+  (rolled, rolled_flops), (unrolled, unrolled_flops) = fsdp_costs(1), fsdp_costs(2)
   assert rolled["all-gather"] > 0
   assert rolled == unrolled
+  assert rolled_flops == unrolled_flops
