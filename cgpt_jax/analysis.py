@@ -178,3 +178,16 @@ def analytic_collective_bytes(sizes: dict, m: ml_collections.ConfigDict, n_param
     activation = global_batch * seq_len / x_ways * m.d_model * bytes_per_el
     total += (4 * m.n_layers + 2) * 2 * activation * (y_ways - 1) / y_ways
   return int(round(total))
+
+
+
+def analytic_state_bytes(sizes: dict, m: ml_collections.ConfigDict, params_held: int,
+                         padded_vocab: int, zero1: bool) -> int:
+  """Per-device bytes of float32 parameters (4) and Adam moments (8) by REFERENCE.md §2: FSDP
+  divides everything by its axis; TP divides the matrices (the layers' and the vocab-parallel
+  embedding) by its axis and replicates the rest (positions, norms, biases); ZeRO-1 further divides
+  the moments by the data axis. `params_held` counts what is stored, embedding padding included."""
+  matrices = m.n_layers * (4 * m.d_model**2 + 2 * m.d_model * m.d_ff) + padded_vocab * m.d_model
+  per_device = (matrices / sizes["tensor"] + (params_held - matrices)) / sizes["fsdp"]
+  moment_ways = sizes["data"] if zero1 else 1
+  return int(round(4 * per_device + 8 * per_device / moment_ways))

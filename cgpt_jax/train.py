@@ -170,6 +170,10 @@ def compiled_costs(s: Setup, compiled) -> dict:
   hlo = compiled.as_text()
   return {
       "compiled_matmul_flops_per_step": analysis.dot_flops(hlo) * s.layout.mesh.size,
+      "analytic_state_bytes_per_device": analysis.analytic_state_bytes(
+          s.layout.axis_sizes, s.cfg.model, model_lib.count_params(s.abstract_params, s.cfg.model)
+          + (model_lib.padded_vocab(s.cfg.model) - s.cfg.model.vocab_size) * s.cfg.model.d_model,
+          model_lib.padded_vocab(s.cfg.model), s.layout.name == "zero1"),
       "collective_bytes_per_step": analysis.collective_bytes(hlo),
       "analytic_collective_bytes_per_step": analysis.analytic_collective_bytes(
           s.layout.axis_sizes, s.cfg.model, s.n_params, s.layout.axis_sizes["fsdp"] > 1,
