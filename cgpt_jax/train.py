@@ -94,6 +94,19 @@ def state_shardings(layout, abstract_params, tx):
   return TrainState(layout.replicated, params, opt), state
 
 
+class Setup(NamedTuple):
+  cfg: ml_collections.ConfigDict
+  layout: mesh_lib.Layout
+  graphdef: Any
+  abstract_params: nnx.State
+  tx: optax.GradientTransformation
+  lr_schedule: optax.Schedule
+  shardings: TrainState
+  grad_shardings: nnx.State
+  batch_sharding: jax.sharding.NamedSharding
+  n_params: int
+
+
 def make_init(cfg: ml_collections.ConfigDict, tx, shardings: TrainState):
   def init():
     params = nnx.state(model_lib.GPT(cfg.model, rngs=nnx.Rngs(cfg.train.seed)))
@@ -109,43 +122,30 @@ def make_loss(graphdef, layout: mesh_lib.Layout):
   return loss_fn
 
 
-def make_train_step(graphdef, tx, lr_schedule, layout, shardings: TrainState, grad_shardings,
-                    batch_sharding):
+def make_train_step(s: Setup):
   # A fresh closure per layout: a jitted function reused across layouts keeps its old trace.
-  loss_fn = make_loss(graphdef, layout)
+  loss_fn = make_loss(s.graphdef, s.layout)
+  tx, shardings = s.tx, s.shardings
 
   def train_step(state: TrainState, batch):
     loss, grads = jax.value_and_grad(loss_fn)(state.params, batch)
     # Each gradient is needed only where its optimizer state lives (ZeRO-1/3). XLA's CPU pipeline
     # still all-reduces and then slices (no reduce-scatter appears in its HLO); the constraint states
     # the placement for backends whose pipelines turn that pattern into a reduce-scatter.
-    grads = jax.lax.with_sharding_constraint(grads, grad_shardings)
+    grads = jax.lax.with_sharding_constraint(grads, s.grad_shardings)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
-               "learning_rate": lr_schedule(state.step)}
+               "learning_rate": s.lr_schedule(state.step)}
     return TrainState(state.step + 1, params, opt_state), metrics
 
-  return jax.jit(train_step, in_shardings=(shardings, batch_sharding),
-                 out_shardings=(shardings, layout.replicated), donate_argnums=0)
+  return jax.jit(train_step, in_shardings=(shardings, s.batch_sharding),
+                 out_shardings=(shardings, s.layout.replicated), donate_argnums=0)
 
 
-def make_eval_step(graphdef, layout, param_shardings, batch_sharding):
-  return jax.jit(make_loss(graphdef, layout), in_shardings=(param_shardings, batch_sharding),
-                 out_shardings=layout.replicated)
-
-
-class Setup(NamedTuple):
-  cfg: ml_collections.ConfigDict
-  layout: mesh_lib.Layout
-  graphdef: Any
-  abstract_params: nnx.State
-  tx: optax.GradientTransformation
-  lr_schedule: optax.Schedule
-  shardings: TrainState
-  grad_shardings: nnx.State
-  batch_sharding: jax.sharding.NamedSharding
-  n_params: int
+def make_eval_step(s: Setup):
+  return jax.jit(make_loss(s.graphdef, s.layout), in_shardings=(s.shardings.params, s.batch_sharding),
+                 out_shardings=s.layout.replicated)
 
 
 def build(cfg: ml_collections.ConfigDict, vocab_size: int) -> Setup:
@@ -160,8 +160,7 @@ def build(cfg: ml_collections.ConfigDict, vocab_size: int) -> Setup:
   shardings, grad_shardings = state_shardings(layout, abstract_params, tx)
   batch_sharding = layout.sharding(("batch", None))
   return Setup(cfg, layout, graphdef, abstract_params, tx, lr_schedule, shardings, grad_shardings,
-               batch_sharding,
-               model_lib.count_params(abstract_params, cfg.model))
+               batch_sharding, model_lib.count_params(abstract_params, cfg.model))
 
 
 def compiled_costs(s: Setup, compiled) -> dict:
@@ -171,8 +170,7 @@ def compiled_costs(s: Setup, compiled) -> dict:
   return {
       "compiled_matmul_flops_per_step": analysis.dot_flops(hlo) * s.layout.mesh.size,
       "analytic_state_bytes_per_device": analysis.analytic_state_bytes(
-          s.layout.axis_sizes, s.cfg.model, model_lib.count_params(s.abstract_params, s.cfg.model)
-          + (model_lib.padded_vocab(s.cfg.model) - s.cfg.model.vocab_size) * s.cfg.model.d_model,
+          s.layout.axis_sizes, s.cfg.model, sum(x.size for x in jax.tree.leaves(s.abstract_params)),
           model_lib.padded_vocab(s.cfg.model), s.layout.name == "zero1"),
       "collective_bytes_per_step": analysis.collective_bytes(hlo),
       "analytic_collective_bytes_per_step": analysis.analytic_collective_bytes(
@@ -214,8 +212,7 @@ def plan(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   batch = jax.ShapeDtypeStruct((s.cfg.data.global_batch, s.cfg.data.seq_len + 1), jnp.int32,
                                sharding=s.batch_sharding)
   t0 = time.perf_counter()
-  compiled = make_train_step(s.graphdef, s.tx, s.lr_schedule, s.layout, s.shardings,
-                             s.grad_shardings, s.batch_sharding).lower(state, batch).compile()
+  compiled = make_train_step(s).lower(state, batch).compile()
   compile_s = time.perf_counter() - t0
   memory = analysis.compiled_memory(compiled)
   tokens_per_step = s.cfg.data.global_batch * s.cfg.data.seq_len
@@ -273,7 +270,6 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   s = build(cfg, corpus.tokenizer.vocab_size)
   cfg, layout = s.cfg, s.layout
   d = cfg.data
-  eval_sharding = s.batch_sharding
   eval_batches = data.eval_batches(corpus.tokens["validation"], seq_len=d.seq_len, batch=d.eval_batch,
                                    max_batches=d.eval_batches or None)
   batches = data.train_batches(corpus.tokens["train"], seq_len=d.seq_len, global_batch=d.global_batch,
@@ -289,10 +285,9 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   batch_struct = jax.ShapeDtypeStruct((d.global_batch, d.seq_len + 1), jnp.int32,
                                       sharding=s.batch_sharding)
   t0 = time.perf_counter()
-  train_step = make_train_step(s.graphdef, s.tx, s.lr_schedule, layout, s.shardings,
-                               s.grad_shardings, s.batch_sharding).lower(state, batch_struct).compile()
+  train_step = make_train_step(s).lower(state, batch_struct).compile()
   compile_s = time.perf_counter() - t0
-  eval_step = make_eval_step(s.graphdef, layout, s.shardings.params, eval_sharding)
+  eval_step = make_eval_step(s)
   memory = analysis.compiled_memory(train_step)
 
   # ---- train ----------------------------------------------------------------------------------
@@ -318,7 +313,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
       last["tokens_per_s"] = tokens_per_step * (step - last_log_step) / interval
       record = dict(last)
       if is_eval:
-        eval_metrics = evaluate(eval_step, state.params, eval_batches, eval_sharding)
+        eval_metrics = evaluate(eval_step, state.params, eval_batches, s.batch_sharding)
         record.update(eval_metrics)
       logger.write(step, record)
       bar.set_postfix(loss=f"{last['loss']:.4f}", **({"val": f"{eval_metrics['eval_loss']:.4f}"}

@@ -135,9 +135,7 @@ def test_indivisible_dimension_is_a_clear_error(shared_data, data_dir):
 def compiled_step(s):
   batch = jax.ShapeDtypeStruct((s.cfg.data.global_batch, s.cfg.data.seq_len + 1), np.int32,
                                sharding=s.batch_sharding)
-  step = train.make_train_step(s.graphdef, s.tx, s.lr_schedule, s.layout, s.shardings,
-                               s.grad_shardings, s.batch_sharding)
-  return step.lower(train.abstract_state(s), batch).compile()
+  return train.make_train_step(s).lower(train.abstract_state(s), batch).compile()
 
 
 def test_dp_collective_bytes_match_the_all_reduce_formula(shared_data, data_dir):
