@@ -14,9 +14,10 @@ import ml_collections
 import numpy as np
 
 
-def matmul_params(m: ml_collections.ConfigDict) -> int:
-  """Parameters that take part in a matmul: the layer matrices and the tied output head."""
-  return m.n_layers * (4 * m.d_model**2 + 2 * m.d_model * m.d_ff) + m.vocab_size * m.d_model
+def matmul_params(m: ml_collections.ConfigDict, vocab: int | None = None) -> int:
+  """Parameters that take part in a matmul: the layer matrices and the tied output head over
+  `vocab` rows (default the real vocabulary)."""
+  return m.n_layers * (4 * m.d_model**2 + 2 * m.d_model * m.d_ff) + (vocab or m.vocab_size) * m.d_model
 
 
 def flops_per_token(m: ml_collections.ConfigDict, seq_len: int) -> int:
@@ -180,14 +181,13 @@ def analytic_collective_bytes(sizes: dict, m: ml_collections.ConfigDict, n_param
   return int(round(total))
 
 
-
 def analytic_state_bytes(sizes: dict, m: ml_collections.ConfigDict, params_held: int,
                          padded_vocab: int, zero1: bool) -> int:
   """Per-device bytes of float32 parameters (4) and Adam moments (8) by REFERENCE.md §2: FSDP
   divides everything by its axis; TP divides the matrices (the layers' and the vocab-parallel
   embedding) by its axis and replicates the rest (positions, norms, biases); ZeRO-1 further divides
   the moments by the data axis. `params_held` counts what is stored, embedding padding included."""
-  matrices = m.n_layers * (4 * m.d_model**2 + 2 * m.d_model * m.d_ff) + padded_vocab * m.d_model
+  matrices = matmul_params(m, padded_vocab)
   per_device = (matrices / sizes["tensor"] + (params_held - matrices)) / sizes["fsdp"]
   moment_ways = sizes["data"] if zero1 else 1
   return int(round(4 * per_device + 8 * per_device / moment_ways))

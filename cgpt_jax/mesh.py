@@ -24,8 +24,6 @@ BATCH_AXES = ("data", "fsdp")  # FSDP is data parallelism whose state is sharded
 # Logical axis -> mesh axes. A logical name missing from a table is replicated.
 Rules = Mapping[str, tuple[str, ...]]
 
-
-
 # One table for every layout: which devices hold what follows from the axis sizes alone (an axis
 # of size 1 drops out). Within one array a mesh axis is used once, by the first dimension that asks
 # for it (see Layout.spec): a weight [embed, mlp] puts embed on fsdp and mlp on tensor, while an
@@ -64,8 +62,9 @@ LAYOUT_PRESETS: dict[str, LayoutPreset] = {
     # forward + backward, 8 B T d b (Y-1)/Y, plus the vocab-parallel embedding and head.
     "tp": LayoutPreset({"tensor": -1}),
     # tp + sequence parallelism: the residual stream (layer norms, residual adds) is also split along
-    # the sequence between the tensor-parallel regions; all-reduces become all-gather +
-    # reduce-scatter pairs (same bytes, 1/Y of the residual-stream activation memory).
+    # the sequence between the tensor-parallel regions, 1/Y of its activation memory. Megatron-SP
+    # turns each all-reduce into an all-gather + reduce-scatter pair of the same bytes; GSPMD here
+    # keeps tp's all-reduces and adds gathers for the transitions (measured in README.md).
     "sp": LayoutPreset({"tensor": -1}, extra_rules={"residual_seq": ("tensor",)}),
 }
 
@@ -122,6 +121,11 @@ class Layout:
 
 
 _ACTIVE: contextvars.ContextVar[Layout | None] = contextvars.ContextVar("layout", default=None)
+
+
+def is_spec(x) -> bool:
+  """Leaf predicate for trees of PartitionSpecs (nnx.get_partition_spec's output)."""
+  return isinstance(x, P)
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
@@ -182,7 +186,6 @@ def make_layout(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Layout
 def check_divisible(layout: Layout, abstract_params) -> None:
   """Every sharded dimension of every parameter (and its optimizer state) divides evenly."""
   logical = nnx.get_partition_spec(abstract_params)
-  is_spec = lambda x: isinstance(x, P)
   for (path, names), leaf in zip(jax.tree_util.tree_flatten_with_path(logical, is_leaf=is_spec)[0],
                                  jax.tree.leaves(abstract_params)):
     for rules in (layout.rules, layout.state_rules):

@@ -18,7 +18,6 @@ import numpy as np
 import optax
 import tqdm
 from flax import nnx
-from jax.sharding import PartitionSpec as P
 
 from cgpt_jax import analysis, config as config_lib, data, mesh as mesh_lib, model as model_lib, optim
 from cgpt_jax.errors import InputError
@@ -77,16 +76,15 @@ def check_batches(cfg: ml_collections.ConfigDict, layout: mesh_lib.Layout) -> No
 # ----------------------------------------------------------------------------------------------
 # State, shardings and the step functions
 # ----------------------------------------------------------------------------------------------
-def _is_spec(x) -> bool:
-  return isinstance(x, P)
-
-
 def state_shardings(layout, abstract_params, tx):
   """Shardings of TrainState, and of the per-parameter optimizer state (where each gradient is
   needed), from the parameters' logical names and the layout's rules."""
   logical = nnx.get_partition_spec(abstract_params)
-  params = jax.tree.map(lambda spec: layout.sharding(tuple(spec)), logical, is_leaf=_is_spec)
-  state = jax.tree.map(lambda spec: layout.state_sharding(tuple(spec)), logical, is_leaf=_is_spec)
+
+  def by(rule):
+    return jax.tree.map(lambda spec: rule(tuple(spec)), logical, is_leaf=mesh_lib.is_spec)
+
+  params, state = by(layout.sharding), by(layout.state_sharding)
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
   # Moments follow the state rules of the parameter they belong to; counters are replicated.
   opt = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, state,
@@ -164,8 +162,8 @@ def build(cfg: ml_collections.ConfigDict, vocab_size: int) -> Setup:
 
 
 def compiled_costs(s: Setup, compiled) -> dict:
-  """Collective bytes per device and matmul FLOPs per step, measured in the compiled program, beside
-  their analytic values."""
+  """Matmul FLOPs and collective bytes per step measured in the compiled program, and per-device
+  state bytes, each beside its analytic value."""
   hlo = compiled.as_text()
   return {
       "compiled_matmul_flops_per_step": analysis.dot_flops(hlo) * s.layout.mesh.size,
@@ -268,7 +266,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   out = check_workdir(workdir, RUN_MARKERS)
   corpus = load_data(cfg)
   s = build(cfg, corpus.tokenizer.vocab_size)
-  cfg, layout = s.cfg, s.layout
+  cfg = s.cfg
   d = cfg.data
   eval_batches = data.eval_batches(corpus.tokens["validation"], seq_len=d.seq_len, batch=d.eval_batch,
                                    max_batches=d.eval_batches or None)

@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from cgpt_jax import mesh as mesh_lib
 from cgpt_jax import train
 from cgpt_jax.errors import InputError
 
