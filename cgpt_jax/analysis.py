@@ -14,10 +14,14 @@ import ml_collections
 import numpy as np
 
 
-def matmul_params(m: ml_collections.ConfigDict, vocab: int | None = None) -> int:
-  """Parameters that take part in a matmul: the layer matrices and the tied output head over
-  `vocab` rows (default the real vocabulary)."""
-  return m.n_layers * (4 * m.d_model**2 + 2 * m.d_model * m.d_ff) + (vocab or m.vocab_size) * m.d_model
+def layer_matmul_params(m: ml_collections.ConfigDict) -> int:
+  """Parameters of the blocks' matrices: QKV, attention-out and the two MLP matrices."""
+  return m.n_layers * (4 * m.d_model**2 + 2 * m.d_model * m.d_ff)
+
+
+def matmul_params(m: ml_collections.ConfigDict) -> int:
+  """Parameters that take part in a matmul: the layer matrices and the tied output head."""
+  return layer_matmul_params(m) + m.vocab_size * m.d_model
 
 
 def flops_per_token(m: ml_collections.ConfigDict, seq_len: int) -> int:
@@ -105,7 +109,8 @@ def _dims(type_str: str) -> list[int]:
 
 def _walk(hlo_text: str):
   """Yields (instruction line, its computation's name -> type table, times it runs per call of the
-  program): entry once, while bodies once per known trip, called computations as often as their caller."""
+  program, whether it is inside a while loop): entry once, while bodies once per known trip, called
+  computations as often as their caller."""
   computations: dict[str, list[str]] = {}
   entry, current = None, None
   for line in hlo_text.splitlines():
@@ -116,27 +121,28 @@ def _walk(hlo_text: str):
     elif current is not None:
       computations[current].append(line)
 
-  def visit(name: str, times: int):
+  def visit(name: str, times: int, in_loop: bool):
     lines = computations.get(name, ())
     types = {m.group(1): m.group(2) for line in lines if (m := _DEF.match(line))}
     for line in lines:
-      yield line, types, times
+      yield line, types, times, in_loop
       trips = dict(_WHILE.findall(line))
       for callee in _CALLEE.findall(line):
         if callee in computations and callee != name:
-          yield from visit(callee, times * int(trips.get(callee, 1)))
+          yield from visit(callee, times * int(trips.get(callee, 1)), in_loop or callee in trips)
 
   if entry is not None:
-    yield from visit(entry, 1)
+    yield from visit(entry, 1, False)
 
 
-def collective_bytes(hlo_text: str) -> dict[str, int]:
+def collective_bytes(hlo_text: str, loops_only: bool = False) -> dict[str, int]:
   """Bytes each device sends per call of the program, by collective kind (REFERENCE.md §2 formulas:
   all-reduce 2V(n-1)/n, all-gather V_out(n-1)/n, reduce-scatter V_in(n-1)/n, all-to-all V(n-1)/n,
-  collective-permute V). Ops inside while bodies count once per known trip."""
+  collective-permute V). Ops inside while bodies count once per known trip; `loops_only` counts
+  only those (e.g. the per-layer weight streaming inside the layer scan)."""
   totals: dict[str, float] = {}
-  for line, _, times in _walk(hlo_text):
-    if m := _OP.match(line):
+  for line, _, times, in_loop in _walk(hlo_text):
+    if (m := _OP.match(line)) and (in_loop or not loops_only):
       kind, out, n = m.group(2), _array_bytes(m.group(1)), _group_size(line)
       sent = {"all-reduce": 2 * out * (n - 1) / n, "all-gather": out * (n - 1) / n,
               "reduce-scatter": out * (n - 1), "all-to-all": out * (n - 1) / n,
@@ -149,7 +155,7 @@ def dot_flops(hlo_text: str) -> int:
   """Matmul FLOPs one device runs per call of the program: 2 x output elements x contracted size
   for every dot, once per trip of its loop (cost_analysis() counts a loop body once)."""
   total = 0
-  for line, types, times in _walk(hlo_text):
+  for line, types, times, _ in _walk(hlo_text):
     if (m := _DOT.search(line)) and (d := _DEF.match(line)):
       lhs = _dims(types.get(m.group(1), ""))
       contracted = math.prod(lhs[int(i)] for i in m.group(2).split(",") if i)
@@ -157,37 +163,121 @@ def dot_flops(hlo_text: str) -> int:
   return total
 
 
-def analytic_collective_bytes(sizes: dict, m: ml_collections.ConfigDict, n_params: int,
-                              zero3: bool, global_batch: int, seq_len: int, bytes_per_el: int = 4) -> int:
-  """Per-device bytes per step the layout should move (REFERENCE.md §2).
+def layer_params(m: ml_collections.ConfigDict) -> int:
+  """Parameters of one block: QKV and attention-out (4 d^2 + 4 d), the MLP (2 d f + f + d) and two
+  layer norms (4 d)."""
+  return 4 * m.d_model**2 + 2 * m.d_model * m.d_ff + 9 * m.d_model + m.d_ff
 
-  X = data x fsdp devices share the batch, Y = tensor devices share each layer.
-  - Parameter sync over X, on each device's 1/Y of the parameters: DP and ZeRO-1 all-reduce the
-    gradients, 2 P b (X-1)/X; ZeRO-3 (zero3=True) gathers weights forward and backward and
-    reduce-scatters gradients, 3 P b (X-1)/X. (A mesh with both data and fsdp > 1 is counted as
-    ZeRO-3 over all X: an approximation.)
-  - Tensor parallelism over Y: an all-reduce of the [tokens/X, d] activation after attention and
-    after the MLP forward, and before each backward: 4 per layer, each 2 V (Y-1)/Y; plus one for the
-    vocab-parallel embedding lookup (forward) and one for the head's input gradient (backward).
+
+def layer_matmul_flops_per_token(m: ml_collections.ConfigDict, seq_len: int) -> int:
+  """Forward + backward matmul FLOPs of all blocks per token: 6 N_layers + 12 L T d."""
+  return 6 * layer_matmul_params(m) + 12 * m.n_layers * seq_len * m.d_model
+
+
+def expected_matmul_flops(m: ml_collections.ConfigDict, seq_len: int, tokens: int, padded_vocab: int,
+                          schedule=None, remat: bool | None = None) -> int:
+  """Matmul FLOPs the compiled step should run on all devices together.
+
+  The head: 6 V d per token over the padded vocabulary. The blocks: 6 N_layers + 12 L T d per token,
+  plus under full remat the forward of each rematerialised unit again (a block; a whole stage
+  iteration of K blocks under a pipeline). XLA drops the unit's last matmul (the MLP-out, 2 d f per
+  token), whose output the backward never needs, when that matmul is straight-line code; when the
+  K blocks run as a rolled loop (K > scan_unroll) it sits in the loop body and runs every trip.
+  An SPMD pipeline computes its bubbles: the blocks' FLOPs times (M R + S - 1) / (M R).
   """
-  x_ways = sizes["data"] * sizes["fsdp"]
-  y_ways = sizes["tensor"]
-  total = 0.0
-  if x_ways > 1:
-    total += (3 if zero3 else 2) * n_params * bytes_per_el * (x_ways - 1) / x_ways / y_ways
+  d, f = m.d_model, m.d_ff
+  layers = layer_matmul_flops_per_token(m, seq_len)
+  if m.remat == "full" if remat is None else remat:
+    per_unit = m.n_layers // (schedule.stages * schedule.repeats) if schedule else 1
+    forward = 2 * (4 * d * d + 2 * d * f) + 4 * seq_len * d
+    skipped = 2 * d * f if per_unit <= m.scan_unroll else 0
+    layers += (m.n_layers // per_unit) * (per_unit * forward - skipped)
+  layers *= tokens
+  if schedule is not None:
+    layers = layers * schedule.iterations // (schedule.microbatches * schedule.repeats)
+  return 6 * padded_vocab * d * tokens + layers
+
+
+def analytic_collective_terms(sizes: dict, m: ml_collections.ConfigDict, n_params: int, zero3: bool,
+                              global_batch: int, seq_len: int, schedule=None, streams: bool = False,
+                              bytes_per_el: int = 4) -> dict[str, int]:
+  """Per-device bytes per step the layout should move (REFERENCE.md §2), by cause.
+
+  X = data x fsdp devices share the batch, Y = tensor devices share each layer, S = pipe stages
+  each hold L/S layers.
+  - parameter_sync, on each device's parameters (layers / (S Y), the rest / Y): DP and ZeRO-1
+    all-reduce the gradients, 2 P b (X-1)/X; ZeRO-3 (zero3=True) gathers weights forward and
+    backward and reduce-scatters gradients, 3 P b (X-1)/X, for a stage's layers once per pipeline
+    iteration. Under a pipeline the embedding, positions and final norm are replicated over pipe
+    too and reduced over all X S devices. (A mesh with both data and fsdp > 1 is counted as ZeRO-3
+    over all X: an approximation.)
+  - tensor_layers: an all-reduce of the [tokens, d] activation after attention and after the MLP
+    forward, and before each backward: 4 per layer run, each 2 V (Y-1)/Y. In the SPMD pipeline a
+    device runs K = L/(S R) layers per iteration on mb tokens for every iteration, bubbles included.
+  - tensor_embedding_head: the vocab-parallel lookup (forward) and the head's input gradient
+    (backward), on the device's tokens (its 1/S of the sequence under a pipeline).
+  - pipeline_hops: one [mb, T, d] collective-permute per iteration forward and one backward.
+  - pipeline_entry_exit: stage inputs all-gathered over pipe, outputs reduce-scattered, and their
+    transposes in the backward: 4 V (S-1)/S for the device's [B/X, T, d] activations.
+  - Weight streaming (streams=True, wafer.py), n = fsdp devices per wafer, W = data wafers:
+    stream_in, each layer's weights gathered forward and again backward, 2 P_layers b (n-1)/n;
+    stream_out, its gradients reduce-scattered back, P_layers b (n-1)/n; swarm_reduce, the
+    gradient shards summed across wafers once per step, 2 (P_layers/n) b (W-1)/W. The rest of the
+    parameters (embedding, positions, final norm) are in parameter_sync, ZeRO-3 style.
+  """
+  x_ways, y_ways, stages = sizes["data"] * sizes["fsdp"], sizes["tensor"], sizes["pipe"]
+  b, d = bytes_per_el, m.d_model
+  in_layers = m.n_layers * layer_params(m)
+  rest = n_params - in_layers
+  tokens = global_batch * seq_len / x_ways  # per device (whole sequences)
+  terms = {}
+  if streams:
+    n, wafers = sizes["fsdp"], sizes["data"]
+    terms["stream_in"] = 2 * in_layers * b * (n - 1) / n
+    terms["stream_out"] = in_layers * b * (n - 1) / n
+    if wafers > 1:
+      terms["swarm_reduce"] = 2 * in_layers / n * b * (wafers - 1) / wafers
+    in_layers = 0  # not synchronised again below
+  if x_ways * stages > 1:
+    # ZeRO-3 in a pipeline gathers (and reduce-scatters) a stage's weights on every iteration,
+    # as FSDP does per microbatch; data parallelism reduces the gradients once per step.
+    uses = schedule.iterations if zero3 and schedule else 1
+    # The layers are split over pipe and synchronised over X; the rest is replicated over pipe as
+    # well and reduced over all X S devices at once.
+    sync = (3 if zero3 else 2) * b / y_ways
+    terms["parameter_sync"] = sync * (in_layers / stages * uses * (x_ways - 1) / x_ways
+                                      + rest * (x_ways * stages - 1) / (x_ways * stages))
   if y_ways > 1:
-    activation = global_batch * seq_len / x_ways * m.d_model * bytes_per_el
-    total += (4 * m.n_layers + 2) * 2 * activation * (y_ways - 1) / y_ways
-  return int(round(total))
+    if schedule is None:
+      layer_tokens = m.n_layers * tokens
+    else:
+      per_stage = m.n_layers // (schedule.stages * schedule.repeats)
+      layer_tokens = per_stage * schedule.iterations * tokens / schedule.microbatches
+    terms["tensor_layers"] = 4 * 2 * layer_tokens * d * b * (y_ways - 1) / y_ways
+    terms["tensor_embedding_head"] = 2 * 2 * tokens / stages * d * b * (y_ways - 1) / y_ways
+  if schedule is not None:
+    terms["pipeline_hops"] = 2 * schedule.iterations * tokens / schedule.microbatches * d * b
+    terms["pipeline_entry_exit"] = 4 * tokens * d * b * (stages - 1) / stages
+  return {k: int(round(v)) for k, v in terms.items()}
+
+
+def analytic_collective_bytes(*args, **kwargs) -> int:
+  """Sum of analytic_collective_terms."""
+  return sum(analytic_collective_terms(*args, **kwargs).values())
 
 
 def analytic_state_bytes(sizes: dict, m: ml_collections.ConfigDict, params_held: int,
                          padded_vocab: int, zero1: bool) -> int:
   """Per-device bytes of float32 parameters (4) and Adam moments (8) by REFERENCE.md §2: FSDP
   divides everything by its axis; TP divides the matrices (the layers' and the vocab-parallel
-  embedding) by its axis and replicates the rest (positions, norms, biases); ZeRO-1 further divides
-  the moments by the data axis. `params_held` counts what is stored, embedding padding included."""
-  matrices = matmul_params(m, padded_vocab)
-  per_device = (matrices / sizes["tensor"] + (params_held - matrices)) / sizes["fsdp"]
+  embedding) by its axis and replicates the rest (positions, norms, biases); PP divides the layers
+  by its stages; ZeRO-1 further divides the moments by the data axis. `params_held` counts what is
+  stored, embedding padding included."""
+  layer_matrices = layer_matmul_params(m)
+  layers = m.n_layers * layer_params(m)
+  layers_held = (layer_matrices / sizes["tensor"] + layers - layer_matrices) / sizes["pipe"]
+  embedding = padded_vocab * m.d_model
+  rest_held = embedding / sizes["tensor"] + (params_held - layers - embedding)
+  per_device = (layers_held + rest_held) / sizes["fsdp"]
   moment_ways = sizes["data"] if zero1 else 1
   return int(round(4 * per_device + 8 * per_device / moment_ways))

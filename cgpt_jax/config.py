@@ -107,6 +107,12 @@ def base_config() -> ml_collections.ConfigDict:
       fsdp=config_dict.placeholder(int),
       tensor=config_dict.placeholder(int),
   )
+  # Used when mesh.pipe > 1 (pipeline.py). Bubble (S-1)/(M R + S-1) for S stages.
+  c.pipeline = dict(
+      schedule="gpipe",  # or "circular": each microbatch goes round the stages `repeats` times
+      microbatches=4,  # M >= S
+      repeats=1,  # R; layers = R x S x layers per stage
+  )
   return c
 
 

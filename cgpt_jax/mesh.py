@@ -34,6 +34,12 @@ RULES: Rules = {
     "heads": ("tensor",),  # Megatron: column-parallel QKV, row-parallel attention-out
     "mlp": ("tensor", "fsdp"),  # column-parallel MLP-in, row-parallel MLP-out; MLP biases on fsdp
     "vocab": ("tensor",),  # vocab-parallel embedding, logits and cross entropy
+    "stage": ("pipe",),  # pipeline stages of the stacked layers (pipeline.py)
+    # Outside the pipeline (embedding, head, loss) the `pipe` devices split the sequence: those parts
+    # are per-token, so this is plain data parallelism for them. Inside the pipeline `pipe` is manual
+    # and these entries drop out.
+    "seq": ("pipe",),
+    "residual_seq": ("pipe",),
 }
 
 
@@ -42,6 +48,7 @@ class LayoutPreset:
   sizes: dict[str, int]  # axes not named are 1; the config may override any of them
   extra_rules: Rules = dataclasses.field(default_factory=dict)  # added to RULES
   state_rules: Rules = dataclasses.field(default_factory=dict)  # optimizer state, over RULES
+  streams_weights: bool = False  # the blocks run as wafer.py's weight-streaming loop
 
 
 LAYOUT_PRESETS: dict[str, LayoutPreset] = {
@@ -66,6 +73,18 @@ LAYOUT_PRESETS: dict[str, LayoutPreset] = {
     # turns each all-reduce into an all-gather + reduce-scatter pair of the same bytes; GSPMD here
     # keeps tp's all-reduces and adds gathers for the transitions (measured in README.md).
     "sp": LayoutPreset({"tensor": -1}, extra_rules={"residual_seq": ("tensor",)}),
+    # Pipeline: the stacked layers split into stages over pipe, microbatches handed on with ppermute
+    # (pipeline.py). Per step each device sends one [microbatch, seq, d_model] activation per
+    # iteration forward and one backward: 2 (M R + S - 1) mb T d b.
+    "pp": LayoutPreset({"pipe": -1}),
+    # Megatron's 3D combination: data x pipe x tensor (set mesh.fsdp > 1 for ZeRO-3 within it).
+    "3d": LayoutPreset({"data": 2, "pipe": 2, "tensor": 2}),
+    # Cerebras weight streaming (wafer.py): all devices are one wafer holding the activations
+    # (batch split over fsdp); each layer's weights stream in from their shards when it runs, in the
+    # forward and again in the backward, and its gradients stream back out: 3 P b (n-1)/n.
+    "wafer": LayoutPreset({"fsdp": -1}, streams_weights=True),
+    # SwarmX: `data` wafers, each a wafer; gradients reduced across wafers, 2 (P/n) b (W-1)/W more.
+    "swarm": LayoutPreset({"data": 2, "fsdp": -1}, streams_weights=True),
 }
 
 
@@ -75,16 +94,19 @@ class Layout:
   mesh: Mesh
   rules: Rules
   state_rules: Rules
+  streams_weights: bool = False
 
-  def spec(self, names: Sequence[str | None], rules: Rules | None = None) -> P:
+  def spec(self, names: Sequence[str | None], rules: Rules | None = None,
+           manual: frozenset[str] = frozenset()) -> P:
     """Logical axis names -> PartitionSpec over this mesh.
 
     Axes of size 1 are dropped, and a mesh axis already taken by an earlier dimension is skipped:
     that is how one table serves parameters and activations, e.g. under fsdp a weight's `embed`
     dimension is sharded over `fsdp` while an activation's batch dimension has taken it first.
+    `manual` axes (those a shard_map has taken over) are dropped too.
     """
     rules = self.rules if rules is None else rules
-    out, used = [], set()
+    out, used = [], set(manual)
     for name in names:
       axes = tuple(a for a in rules.get(name, ()) if self.mesh.shape[a] > 1 and a not in used)
       used.update(axes)
@@ -129,10 +151,20 @@ def is_spec(x) -> bool:
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
-  """Sharding constraint by logical names; a no-op outside `Layout.active()` or on one device."""
+  """Sharding constraint by logical names; a no-op outside `Layout.active()` or on one device.
+
+  Inside a shard_map (the pipeline's body) the constraint is over the context's abstract mesh and
+  leaves out the axes the shard_map made manual: the remaining axes stay automatic.
+  """
   layout = _ACTIVE.get()
   if layout is None or layout.mesh.size == 1:
     return x
+  context = jax.sharding.get_abstract_mesh()
+  if not context.empty and not context.auto_axes:
+    return x  # wholly inside a shard_map: nothing left for the compiler to place
+  if not context.empty and context.manual_axes:
+    spec = layout.spec(names, manual=frozenset(context.manual_axes))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(context, spec))
   return jax.lax.with_sharding_constraint(x, layout.sharding(names))
 
 
@@ -173,14 +205,12 @@ def make_layout(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Layout
   if total != len(devices):
     raise InputError(f"layout {mesh_cfg.layout}: mesh {_fmt(sizes)} needs {total} devices but "
                      f"{len(devices)} are available. Use --devices {total} or set one axis to -1.")
-  unused = [a for a in AXES if sizes[a] > 1 and not any(a in axes for axes in state_rules.values())]
-  if unused:
-    raise InputError(f"layout {mesh_cfg.layout} does not use mesh axes {', '.join(unused)}, so "
-                     f"devices on them would only repeat work ({_fmt(sizes)}). Set them to 1 or "
-                     "choose a layout that shards over them.")
   mesh = Mesh(np.asarray(devices).reshape([sizes[a] for a in AXES]), AXES,
               axis_types=(AxisType.Auto,) * len(AXES))
-  return Layout(mesh_cfg.layout, mesh, rules, state_rules)
+  if preset.streams_weights and (sizes["pipe"] > 1 or sizes["tensor"] > 1):
+    raise InputError(f"layout {mesh_cfg.layout}: a wafer needs no pipeline or tensor parallelism, "
+                     f"but the mesh has {_fmt(sizes)}. Set mesh.pipe=1 and mesh.tensor=1.")
+  return Layout(mesh_cfg.layout, mesh, rules, state_rules, preset.streams_weights)
 
 
 def check_divisible(layout: Layout, abstract_params) -> None:

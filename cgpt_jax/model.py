@@ -8,6 +8,7 @@ Every parameter carries logical axis names (`out_sharding` metadata) and the lay
 `layers` axis, so `mesh.Layout` can shard any of them without the model knowing about devices. The
 blocks are created with `nnx.vmap` and applied with `lax.scan`: compile time stays flat in depth.
 """
+import functools
 import math
 
 import jax
@@ -147,28 +148,46 @@ class GPT(nnx.Module):
     self.blocks = make_blocks(rngs)
     self.ln_f = LayerNorm(cfg.d_model, cfg.ln_eps)
 
-  def __call__(self, tokens: jax.Array) -> jax.Array:
-    """tokens [batch, seq] int -> logits [batch, seq, vocab] float32."""
-    cfg = self.cfg
+  def __call__(self, tokens: jax.Array, run_blocks=None) -> jax.Array:
+    """tokens [batch, seq] int -> logits [batch, seq, vocab] float32.
+
+    `run_blocks(graphdef, stacked, x)` applies the layer stack; by default a scan over its leading
+    `layers` axis. The pipeline passes its own schedule (pipeline.py).
+    """
+    run_blocks = run_blocks or functools.partial(scan_blocks, self.cfg)
+    return self.head(run_blocks(*nnx.split(self.blocks), self.embed(tokens)))
+
+  def embed(self, tokens: jax.Array) -> jax.Array:
     x = jnp.take(self.wte[...], tokens, axis=0) + self.wpe[...][: tokens.shape[1]]
-    x = constrain(x, ("batch", "residual_seq", "embed"))
+    return constrain(x, ("batch", "residual_seq", "embed"))
 
-    graphdef, stacked = nnx.split(self.blocks)
-
-    def layer(x, params):
-      if cfg.grad_barrier:
-        x = grad_barrier(x)
-      return nnx.merge(graphdef, params)(x), None
-
-    if cfg.remat == "full":
-      layer = jax.checkpoint(layer)
-    x, _ = jax.lax.scan(layer, x, stacked, unroll=min(cfg.scan_unroll, cfg.n_layers))
+  def head(self, x: jax.Array) -> jax.Array:
     x = self.ln_f(x)
     logits = constrain(jnp.einsum("btd,vd->btv", x, self.wte[...]), ("batch", "seq", "vocab"))
-    if logits.shape[-1] > cfg.vocab_size:
-      real = jnp.arange(logits.shape[-1]) < cfg.vocab_size
+    if logits.shape[-1] > self.cfg.vocab_size:
+      real = jnp.arange(logits.shape[-1]) < self.cfg.vocab_size
       logits = jnp.where(real, logits, jnp.finfo(logits.dtype).min)
     return logits
+
+
+def scan_blocks(cfg: ml_collections.ConfigDict, graphdef, stacked, x: jax.Array,
+                remat: bool | None = None) -> jax.Array:
+  """Applies the blocks stacked along the leading axis of `stacked` in order (a lax.scan).
+
+  remat (default: cfg.remat == "full") recomputes each block in the backward pass.
+  """
+  def layer(x, params):
+    if cfg.grad_barrier:
+      x = grad_barrier(x)
+    return nnx.merge(graphdef, params)(x), None
+
+  if remat is None:
+    remat = cfg.remat == "full"
+  if remat:
+    layer = jax.checkpoint(layer)
+  n = jax.tree.leaves(stacked)[0].shape[0]
+  x, _ = jax.lax.scan(layer, x, stacked, unroll=min(cfg.scan_unroll, n))
+  return x
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:

@@ -19,7 +19,8 @@ import optax
 import tqdm
 from flax import nnx
 
-from cgpt_jax import analysis, config as config_lib, data, mesh as mesh_lib, model as model_lib, optim
+from cgpt_jax import (analysis, config as config_lib, data, mesh as mesh_lib, model as model_lib, optim,
+                      pipeline, wafer)
 from cgpt_jax.errors import InputError
 
 RUN_MARKERS = ("metrics.jsonl", "summary.json", "checkpoints")
@@ -103,26 +104,39 @@ class Setup(NamedTuple):
   grad_shardings: nnx.State
   batch_sharding: jax.sharding.NamedSharding
   n_params: int
+  schedule: pipeline.Schedule | None  # None unless mesh.pipe > 1
 
 
-def make_init(cfg: ml_collections.ConfigDict, tx, shardings: TrainState):
+def make_init(s: Setup):
+  cfg = s.cfg
+
   def init():
     params = nnx.state(model_lib.GPT(cfg.model, rngs=nnx.Rngs(cfg.train.seed)))
-    return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
-  return jax.jit(init, out_shardings=shardings)
+    if s.schedule:
+      params = pipeline.to_stages(params, s.schedule)
+    return TrainState(jnp.zeros((), jnp.int32), params, s.tx.init(params))
+  return jax.jit(init, out_shardings=s.shardings)
 
 
-def make_loss(graphdef, layout: mesh_lib.Layout):
+def make_loss(s: Setup, bubble_fill: float = 0.0):
+  """loss(params, batch [B, T+1]); pipelined when the layout has a pipe axis."""
+  run_blocks = None  # the model's own layer scan
+  if s.schedule:
+    run_blocks = pipeline.make_run_blocks(s.cfg.model, s.schedule, s.layout, bubble_fill)
+  elif s.layout.streams_weights:
+    run_blocks = wafer.make_run_blocks(s.cfg.model, s.layout)
+  graphdef, layout = s.graphdef, s.layout
+
   def loss_fn(params, batch):
     with layout.active():
-      logits = nnx.merge(graphdef, params)(batch[:, :-1])
+      logits = nnx.merge(graphdef, params)(batch[:, :-1], run_blocks)
       return model_lib.cross_entropy(logits, batch[:, 1:])
   return loss_fn
 
 
 def make_train_step(s: Setup):
   # A fresh closure per layout: a jitted function reused across layouts keeps its old trace.
-  loss_fn = make_loss(s.graphdef, s.layout)
+  loss_fn = make_loss(s)
   tx, shardings = s.tx, s.shardings
 
   def train_step(state: TrainState, batch):
@@ -142,7 +156,7 @@ def make_train_step(s: Setup):
 
 
 def make_eval_step(s: Setup):
-  return jax.jit(make_loss(s.graphdef, s.layout), in_shardings=(s.shardings.params, s.batch_sharding),
+  return jax.jit(make_loss(s), in_shardings=(s.shardings.params, s.batch_sharding),
                  out_shardings=s.layout.replicated)
 
 
@@ -151,30 +165,58 @@ def build(cfg: ml_collections.ConfigDict, vocab_size: int) -> Setup:
   cfg = config_lib.resolve(cfg, vocab_size)
   layout = mesh_lib.make_layout(cfg.mesh)
   check_batches(cfg, layout)
+  schedule = pipeline.make_schedule(cfg, layout)
   graphdef, abstract_params = model_lib.abstract_model(cfg.model, cfg.train.seed)
+  n_params = model_lib.count_params(abstract_params, cfg.model)
+  if schedule:
+    abstract_params = pipeline.to_stages(abstract_params, schedule)
   mesh_lib.check_divisible(layout, abstract_params)
   lr_schedule = optim.schedule(cfg.optim, cfg.train.steps)
   tx = optim.make_optimizer(cfg.optim, cfg.train.steps)
   shardings, grad_shardings = state_shardings(layout, abstract_params, tx)
   batch_sharding = layout.sharding(("batch", None))
   return Setup(cfg, layout, graphdef, abstract_params, tx, lr_schedule, shardings, grad_shardings,
-               batch_sharding, model_lib.count_params(abstract_params, cfg.model))
+               batch_sharding, n_params, schedule)
 
 
 def compiled_costs(s: Setup, compiled) -> dict:
   """Matmul FLOPs and collective bytes per step measured in the compiled program, and per-device
   state bytes, each beside its analytic value."""
   hlo = compiled.as_text()
-  return {
+  m, d = s.cfg.model, s.cfg.data
+  sizes = s.layout.axis_sizes
+  vocab = model_lib.padded_vocab(m)
+  tokens = d.global_batch * d.seq_len
+  held = sum(x.size for x in jax.tree.leaves(s.abstract_params))
+  streams = s.layout.streams_weights
+  terms = analysis.analytic_collective_terms(sizes, m, s.n_params, sizes["fsdp"] > 1, d.global_batch,
+                                             d.seq_len, s.schedule, streams)
+  costs = {
       "compiled_matmul_flops_per_step": analysis.dot_flops(hlo) * s.layout.mesh.size,
-      "analytic_state_bytes_per_device": analysis.analytic_state_bytes(
-          s.layout.axis_sizes, s.cfg.model, sum(x.size for x in jax.tree.leaves(s.abstract_params)),
-          model_lib.padded_vocab(s.cfg.model), s.layout.name == "zero1"),
+      "expected_matmul_flops_per_step": analysis.expected_matmul_flops(
+          m, d.seq_len, tokens, vocab, s.schedule, remat=(m.remat == "full") or streams),
+      "analytic_state_bytes_per_device": analysis.analytic_state_bytes(sizes, m, held, vocab,
+                                                                       s.layout.name == "zero1"),
       "collective_bytes_per_step": analysis.collective_bytes(hlo),
-      "analytic_collective_bytes_per_step": analysis.analytic_collective_bytes(
-          s.layout.axis_sizes, s.cfg.model, s.n_params, s.layout.axis_sizes["fsdp"] > 1,
-          s.cfg.data.global_batch, s.cfg.data.seq_len),
+      "analytic_collective_bytes_per_step": sum(terms.values()),
+      "analytic_collective_terms": terms,
   }
+  if streams:
+    loops = analysis.collective_bytes(hlo, loops_only=True)
+    costs["wafer"] = {
+        "mode": wafer.MODE,
+        "streamed_bytes_per_step": loops.get("all-gather", 0) + loops.get("reduce-scatter", 0),
+        "analytic_streamed_bytes_per_step": terms["stream_in"] + terms["stream_out"],
+    }
+  if s.schedule:
+    # What the same step costs without the pipeline's bubbles: the single-device program.
+    unpipelined = analysis.expected_matmul_flops(m, d.seq_len, tokens, vocab)
+    costs["pipeline"] = {
+        **s.schedule.describe(),
+        "step_flops_ratio_theory": costs["expected_matmul_flops_per_step"] / unpipelined,
+        "step_flops_ratio_measured": costs["compiled_matmul_flops_per_step"] / unpipelined,
+    }
+  return costs
 
 
 def describe(s: Setup) -> dict:
@@ -189,7 +231,7 @@ def describe(s: Setup) -> dict:
 
 
 def abstract_state(s: Setup) -> TrainState:
-  shapes = jax.eval_shape(make_init(s.cfg, s.tx, s.shardings))
+  shapes = jax.eval_shape(make_init(s))
   return jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
                       shapes, s.shardings)
 
@@ -227,6 +269,7 @@ def plan(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
       "memory_per_device_bytes": memory,
       "fits_80GB": memory["total_bytes"] <= 80e9,
       **compiled_costs(s, compiled),
+      **({"cs2_streaming": wafer.cs2_streaming_table()} if s.layout.streams_weights else {}),
       "config": s.cfg.to_dict(),
   }
   (out / "plan.json").write_text(json.dumps(result, indent=2))
@@ -278,7 +321,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   # ---- compile --------------------------------------------------------------------------------
   peak = analysis.measure_matmul_peak()
   t0 = time.perf_counter()
-  state = make_init(cfg, s.tx, s.shardings)()
+  state = make_init(s)()
   init_s = time.perf_counter() - t0
   batch_struct = jax.ShapeDtypeStruct((d.global_batch, d.seq_len + 1), jnp.int32,
                                       sharding=s.batch_sharding)

@@ -75,8 +75,8 @@ def test_mesh_that_does_not_fit_the_devices(tmp_path, data_flags):
      ["'heads' dimension", "8 devices"]),  # 4 heads over 8 tensor devices
     (["--config.mesh.layout=tp", "--config.mesh.data=-1", "--config.mesh.tensor=-1"], ["at most one"]),
     (["--config.mesh.layout=dp", "--config.mesh.data=0"], ["mesh.data=0", "positive"]),
-    (["--config.mesh.layout=dp", "--config.mesh.data=4", "--config.mesh.pipe=2",
-      "--config.data.global_batch=16"], ["does not use mesh axes pipe"]),
+    (["--config.mesh.layout=pp", "--config.mesh.pipe=8", "--config.data.global_batch=16"],
+     ["n_layers=4", "pipe stages x repeats", "8"]),
     (["--config.mesh.layout=single", "--config.mesh.data=2"], ["needs 2 devices", "1 are available"]),
     (["--config.mesh.layout=fsdp", "--config.model.d_model=132", "--config.data.global_batch=16"],
      ["'embed' dimension", "132"]),
@@ -143,3 +143,21 @@ def test_plan_13b_on_64_devices(tmp_path):
   arguments = plan["memory_per_device_bytes"]["argument_bytes"]
   assert state_bytes / 64 <= arguments <= state_bytes / 64 * 1.01 + 2**20
   assert plan["analytic_collective_bytes_per_step"] > 0 and plan["collective_bytes_per_step"]
+
+
+def test_plan_13b_with_a_pipeline_on_64_devices(tmp_path):
+  """pipe 4 x fsdp 4 x tensor 4: 10 layers per stage, 8 microbatches. The compiled FLOPs are the
+  formula's exactly: bubbles included, (M + S - 1) / M = 11/8 on the blocks."""
+  r = launch("--config=experiments/cerebras_gpt.py:13b", "--plan", f"--workdir={tmp_path}",
+             "--config.mesh.layout=pp", "--config.mesh.pipe=4", "--config.mesh.fsdp=4",
+             "--config.mesh.tensor=4", "--config.pipeline.microbatches=8",
+             "--config.data.global_batch=64", "--config.model.remat=full",
+             f"--config.data.tokenizer_path={REPO.parent / 'shared' / 'data' / 'gpt2'}", devices=64)
+  assert r.returncode == 0, r.stderr[-3000:]
+  plan = json.loads((tmp_path / "plan.json").read_text())
+  assert plan["mesh"] == {"data": 1, "pipe": 4, "fsdp": 4, "tensor": 4}
+  p = plan["pipeline"]
+  assert (p["stages"], p["microbatches"], p["iterations"]) == (4, 8, 11)
+  assert p["bubble_fraction_theory"] == 3 / 11
+  assert plan["compiled_matmul_flops_per_step"] == plan["expected_matmul_flops_per_step"]
+  assert plan["fits_80GB"] is True

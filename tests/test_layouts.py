@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from cgpt_jax import train
+from cgpt_jax import pipeline, train
 from cgpt_jax.errors import InputError
 
 from test_train import losses, tiny_config
@@ -61,6 +61,10 @@ MESHES = [
     ("sp", {}),
     ("tp", {"data": 2, "tensor": 4}),  # dp x tp
     ("fsdp", {"fsdp": 2, "tensor": 4}),  # fsdp x tp
+    ("pp", {"pipe": 2, "data": 4}),  # GPipe, 4 microbatches, x dp
+    ("3d", {}),  # data 2 x pipe 2 x tensor 2
+    ("wafer", {}),  # weight streaming over 8 devices
+    ("swarm", {}),  # 2 wafers of 4
 ]
 
 
@@ -89,25 +93,35 @@ def test_each_layout_trains_like_single(shared_data, data_dir, tmp_path_factory)
     np.testing.assert_allclose(got_eval, ref_eval, rtol=1e-5, err_msg=f"{layout} {sizes}")
 
 
-def gradients(s):
-  state = train.make_init(s.cfg, s.tx, s.shardings)()
+def loss_and_gradients(s, bubble_fill=0.0):
+  """Loss and gradients at initialisation on one fixed batch; pipeline gradients in layer order."""
+  state = train.make_init(s)()
   batch = np.asarray(next(iter(train.data.train_batches(
       np.arange(10_000, dtype=np.int32) % 65, seq_len=64, global_batch=16, seed=0))))
-  grad = jax.jit(jax.grad(train.make_loss(s.graphdef, s.layout)),
-                 in_shardings=(s.shardings.params, s.batch_sharding))
-  return jax.device_get(grad(state.params, batch))
+  f = jax.jit(jax.value_and_grad(train.make_loss(s, bubble_fill)),
+              in_shardings=(s.shardings.params, s.batch_sharding))
+  loss, grads = f(state.params, batch)
+  if s.schedule:
+    grads = pipeline.from_stages(grads)
+  return float(loss), jax.device_get(grads)
+
+
+def assert_same_gradients(got, ref, msg):
+  """Equal to 1e-5 of the largest gradient of each tensor (elementwise relative error is
+  meaningless for entries that are zero up to rounding)."""
+  for (path, g), r in zip(jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(ref)):
+    scale = float(np.abs(r).max()) or 1.0
+    np.testing.assert_allclose(g, r, rtol=0, atol=1e-5 * scale,
+                               err_msg=f"{msg} {jax.tree_util.keystr(path)}")
 
 
 def test_each_layout_has_single_gradients(shared_data, data_dir):
-  """Gradients at initialisation equal single's to 1e-5 of the largest gradient of each tensor
-  (elementwise relative error is meaningless for entries that are zero up to rounding)."""
-  ref = gradients(train.build(eight_head_config(shared_data, data_dir, "single"), 65))
+  ref_loss, ref = loss_and_gradients(train.build(eight_head_config(shared_data, data_dir, "single"), 65))
   for layout, sizes in MESHES:
-    got = gradients(train.build(eight_head_config(shared_data, data_dir, layout, **sizes), 65))
-    for (path, g), r in zip(jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(ref)):
-      scale = float(np.abs(r).max()) or 1.0
-      np.testing.assert_allclose(g, r, rtol=0, atol=1e-5 * scale,
-                                 err_msg=f"{layout} {sizes} {jax.tree_util.keystr(path)}")
+    loss, got = loss_and_gradients(
+        train.build(eight_head_config(shared_data, data_dir, layout, **sizes), 65))
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-6, err_msg=f"{layout} {sizes}")
+    assert_same_gradients(got, ref, f"{layout} {sizes}")
 
 
 def test_tensor_parallel_shardings(shared_data, data_dir):

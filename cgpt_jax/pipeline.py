@@ -1,0 +1,232 @@
+"""Pipeline parallelism over the `pipe` mesh axis: GPipe and circular schedules in one shard_map.
+
+Stages. The L stacked layers are stored as [R, S, K, ...] (repeats x stages x layers per stage): a
+free reshape of [L, ...] that keeps layer order, layer (r S + s) K + k at [r, s, k]. The `stage`
+dimension is split over `pipe`, so device s holds layers sK .. sK+K-1 of every repeat: GPipe when
+R = 1, the circular (interleaved) schedule when R > 1. In the shard_map `pipe` and `data` are manual;
+fsdp and tensor stay under the compiler's automatic partitioning inside each stage.
+
+Schedule (SPMD: every stage runs every iteration). M microbatches, M R + S - 1 iterations. At
+iteration t stage s works on j = t - s (microbatch j mod M, repeat j div M) when 0 <= j < M R and
+is in the bubble otherwise. Activations move one stage per iteration on a ring ppermute
+(s -> s+1 mod S). Stage 0 takes fresh microbatches for repeat 0 and the ring's wrap-around for later
+repeats, held in a buffer until their turn: microbatch j leaves stage S-1 at iteration j + S - 1 and
+re-enters stage 0 at j + M, hence M >= S.
+
+Bubbles. A bubble iteration's input is replaced by zeros with a select before the stage runs, so
+whatever the carries hold there (the tests fill them with NaN) never reaches the loss or the
+gradients. The bubble's FLOPs are still spent: the layers' compiled FLOPs are (M R + S - 1) / (M R)
+times the useful ones, idle fraction (S - 1) / (M R + S - 1).
+
+Embedding and head stay outside the shard_map, replicated over `pipe`, with the sequence split over
+`pipe` (mesh.RULES: seq -> pipe). Their work is per token, so the S stages share it evenly, instead
+of the first and last stage doing all of it (for small models the head over 50k words is the
+biggest matmul and would be a bubble of its own). The price shows in the collective bytes: stage
+inputs all-gathered over `pipe` on entry, outputs reduce-scattered on exit (transposed in the
+backward), and the replicated embedding, positions and final norm all-reduce their gradients over
+`pipe`.
+
+Memory. With model.remat = "full" each iteration is rematerialised: the backward keeps one stage
+input [mb, T, D] per iteration. 1F1B (at most S microbatches alive) needs the backward written by
+hand: jax.grad of this loop runs all forwards, then all backwards, which is GPipe's order.
+"""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from cgpt_jax import model as model_lib
+from cgpt_jax.errors import InputError
+from cgpt_jax.mesh import Layout, constrain
+
+SCHEDULES = ("gpipe", "circular")
+AXIS = "pipe"
+# Also manual: the stage weights are used every iteration, so the compiler would all-reduce their
+# gradient over `data` once per iteration; manual, the shard_map's transpose psums it once per step.
+DATA = "data"
+BOX = (None, "batch", None, "embed")  # [microbatch, rows, seq, d_model]
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+  name: str
+  stages: int  # S, the pipe axis
+  repeats: int  # R, passes of each microbatch around the ring (1 = GPipe)
+  microbatches: int  # M
+
+  @property
+  def iterations(self) -> int:
+    return self.microbatches * self.repeats + self.stages - 1
+
+  @property
+  def bubble_fraction(self) -> float:
+    """Idle share of each stage's iterations: (S - 1) / (M R + S - 1)."""
+    return (self.stages - 1) / self.iterations
+
+  @property
+  def layer_flops_ratio(self) -> float:
+    """Compiled over useful layer FLOPs in this SPMD schedule: (M R + S - 1) / (M R)."""
+    return self.iterations / (self.microbatches * self.repeats)
+
+  def describe(self) -> dict:
+    return {"schedule": self.name, "stages": self.stages, "repeats": self.repeats,
+            "microbatches": self.microbatches, "iterations": self.iterations,
+            "bubble_fraction_theory": self.bubble_fraction,
+            "layer_flops_ratio_theory": self.layer_flops_ratio}
+
+
+def make_schedule(cfg: ml_collections.ConfigDict, layout: Layout) -> Schedule | None:
+  """The schedule for this config and layout (None when the pipe axis is 1), validated."""
+  stages = layout.mesh.shape[AXIS]
+  if stages == 1:
+    return None
+  p, m, d = cfg.pipeline, cfg.model, cfg.data
+  if p.schedule not in SCHEDULES:
+    raise InputError(f"config pipeline.schedule={p.schedule!r}: unknown schedule. "
+                     f"Choose one of: {', '.join(SCHEDULES)}.")
+  if p.schedule == "gpipe" and p.repeats != 1:
+    raise InputError(f"config pipeline.repeats={p.repeats}: repeats apply to the circular schedule "
+                     "only. Set --config.pipeline.schedule=circular or --config.pipeline.repeats=1.")
+  if p.repeats < 1 or p.microbatches < 1:
+    raise InputError(f"config pipeline: repeats={p.repeats} and microbatches={p.microbatches} must be "
+                     "positive integers.")
+  if m.n_layers % (stages * p.repeats):
+    raise InputError(
+        f"config model.n_layers={m.n_layers}: not divisible by pipe stages x repeats = {stages} x "
+        f"{p.repeats} = {stages * p.repeats}, so the stages would hold different numbers of layers. "
+        f"Use a layer count that is a multiple of {stages * p.repeats}, or change mesh.pipe or "
+        "pipeline.repeats.")
+  if p.microbatches < stages:
+    raise InputError(
+        f"config pipeline.microbatches={p.microbatches}: fewer microbatches than the {stages} pipe "
+        f"stages; stages would idle most of the step (and the circular schedule needs M >= S to loop "
+        f"back). Use --config.pipeline.microbatches={stages} or more.")
+  ways = p.microbatches * layout.batch_size_divisor
+  for key in ("global_batch", "eval_batch"):
+    if d[key] % ways:
+      raise InputError(
+          f"config data.{key}={d[key]}: not divisible by microbatches x batch devices = "
+          f"{p.microbatches} x {layout.batch_size_divisor} = {ways}. Use a multiple of {ways}, or "
+          "change pipeline.microbatches.")
+  if d.seq_len % stages:
+    raise InputError(
+        f"config data.seq_len={d.seq_len}: not divisible by the {stages} pipe stages, which share "
+        f"the embedding and head along the sequence. Use a multiple of {stages}.")
+  return Schedule(p.schedule, stages, p.repeats, p.microbatches)
+
+
+# ----------------------------------------------------------------------------------------------
+# Parameters: [L, ...] (layer order, every other layout) <-> [R, S, K, ...] (pipeline layouts)
+# ----------------------------------------------------------------------------------------------
+def _is_var(x) -> bool:
+  return isinstance(x, nnx.Variable)
+
+
+def to_stages(params: nnx.State, schedule: Schedule) -> nnx.State:
+  """Reshapes every stacked layer parameter [L, ...] to [R, S, K, ...], logical names following."""
+  r, s = schedule.repeats, schedule.stages
+
+  def split(v: nnx.Variable) -> nnx.Variable:
+    names = tuple(v.get_metadata()["out_sharding"])
+    shape = (r, s, v.shape[0] // (r * s), *v.shape[1:])
+    value = v.get_value()
+    value = (jax.ShapeDtypeStruct(shape, v.dtype) if isinstance(value, jax.ShapeDtypeStruct)
+             else value.reshape(shape))
+    return v.replace(value=value, out_sharding=("repeats", "stage", *names))
+
+  return _map_blocks(split, params)
+
+
+def from_stages(params: nnx.State) -> nnx.State:
+  """Inverse of to_stages: [R, S, K, ...] back to [L, ...] in layer order."""
+  def merge(v: nnx.Variable) -> nnx.Variable:
+    names = tuple(v.get_metadata()["out_sharding"])[2:]
+    return v.replace(value=v.get_value().reshape(-1, *v.shape[3:]), out_sharding=names)
+
+  return _map_blocks(merge, params)
+
+
+def _map_blocks(f, params: nnx.State) -> nnx.State:
+  params = nnx.State(dict(params))
+  params["blocks"] = jax.tree.map(f, params["blocks"], is_leaf=_is_var)
+  return params
+
+
+# ----------------------------------------------------------------------------------------------
+# The schedule
+# ----------------------------------------------------------------------------------------------
+def make_run_blocks(cfg: ml_collections.ConfigDict, schedule: Schedule, layout: Layout,
+                    bubble_fill: float = 0.0):
+  """A `run_blocks(graphdef, stacked, x)` for model.GPT that runs the stacked [R, S, K, ...]
+  layers as `schedule` over the pipe axis. `bubble_fill` is what the carries hold before real
+  activations arrive (tests set NaN to prove it never leaks)."""
+  S, R, M = schedule.stages, schedule.repeats, schedule.microbatches
+  ring = [(k, (k + 1) % S) for k in range(S)]
+
+  def run_blocks(graphdef, stacked, x):
+    b, t, d = x.shape
+    # Microbatch i is rows i, i+M, i+2M, ...: a reshape that keeps each device's rows of a
+    # batch-sharded x where they are. Every stage sees whole sequences: GSPMD all-gathers them
+    # over pipe here (a manual all_gather inside the shard_map would first gather the batch over
+    # the automatic axes too).
+    xs = constrain(x.reshape(b // M, M, t, d).swapaxes(0, 1), BOX)
+
+    def stage(stacked, repeat, inp):
+      weights = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, repeat, keepdims=False),
+                             stacked)
+      return model_lib.scan_blocks(cfg, graphdef, weights, inp, remat=False)
+
+    if cfg.remat == "full":  # keep only each iteration's stage input for the backward
+      stage = jax.checkpoint(stage)
+
+    def body(stacked, xs):
+      stacked = jax.tree.map(lambda a: a[:, 0], stacked)  # this stage's [R, K, ...]
+      s = jax.lax.axis_index(AXIS)
+      fill = jnp.full(xs.shape[1:], bubble_fill, xs.dtype)
+
+      def placed(carry):  # keep the carries batch-sharded, as the activations they hold
+        state, inbox, outbox = carry
+        return (constrain(state, ("batch", None, "embed")), constrain(inbox, BOX),
+                constrain(outbox, BOX))
+
+      carry = placed((fill, xs, jnp.broadcast_to(fill, xs.shape)))
+
+      def iteration(carry, it):
+        state, inbox, outbox = placed(carry)  # state: what the previous stage sent last iteration
+        # Stage 0 keeps the wrap-around from stage S-1 (microbatch it - S) until its next repeat.
+        back = it - S
+        keep = (s == 0) & (back >= 0) & (back < M * (R - 1))
+        inbox = _put(inbox, back % M, jnp.where(keep, state, _get(inbox, back % M)))
+        j = it - s
+        valid = (j >= 0) & (j < M * R)
+        inp = jnp.where(s == 0, _get(inbox, it % M), state)
+        out = stage(stacked, jnp.clip(j // M, 0, R - 1), jnp.where(valid, inp, 0))
+        done = valid & (s == S - 1) & (j >= M * (R - 1))
+        outbox = _put(outbox, j % M, jnp.where(done, out, _get(outbox, j % M)))
+        return placed((jax.lax.ppermute(out, AXIS, ring), inbox, outbox)), None
+
+      (_, _, outbox), _ = jax.lax.scan(iteration, carry, jnp.arange(schedule.iterations))
+      return jnp.where(s == S - 1, outbox, 0)[None]  # only the last stage's outbox is real
+
+    # check_vma=False: exact GELU's erf polynomial fails jax 0.12's varying-axes check inside a
+    # shard_map (a JAX bug; its error message suggests this workaround).
+    outboxes = jax.shard_map(body, mesh=layout.mesh, axis_names={AXIS, DATA}, check_vma=False,
+                             in_specs=(jax.tree.map(lambda _: P(None, AXIS), stacked), P(None, DATA)),
+                             out_specs=P(AXIS, None, DATA))(stacked, xs)
+    # Summing the stages' outboxes into a sequence-split result is a reduce-scatter over pipe (XLA's
+    # CPU pipeline emits an all-reduce and a slice: twice the bytes).
+    ys = constrain(outboxes.sum(0), (None, "batch", "seq", "embed"))
+    return ys.swapaxes(0, 1).reshape(b, t, d)
+
+  return run_blocks
+
+
+def _get(a, i):
+  return jax.lax.dynamic_index_in_dim(a, i, keepdims=False)
+
+
+def _put(a, i, value):
+  return jax.lax.dynamic_update_index_in_dim(a, value, i, 0)

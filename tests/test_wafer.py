@@ -1,0 +1,78 @@
+"""The wafer layout: weights stream in one layer at a time, so on-device memory does not grow with
+depth, and the streamed bytes are what the analytic model says. (That wafer and swarm train like
+single is test_layouts' job: they are in its MESHES.)"""
+import json
+
+import pytest
+
+from cgpt_jax import analysis, train
+from cgpt_jax.errors import InputError
+
+from test_layouts import compiled_step
+from test_train import tiny_config
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  return tmp_path_factory.mktemp("tfds")
+
+
+def setup(shared_data, data_dir, layout, layers=2, **sizes):
+  c = tiny_config(shared_data, data_dir, layout=layout, **sizes)
+  c.model.n_layers = layers
+  c.model.n_heads = 8
+  c.model.scan_unroll = 1
+  return train.build(c, 65)
+
+
+def test_working_memory_stays_flat_in_depth(shared_data, data_dir):
+  """2 -> 16 layers. dp holds every layer's weights, moments and activations on each device: its
+  memory grows about as the layer count. The wafer's working set (temp: activations plus the one
+  layer streamed in) grows only by a saved [batch, seq, d] input per layer; the state is the
+  sharded off-wafer store (arguments), 1/8 per device."""
+  def memory(layout, layers):
+    return analysis.compiled_memory(compiled_step(setup(shared_data, data_dir, layout, layers)))
+
+  dp2, dp16 = memory("dp", 2), memory("dp", 16)
+  wafer2, wafer16 = memory("wafer", 2), memory("wafer", 16)
+  assert dp16["total_bytes"] > 5 * dp2["total_bytes"]
+  assert wafer16["temp_bytes"] < 1.5 * wafer2["temp_bytes"]
+  assert wafer16["argument_bytes"] < dp16["argument_bytes"] / 7
+
+
+@pytest.mark.parametrize("layout,wafers", [("wafer", 1), ("swarm", 2)])
+def test_streamed_bytes_match_the_analytic_value(shared_data, data_dir, layout, wafers):
+  """Inside the layer scan each layer's weights are gathered in twice (forward, and again in the
+  rematerialised backward) and its gradient reduce-scattered out once. So the gathers are twice the
+  reduce-scatters, less one tensor: the MLP-out bias, which the backward never needs (it does not
+  recompute the layer's output). Together they are 3 P_layers b (n-1)/n to within 1%: the QKV
+  bias [3, heads, head_dim] has no d_model dimension, stays whole on every device and is summed
+  once at the end instead (0.4% of a layer at d = 64)."""
+  s = setup(shared_data, data_dir, layout)
+  assert s.layout.axis_sizes["data"] == wafers
+  compiled = compiled_step(s)
+  loops = analysis.collective_bytes(compiled.as_text(), loops_only=True)
+  n = s.layout.axis_sizes["fsdp"]
+  m = s.cfg.model
+  proj_bias = m.n_layers * m.d_model * 4 * (n - 1) // n
+  assert loops["all-gather"] == 2 * loops["reduce-scatter"] - proj_bias
+  costs = train.compiled_costs(s, compiled)["wafer"]
+  analytic = 3 * m.n_layers * analysis.layer_params(m) * 4 * (n - 1) / n
+  assert costs["analytic_streamed_bytes_per_step"] == pytest.approx(analytic, abs=2)
+  assert abs(costs["streamed_bytes_per_step"] / analytic - 1) < 0.01
+
+
+def test_plan_reports_cs2_streaming_for_every_size(shared_data, data_dir, tmp_path):
+  c = tiny_config(shared_data, data_dir, layout="wafer")
+  c.model.n_heads = 8
+  result = train.plan(c, str(tmp_path))
+  rows = json.loads((tmp_path / "plan.json").read_text())["cs2_streaming"]
+  assert [r["model"] for r in rows] == ["111m", "256m", "590m", "1.3b", "2.7b", "6.7b", "13b"]
+  for r in rows:  # 16-bit weights in twice and gradients out once, at 150 GB/s
+    assert r["stream_s"] == pytest.approx(6 * r["params"] / 150e9)
+  assert result["wafer"]["mode"]
+
+
+def test_wafer_with_tensor_parallelism_is_refused(shared_data, data_dir):
+  with pytest.raises(InputError, match="no pipeline or tensor parallelism"):
+    setup(shared_data, data_dir, "wafer", fsdp=4, tensor=2)
