@@ -44,7 +44,7 @@ PRESETS = {**CEREBRAS_GPT, **SMALL}
 
 TOKENIZERS = ("char", "bytes", "gpt2")
 SCHEDULES = ("cosine", "linear", "constant")
-REMAT = ("none", "full")
+REMAT = ("none", "full", "dots")
 
 TOKENS_PER_PARAM = 20  # Chinchilla-optimal budget used by Cerebras-GPT
 WARMUP_TOKENS = 375e6  # Cerebras-GPT's linear warm-up length in tokens
@@ -66,7 +66,7 @@ def base_config() -> ml_collections.ConfigDict:
       # Cerebras: 0.02/sqrt(2L) up to 590M, 0.0025 from 1.3B (REFERENCE.md §1).
       residual_init_std=config_dict.placeholder(float),
       ln_eps=1e-5,
-      remat="none",  # "full": recompute each block in the backward pass
+      remat="none",  # "full": recompute each block in the backward; "dots": all but its matmuls
       scan_unroll=1,  # layers unrolled per scan iteration; >= n_layers unrolls fully
       grad_barrier=True,  # optimization barrier on the residual gradient (REFERENCE.md §5)
   )
@@ -95,6 +95,9 @@ def base_config() -> ml_collections.ConfigDict:
   )
   c.train = dict(
       steps=2000,
+      # Micro-steps per optimizer step: data.global_batch is split into this many slices whose
+      # gradients are summed in a scan inside the step, so activations are those of one slice.
+      grad_accum=1,
       seed=0,  # parameter initialisation
       log_every=10,
       eval_every=250,
@@ -182,6 +185,10 @@ def resolve(c: ml_collections.ConfigDict, vocab_size: int) -> ml_collections.Con
   t = c.train
   if t.steps <= 0:
     _fail("train.steps", t.steps, "must be positive", "Give the number of optimizer steps.")
+  if t.grad_accum < 1 or d.global_batch % t.grad_accum:
+    _fail("train.grad_accum", t.grad_accum,
+          f"must be a positive divisor of data.global_batch={d.global_batch}",
+          "Choose a micro-step count that divides the batch.")
   if o.warmup_steps < 0 or o.warmup_steps >= t.steps:
     _fail("optim.warmup_steps", o.warmup_steps, f"must be in [0, train.steps={t.steps})",
           "Shorten the warm-up or train longer.")

@@ -170,21 +170,28 @@ class GPT(nnx.Module):
     return logits
 
 
-def scan_blocks(cfg: ml_collections.ConfigDict, graphdef, stacked, x: jax.Array,
-                remat: bool | None = None) -> jax.Array:
-  """Applies the blocks stacked along the leading axis of `stacked` in order (a lax.scan).
+REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.checkpoint_dots}
 
-  remat (default: cfg.remat == "full") recomputes each block in the backward pass.
-  """
+
+def rematerialise(f, policy: str):
+  """f under a remat policy: "none" keeps every activation for the backward; "full" keeps only f's
+  inputs and recomputes the rest; "dots" keeps every matmul output and recomputes only the
+  elementwise work between them (no matmul FLOPs repeated)."""
+  if policy == "none":
+    return f
+  return jax.checkpoint(f, policy=REMAT_POLICIES[policy])
+
+
+def scan_blocks(cfg: ml_collections.ConfigDict, graphdef, stacked, x: jax.Array,
+                remat: str | None = None) -> jax.Array:
+  """Applies the blocks stacked along the leading axis of `stacked` in order (a lax.scan), each
+  under remat policy `remat` (default cfg.remat)."""
   def layer(x, params):
     if cfg.grad_barrier:
       x = grad_barrier(x)
     return nnx.merge(graphdef, params)(x), None
 
-  if remat is None:
-    remat = cfg.remat == "full"
-  if remat:
-    layer = jax.checkpoint(layer)
+  layer = rematerialise(layer, cfg.remat if remat is None else remat)
   n = jax.tree.leaves(stacked)[0].shape[0]
   x, _ = jax.lax.scan(layer, x, stacked, unroll=min(cfg.scan_unroll, n))
   return x

@@ -26,8 +26,8 @@ inputs all-gathered over `pipe` on entry, outputs reduce-scattered on exit (tran
 backward), and the replicated embedding, positions and final norm all-reduce their gradients over
 `pipe`.
 
-Memory. With model.remat = "full" each iteration is rematerialised: the backward keeps one stage
-input [mb, T, D] per iteration. 1F1B (at most S microbatches alive) needs the backward written by
+Memory. model.remat applies to each iteration: with "full" the backward keeps one stage input
+[mb, T, D] per iteration. 1F1B (at most S microbatches alive) needs the backward written by
 hand: jax.grad of this loop runs all forwards, then all backwards, which is GPipe's order.
 """
 import dataclasses
@@ -105,10 +105,12 @@ def make_schedule(cfg: ml_collections.ConfigDict, layout: Layout) -> Schedule | 
         f"stages; stages would idle most of the step (and the circular schedule needs M >= S to loop "
         f"back). Use --config.pipeline.microbatches={stages} or more.")
   ways = p.microbatches * layout.batch_size_divisor
-  for key in ("global_batch", "eval_batch"):
-    if d[key] % ways:
+  k = cfg.train.grad_accum  # the pipeline runs once per micro-step, on 1/k of the batch
+  for key, batch in (("global_batch", d.global_batch // k), ("eval_batch", d.eval_batch)):
+    if batch % ways:
+      per_step = f" / train.grad_accum {k} = {batch}" if key == "global_batch" and k > 1 else ""
       raise InputError(
-          f"config data.{key}={d[key]}: not divisible by microbatches x batch devices = "
+          f"config data.{key}={d[key]}{per_step}: not divisible by microbatches x batch devices = "
           f"{p.microbatches} x {layout.batch_size_divisor} = {ways}. Use a multiple of {ways}, or "
           "change pipeline.microbatches.")
   if d.seq_len % stages:
@@ -177,10 +179,10 @@ def make_run_blocks(cfg: ml_collections.ConfigDict, schedule: Schedule, layout: 
     def stage(stacked, repeat, inp):
       weights = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, repeat, keepdims=False),
                              stacked)
-      return model_lib.scan_blocks(cfg, graphdef, weights, inp, remat=False)
+      return model_lib.scan_blocks(cfg, graphdef, weights, inp, remat="none")
 
-    if cfg.remat == "full":  # keep only each iteration's stage input for the backward
-      stage = jax.checkpoint(stage)
+    # Per iteration: "full" keeps only each iteration's stage input for the backward.
+    stage = model_lib.rematerialise(stage, cfg.remat)
 
     def body(stacked, xs):
       stacked = jax.tree.map(lambda a: a[:, 0], stacked)  # this stage's [R, K, ...]

@@ -66,12 +66,14 @@ def load_data(cfg: ml_collections.ConfigDict) -> data.Corpus:
 
 def check_batches(cfg: ml_collections.ConfigDict, layout: mesh_lib.Layout) -> None:
   n = layout.batch_size_divisor
-  for key in ("global_batch", "eval_batch"):
-    if cfg.data[key] % n:
+  k = cfg.train.grad_accum
+  for key, ways in (("global_batch", n * k), ("eval_batch", n)):
+    if cfg.data[key] % ways:
+      split = f"{k} micro-steps x {n} devices" if key == "global_batch" and k > 1 else f"{n} devices"
       raise InputError(
-          f"config data.{key}={cfg.data[key]}: not divisible by the {n} devices of the batch axes "
-          f"({layout.name}: {layout.axis_sizes}). Use a multiple of {n}, e.g. "
-          f"--config.data.{key}={max(n, cfg.data[key] // n * n)}.")
+          f"config data.{key}={cfg.data[key]}: not divisible by the {split} of the batch axes "
+          f"({layout.name}: {layout.axis_sizes}). Use a multiple of {ways}, e.g. "
+          f"--config.data.{key}={max(ways, cfg.data[key] // ways * ways)}.")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -139,8 +141,27 @@ def make_train_step(s: Setup):
   loss_fn = make_loss(s)
   tx, shardings = s.tx, s.shardings
 
+  k = s.cfg.train.grad_accum
+  micro_sharding = s.layout.sharding((None, "batch", None))
+
+  def gradients(params, batch):
+    if k == 1:
+      return jax.value_and_grad(loss_fn)(params, batch)
+    # Micro-step i takes rows i, i+k, i+2k, ...: each device keeps its own rows. Equal slices, so
+    # the mean of their mean losses (and gradients) is the whole batch's.
+    b, t = batch.shape
+    micro = jax.lax.with_sharding_constraint(batch.reshape(b // k, k, t).swapaxes(0, 1),
+                                             micro_sharding)
+
+    def accumulate(total, micro_batch):
+      return jax.tree.map(jnp.add, total, jax.value_and_grad(loss_fn)(params, micro_batch)), None
+
+    zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+    total, _ = jax.lax.scan(accumulate, zeros, micro)
+    return jax.tree.map(lambda x: x / k, total)
+
   def train_step(state: TrainState, batch):
-    loss, grads = jax.value_and_grad(loss_fn)(state.params, batch)
+    loss, grads = gradients(state.params, batch)
     # Each gradient is needed only where its optimizer state lives (ZeRO-1/3). XLA's CPU pipeline
     # still all-reduces and then slices (no reduce-scatter appears in its HLO); the constraint states
     # the placement for backends whose pipelines turn that pattern into a reduce-scatter.
