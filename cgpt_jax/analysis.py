@@ -175,7 +175,7 @@ def layer_matmul_flops_per_token(m: ml_collections.ConfigDict, seq_len: int) -> 
 
 
 def expected_matmul_flops(m: ml_collections.ConfigDict, seq_len: int, tokens: int, padded_vocab: int,
-                          schedule=None, remat: bool | None = None) -> int:
+                          schedule=None, remat: str | None = None) -> int:
   """Matmul FLOPs the compiled step should run on all devices together.
 
   The head: 6 V d per token over the padded vocabulary. The blocks: 6 N_layers + 12 L T d per token,
@@ -183,11 +183,12 @@ def expected_matmul_flops(m: ml_collections.ConfigDict, seq_len: int, tokens: in
   iteration of K blocks under a pipeline). XLA drops the unit's last matmul (the MLP-out, 2 d f per
   token), whose output the backward never needs, when that matmul is straight-line code; when the
   K blocks run as a rolled loop (K > scan_unroll) it sits in the loop body and runs every trip.
-  An SPMD pipeline computes its bubbles: the blocks' FLOPs times (M R + S - 1) / (M R).
+  `remat` overrides m.remat (the wafer always runs "full"). An SPMD pipeline computes its bubbles:
+  the blocks' FLOPs times (M R + S - 1) / (M R).
   """
   d, f = m.d_model, m.d_ff
   layers = layer_matmul_flops_per_token(m, seq_len)
-  if m.remat == "full" if remat is None else remat:
+  if (m.remat if remat is None else remat) == "full":
     per_unit = m.n_layers // (schedule.stages * schedule.repeats) if schedule else 1
     forward = 2 * (4 * d * d + 2 * d * f) + 4 * seq_len * d
     skipped = 2 * d * f if per_unit <= m.scan_unroll else 0

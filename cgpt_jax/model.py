@@ -183,13 +183,14 @@ def rematerialise(f, policy: str):
 
 
 def scan_blocks(cfg: ml_collections.ConfigDict, graphdef, stacked, x: jax.Array,
-                remat: str | None = None) -> jax.Array:
+                remat: str | None = None, load=None) -> jax.Array:
   """Applies the blocks stacked along the leading axis of `stacked` in order (a lax.scan), each
-  under remat policy `remat` (default cfg.remat)."""
+  under remat policy `remat` (default cfg.remat). `load(params)`, if given, turns a layer's slice
+  of `stacked` into its weights inside the rematerialised step (the wafer streams them in)."""
   def layer(x, params):
     if cfg.grad_barrier:
       x = grad_barrier(x)
-    return nnx.merge(graphdef, params)(x), None
+    return nnx.merge(graphdef, load(params) if load else params)(x), None
 
   layer = rematerialise(layer, cfg.remat if remat is None else remat)
   n = jax.tree.leaves(stacked)[0].shape[0]

@@ -215,7 +215,7 @@ def compiled_costs(s: Setup, compiled) -> dict:
   costs = {
       "compiled_matmul_flops_per_step": analysis.dot_flops(hlo) * s.layout.mesh.size,
       "expected_matmul_flops_per_step": analysis.expected_matmul_flops(
-          m, d.seq_len, tokens, vocab, s.schedule, remat=(m.remat == "full") or streams),
+          m, d.seq_len, tokens, vocab, s.schedule, remat="full" if streams else None),
       "analytic_state_bytes_per_device": analysis.analytic_state_bytes(sizes, m, held, vocab,
                                                                        s.layout.name == "zero1"),
       "collective_bytes_per_step": analysis.collective_bytes(hlo),

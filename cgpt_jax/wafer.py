@@ -46,18 +46,12 @@ def make_run_blocks(cfg: ml_collections.ConfigDict, layout: Layout):
           shard = jax.lax.all_gather(shard, split, axis=dim, tiled=True)
       return shard
 
-    @jax.checkpoint  # the backward streams the layer in again and keeps only its input
-    def layer(x, shards):
-      if cfg.grad_barrier:
-        x = model_lib.grad_barrier(x)
-      weights = jax.tree.map(lambda spec, shard: stream_in(shard, spec), specs, shards,
-                             is_leaf=is_spec)
-      return nnx.merge(graphdef, weights)(x), None
+    def stream_layer(shards):
+      return jax.tree.map(lambda spec, shard: stream_in(shard, spec), specs, shards, is_leaf=is_spec)
 
     def body(stacked, x):
-      n = jax.tree.leaves(stacked)[0].shape[0]
-      x, _ = jax.lax.scan(layer, x, stacked, unroll=min(cfg.scan_unroll, n))
-      return x
+      # Full remat: the backward streams the layer in again and keeps only its input.
+      return model_lib.scan_blocks(cfg, graphdef, stacked, x, remat="full", load=stream_layer)
 
     # check_vma=False: exact GELU's erf fails jax 0.12's varying-axes check inside a shard_map (a JAX
     # bug). Without it the transpose psums each input's gradient over the axes its spec leaves out:
