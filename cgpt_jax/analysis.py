@@ -34,6 +34,13 @@ def tree_bytes(tree) -> int:
   return sum(x.size * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
+def per_device_bytes(tree) -> int:
+  """Bytes one device holds of a tree of sharded arrays or ShapeDtypeStructs (device 0's shards:
+  every layout here shards evenly)."""
+  return sum(math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
+             for x in jax.tree.leaves(tree))
+
+
 def compiled_memory(compiled) -> dict:
   """Per-device memory of a compiled (partitioned) program, in bytes.
 

@@ -10,6 +10,7 @@ import math
 import ml_collections
 from ml_collections import config_dict
 
+from cgpt_jax import mup
 from cgpt_jax.errors import InputError
 
 # Cerebras-GPT (arXiv 2304.03208, model zoo configs): layers, d_model, heads, peak LR, batch of
@@ -23,6 +24,7 @@ class Preset:
   batch: int = 120
   eps: float = 1e-8
   decay: str = "linear"
+  mup: bool = False
 
 
 CEREBRAS_GPT = {
@@ -34,17 +36,24 @@ CEREBRAS_GPT = {
     "6.7b": Preset(32, 4096, 32, 1.2e-4, 1040, 1e-9, "linear"),
     "13b": Preset(40, 5120, 40, 1.2e-4, 720, 1e-9, "cosine"),
 }
+# Cerebras-GPT-muP: the same shapes and batches with muP's base LR (mup.py, REFERENCE.md §1).
+CEREBRAS_GPT_MUP = {
+    f"{size}-mup": dataclasses.replace(CEREBRAS_GPT[size], lr=mup.BASE_LR, mup=True)
+    for size in ("111m", "256m", "590m", "1.3b", "2.7b")
+}
 # Small shapes for laptops and tests; not part of the paper.
 SMALL = {
     "tiny": Preset(2, 64, 2),  # tests: compiles in seconds
     "char4": Preset(4, 128, 4),  # nanoGPT's CPU shakespeare_char shape
     "char6": Preset(6, 384, 6),  # nanoGPT's GPU shakespeare_char shape
 }
-PRESETS = {**CEREBRAS_GPT, **SMALL}
+PRESETS = {**CEREBRAS_GPT, **CEREBRAS_GPT_MUP, **SMALL}
 
 TOKENIZERS = ("char", "bytes", "gpt2")
 SCHEDULES = ("cosine", "linear", "constant")
 REMAT = ("none", "full", "dots")
+OPTIMIZERS = ("adamw", "adafactor")
+DTYPES = ("float32", "bfloat16")
 
 TOKENS_PER_PARAM = 20  # Chinchilla-optimal budget used by Cerebras-GPT
 WARMUP_TOKENS = 375e6  # Cerebras-GPT's linear warm-up length in tokens
@@ -62,9 +71,21 @@ def base_config() -> ml_collections.ConfigDict:
       vocab_size=config_dict.placeholder(int),  # default: the tokenizer's
       vocab_multiple=128,  # the embedding table is padded to this so a tensor axis splits it
       n_positions=2048,
-      init_std=0.02,
-      # Cerebras: 0.02/sqrt(2L) up to 590M, 0.0025 from 1.3B (REFERENCE.md §1).
+      init_std=config_dict.placeholder(float),  # embeddings; 0.02, or 0.08 under muP
+      hidden_init_std=config_dict.placeholder(float),  # QKV, MLP-in: init_std, or init_std/sqrt(m)
+      # Cerebras: 0.02/sqrt(2L) up to 590M, 0.0025 from 1.3B; muP 0.08/sqrt(2 m L) (REFERENCE.md §1).
       residual_init_std=config_dict.placeholder(float),
+      # muP (REFERENCE.md §1), m = d_model / mup_base_width: hidden matrices' Adam LR / m, logits / m,
+      # attention scores / d_head, embedding output x embed_multiplier. The derived multipliers
+      # below are filled in by resolve(); set them by hand only to experiment.
+      mup=config_dict.placeholder(bool),  # default: the preset's (the "-mup" presets), else False
+      mup_base_width=mup.BASE_WIDTH,
+      embed_multiplier=config_dict.placeholder(float),  # 10 under muP, else 1
+      output_multiplier=config_dict.placeholder(float),  # 1/m under muP, else 1
+      attention_scale=config_dict.placeholder(float),  # 1/d_head under muP, else 1/sqrt(d_head)
+      hidden_lr_multiplier=config_dict.placeholder(float),  # 1/m under muP, else 1
+      # Compute dtype. Parameters, optimizer state, layer norms, softmax and the loss stay float32.
+      dtype="float32",
       ln_eps=1e-5,
       remat="none",  # "full": recompute each block in the backward; "dots": all but its matmuls
       scan_unroll=1,  # layers unrolled per scan iteration; >= n_layers unrolls fully
@@ -82,7 +103,7 @@ def base_config() -> ml_collections.ConfigDict:
       seed=0,  # shuffling of training windows
   )
   c.optim = dict(
-      name="adamw",
+      name="adamw",  # or "adafactor"
       lr=1e-3,
       b1=0.9,
       b2=0.95,
@@ -92,6 +113,17 @@ def base_config() -> ml_collections.ConfigDict:
       warmup_steps=100,
       schedule="cosine",
       final_lr_fraction=0.1,
+      # Used when name="adafactor" (Shazeer & Stern 2018, via optax.adafactor). lr, the schedule,
+      # weight_decay (x lr, as AdamW's) and clip_norm (before it) apply as for AdamW.
+      adafactor=dict(
+          factored=True,  # second moments as row and column means of the two largest dims
+          factor_min_dim=128,  # factor only if both of those dims are at least this big
+          decay_rate=0.8,  # second-moment decay 1 - t^-0.8
+          clip_threshold=1.0,  # clip each update's RMS to this; 0 = off
+          momentum=0.0,  # first moment (extra memory); 0 = none, as in the paper
+          parameter_scale=True,  # step relative to each parameter's RMS
+          relative_step=False,  # step min(lr, 1/sqrt(t)) instead of the schedule
+      ),
   )
   c.train = dict(
       steps=2000,
@@ -130,7 +162,8 @@ def resolve_model(model: ml_collections.ConfigDict) -> None:
       _fail("model.preset", model.preset, "unknown preset",
             f"Choose one of: {', '.join(PRESETS)}.")
     p = PRESETS[model.preset]
-    for key, value in (("n_layers", p.n_layers), ("d_model", p.d_model), ("n_heads", p.n_heads)):
+    for key, value in (("n_layers", p.n_layers), ("d_model", p.d_model), ("n_heads", p.n_heads),
+                       ("mup", p.mup)):
       if model[key] is None:
         model[key] = value
   for key in ("n_layers", "d_model", "n_heads"):
@@ -144,9 +177,7 @@ def resolve_model(model: ml_collections.ConfigDict) -> None:
   if model.d_model % model.n_heads:
     _fail("model.n_heads", model.n_heads, f"does not divide d_model={model.d_model}",
           "Pick a head count that divides d_model.")
-  if model.residual_init_std is None:
-    big = model.preset in CEREBRAS_GPT and CEREBRAS_GPT[model.preset].d_model >= 2048
-    model.residual_init_std = 0.0025 if big else model.init_std / math.sqrt(2 * model.n_layers)
+  resolve_parameterisation(model)
   if model.remat not in REMAT:
     _fail("model.remat", model.remat, "unknown remat policy", f"Choose one of: {', '.join(REMAT)}.")
   if model.vocab_multiple < 1:
@@ -154,6 +185,37 @@ def resolve_model(model: ml_collections.ConfigDict) -> None:
   if model.scan_unroll < 1:
     _fail("model.scan_unroll", model.scan_unroll, "must be >= 1",
           "Use 1 for a rolled scan or n_layers to unroll fully.")
+  if model.dtype not in DTYPES:
+    _fail("model.dtype", model.dtype, "unknown compute dtype", f"Choose one of: {', '.join(DTYPES)}.")
+
+
+def resolve_parameterisation(model: ml_collections.ConfigDict) -> None:
+  """Init scales and multipliers: standard (Cerebras-GPT) or muP (REFERENCE.md §1)."""
+  model.mup = bool(model.mup)
+  if model.mup_base_width <= 0:
+    _fail("model.mup_base_width", model.mup_base_width, "must be positive", "muP's base is 256.")
+  big = model.preset in CEREBRAS_GPT and CEREBRAS_GPT[model.preset].d_model >= 2048
+  for key, value in mup.parameterisation(model, big_residual_rule=big).items():
+    if model[key] is None:
+      model[key] = value
+
+
+def resolve_adafactor(o: ml_collections.ConfigDict) -> None:
+  a = o.adafactor
+  if o.name != "adafactor":
+    if a.relative_step:
+      _fail("optim.adafactor.relative_step", True, "is an Adafactor option",
+            "Set --config.optim.name=adafactor or drop it.")
+    return
+  if a.factor_min_dim < 1:
+    _fail("optim.adafactor.factor_min_dim", a.factor_min_dim, "must be >= 1", "optax's default is 128.")
+  if not 0 < a.decay_rate <= 1:
+    _fail("optim.adafactor.decay_rate", a.decay_rate, "must be in (0, 1]", "The paper uses 0.8.")
+  if a.clip_threshold and a.clip_threshold < 1:
+    _fail("optim.adafactor.clip_threshold", a.clip_threshold, "must be >= 1, or 0 for none",
+          "The paper uses 1.0.")
+  if not 0 <= a.momentum < 1:
+    _fail("optim.adafactor.momentum", a.momentum, "must be in [0, 1)", "Use 0 for none or e.g. 0.9.")
 
 
 def resolve(c: ml_collections.ConfigDict, vocab_size: int) -> ml_collections.ConfigDict:
@@ -176,8 +238,9 @@ def resolve(c: ml_collections.ConfigDict, vocab_size: int) -> ml_collections.Con
   if d.eval_batch is None:
     d.eval_batch = d.global_batch
   o = c.optim
-  if o.name != "adamw":
-    _fail("optim.name", o.name, "unknown optimizer", "Use adamw.")
+  if o.name not in OPTIMIZERS:
+    _fail("optim.name", o.name, "unknown optimizer", f"Choose one of: {', '.join(OPTIMIZERS)}.")
+  resolve_adafactor(o)
   if o.schedule not in SCHEDULES:
     _fail("optim.schedule", o.schedule, "unknown schedule", f"Choose one of: {', '.join(SCHEDULES)}.")
   if not 0 <= o.final_lr_fraction <= 1:

@@ -49,9 +49,12 @@ class LayerNorm(nnx.Module):
     self.eps = eps
 
   def __call__(self, x):
-    mean = x.mean(-1, keepdims=True)
-    var = jnp.square(x - mean).mean(-1, keepdims=True)
-    return (x - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
+    # In float32 whatever the compute dtype: a bf16 variance loses the small differences it is about.
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
+    return y.astype(x.dtype)
 
 
 class Attention(nnx.Module):
@@ -61,32 +64,56 @@ class Attention(nnx.Module):
   def __init__(self, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs):
     d, h = cfg.d_model, cfg.n_heads
     dh = d // h
-    self.qkv_kernel = _param(rngs, _trunc_normal(cfg.init_std), (d, 3, h, dh),
+    self.qkv_kernel = _param(rngs, _trunc_normal(cfg.hidden_init_std), (d, 3, h, dh),
                              ("embed", None, "heads", "head_dim"))
     self.qkv_bias = _zeros((3, h, dh), (None, "heads", "head_dim"))
     self.out_kernel = _param(rngs, _trunc_normal(cfg.residual_init_std), (h, dh, d),
                              ("heads", "head_dim", "embed"))
     self.out_bias = _zeros((d,), ("embed",))
-    self.scale = dh**-0.5
+    self.scale = cfg.attention_scale  # 1/sqrt(d_head); muP: 1/d_head
 
   def __call__(self, x):
     qkv = jnp.einsum("btd,dkhe->kbthe", x, self.qkv_kernel[...])
     qkv = qkv + self.qkv_bias[...][:, None, None]
     q, k, v = (constrain(a, ("batch", "seq", "heads", "head_dim")) for a in qkv)
-    scores = jnp.einsum("bqhe,bkhe->bhqk", q, k) * self.scale
+    scores = jnp.einsum("bqhe,bkhe->bhqk", q, k, preferred_element_type=jnp.float32) * self.scale
     t = x.shape[1]
     causal = jnp.tril(jnp.ones((t, t), bool))
     scores = jnp.where(causal, scores, jnp.finfo(scores.dtype).min)
-    probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(x.dtype)
+    if x.dtype == jnp.float32:
+      probs = jax.nn.softmax(scores, axis=-1)
+    else:
+      probs = softmax_keeping(scores, x.dtype)
     ctx = jnp.einsum("bhqk,bkhe->bqhe", probs, v)
     return jnp.einsum("bqhe,hed->bqd", ctx, self.out_kernel[...]) + self.out_bias[...]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def softmax_keeping(scores: jax.Array, dtype) -> jax.Array:
+  """Softmax over the last axis computed in float32, returned (and kept for the backward) in
+  `dtype`. Differentiating jax.nn.softmax would keep its float32 output, [batch, heads, T, T] per
+  layer, the largest activation of a bf16 run; as Megatron's fused softmax, keep the bf16 copy."""
+  return jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(dtype)
+
+
+def _softmax_keeping_fwd(scores, dtype):
+  probs = softmax_keeping(scores, dtype)
+  return probs, probs
+
+
+def _softmax_keeping_bwd(dtype, probs, g):
+  p, g = probs.astype(jnp.float32), g.astype(jnp.float32)
+  return (p * (g - jnp.sum(g * p, axis=-1, keepdims=True)),)
+
+
+softmax_keeping.defvjp(_softmax_keeping_fwd, _softmax_keeping_bwd)
 
 
 class MLP(nnx.Module):
 
   def __init__(self, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs):
     d, f = cfg.d_model, cfg.d_ff
-    self.fc_kernel = _param(rngs, _trunc_normal(cfg.init_std), (d, f), ("embed", "mlp"))
+    self.fc_kernel = _param(rngs, _trunc_normal(cfg.hidden_init_std), (d, f), ("embed", "mlp"))
     self.fc_bias = _zeros((f,), ("mlp",))
     self.proj_kernel = _param(rngs, _trunc_normal(cfg.residual_init_std), (f, d), ("mlp", "embed"))
     self.proj_bias = _zeros((d,), ("embed",))
@@ -159,15 +186,36 @@ class GPT(nnx.Module):
 
   def embed(self, tokens: jax.Array) -> jax.Array:
     x = jnp.take(self.wte[...], tokens, axis=0) + self.wpe[...][: tokens.shape[1]]
+    if self.cfg.embed_multiplier != 1:  # muP: 10
+      x = x * jnp.asarray(self.cfg.embed_multiplier, x.dtype)
     return constrain(x, ("batch", "residual_seq", "embed"))
 
   def head(self, x: jax.Array) -> jax.Array:
     x = self.ln_f(x)
-    logits = constrain(jnp.einsum("btd,vd->btv", x, self.wte[...]), ("batch", "seq", "vocab"))
+    if self.cfg.output_multiplier != 1:  # muP: logits / m, applied to the d-wide input (cheaper)
+      x = x * jnp.asarray(self.cfg.output_multiplier, x.dtype)
+    # Logits in float32 even from bf16 operands: the loss's logsumexp needs their small differences.
+    logits = jnp.einsum("btd,vd->btv", x, self.wte[...], preferred_element_type=jnp.float32)
+    logits = constrain(logits, ("batch", "seq", "vocab"))
     if logits.shape[-1] > self.cfg.vocab_size:
       real = jnp.arange(logits.shape[-1]) < self.cfg.vocab_size
       logits = jnp.where(real, logits, jnp.finfo(logits.dtype).min)
     return logits
+
+
+def compute_params(params, dtype: str):
+  """The parameters as the forward pass uses them: float32 master copies cast to the compute dtype,
+  except the layer norms' (kept float32, like their arithmetic). The stored shards are cast before
+  any gather, so FSDP and weight streaming gather bfloat16 where the backend's collectives run in
+  it (XLA's CPU converts them to float32: bytes measured here do not halve)."""
+  if dtype == "float32":
+    return params
+
+  def cast(path, x):
+    if any(getattr(k, "key", None) in ("ln1", "ln2", "ln_f") for k in path):
+      return x
+    return x.astype(dtype)
+  return jax.tree_util.tree_map_with_path(cast, params)
 
 
 REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.checkpoint_dots}

@@ -170,6 +170,13 @@ def make_run_blocks(cfg: ml_collections.ConfigDict, schedule: Schedule, layout: 
 
   def run_blocks(graphdef, stacked, x):
     b, t, d = x.shape
+    # XLA's CPU compiler aborts ("Invalid binary instruction opcode copy") on a bfloat16 ppermute
+    # or psum inside this shard_map, so what crosses devices here is float32: the stage weights
+    # come in (and their gradients go out) as float32 and the activations travel as float32; each
+    # stage still computes in the compute dtype. A no-op in float32 runs.
+    compute, dtypes = x.dtype, jax.tree.map(lambda a: a.dtype, stacked)
+    stacked = jax.tree.map(lambda a: a.astype(jnp.float32), stacked)
+    x = x.astype(jnp.float32)
     # Microbatch i is rows i, i+M, i+2M, ...: a reshape that keeps each device's rows of a
     # batch-sharded x where they are. Every stage sees whole sequences: GSPMD all-gathers them
     # over pipe here (a manual all_gather inside the shard_map would first gather the batch over
@@ -185,7 +192,8 @@ def make_run_blocks(cfg: ml_collections.ConfigDict, schedule: Schedule, layout: 
     stage = model_lib.rematerialise(stage, cfg.remat)
 
     def body(stacked, xs):
-      stacked = jax.tree.map(lambda a: a[:, 0], stacked)  # this stage's [R, K, ...]
+      # This stage's [R, K, ...], in the compute dtype.
+      stacked = jax.tree.map(lambda a, dtype: a[:, 0].astype(dtype), stacked, dtypes)
       s = jax.lax.axis_index(AXIS)
       fill = jnp.full(xs.shape[1:], bubble_fill, xs.dtype)
 
@@ -205,7 +213,8 @@ def make_run_blocks(cfg: ml_collections.ConfigDict, schedule: Schedule, layout: 
         j = it - s
         valid = (j >= 0) & (j < M * R)
         inp = jnp.where(s == 0, _get(inbox, it % M), state)
-        out = stage(stacked, jnp.clip(j // M, 0, R - 1), jnp.where(valid, inp, 0))
+        out = stage(stacked, jnp.clip(j // M, 0, R - 1), jnp.where(valid, inp, 0).astype(compute))
+        out = out.astype(jnp.float32)
         done = valid & (s == S - 1) & (j >= M * (R - 1))
         outbox = _put(outbox, j % M, jnp.where(done, out, _get(outbox, j % M)))
         return placed((jax.lax.ppermute(out, AXIS, ring), inbox, outbox)), None
@@ -221,7 +230,7 @@ def make_run_blocks(cfg: ml_collections.ConfigDict, schedule: Schedule, layout: 
     # Summing the stages' outboxes into a sequence-split result is a reduce-scatter over pipe (XLA's
     # CPU pipeline emits an all-reduce and a slice: twice the bytes).
     ys = constrain(outboxes.sum(0), (None, "batch", "seq", "embed"))
-    return ys.swapaxes(0, 1).reshape(b, t, d)
+    return ys.swapaxes(0, 1).reshape(b, t, d).astype(compute)
 
   return run_blocks
 

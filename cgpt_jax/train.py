@@ -79,7 +79,7 @@ def check_batches(cfg: ml_collections.ConfigDict, layout: mesh_lib.Layout) -> No
 # ----------------------------------------------------------------------------------------------
 # State, shardings and the step functions
 # ----------------------------------------------------------------------------------------------
-def state_shardings(layout, abstract_params, tx):
+def state_shardings(layout, abstract_params, tx, factor_min_dim: int = 0):
   """Shardings of TrainState, and of the per-parameter optimizer state (where each gradient is
   needed), from the parameters' logical names and the layout's rules."""
   logical = nnx.get_partition_spec(abstract_params)
@@ -88,11 +88,40 @@ def state_shardings(layout, abstract_params, tx):
     return jax.tree.map(lambda spec: rule(tuple(spec)), logical, is_leaf=mesh_lib.is_spec)
 
   params, state = by(layout.sharding), by(layout.state_sharding)
-  abstract_opt = jax.eval_shape(tx.init, abstract_params)
-  # Moments follow the state rules of the parameter they belong to; counters are replicated.
-  opt = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, state,
-                              transform_non_params=lambda _: layout.replicated)
+  opt = opt_state_shardings(layout, jax.eval_shape(tx.init, abstract_params), abstract_params,
+                            logical, factor_min_dim)
   return TrainState(layout.replicated, params, opt), state
+
+
+def opt_state_shardings(layout, abstract_opt, abstract_params, logical, factor_min_dim: int):
+  """Every parameter-shaped tree in the optimizer state (Adam's moments, Adafactor's unfactored
+  moments) shards like the parameters' state. Adafactor's factored moments are a parameter with one
+  axis reduced away (`v_row` the largest, `v_col` the second largest): they keep the names of the
+  axes that remain, so a row vector over `embed` stays split wherever `embed` is. Counters and
+  placeholders are replicated."""
+  param_tree = jax.tree.structure(abstract_params)
+
+  def is_param_tree(x):
+    return jax.tree.structure(x) == param_tree
+
+  def leaf(reduced, x, p, spec):
+    names = tuple(spec)
+    if x.shape != p.shape:
+      dims = optim.factored_dims(p.shape, factor_min_dim)
+      if dims is None or reduced is None:
+        return layout.replicated  # a (1,) placeholder for the moment this parameter does not use
+      names = names[:dims[reduced]] + names[dims[reduced] + 1:]
+    return layout.state_sharding(names)
+
+  def assign(path, sub):
+    if not is_param_tree(sub):
+      return layout.replicated
+    field = getattr(path[-1], "name", None) if path else None
+    reduced = {"v_row": 1, "v_col": 0}.get(field)  # index into factored_dims' (col, row) axes
+    return jax.tree.map(lambda x, p, spec: leaf(reduced, x, p, spec), sub, abstract_params,
+                        logical)
+
+  return jax.tree_util.tree_map_with_path(assign, abstract_opt, is_leaf=is_param_tree)
 
 
 class Setup(NamedTuple):
@@ -127,11 +156,12 @@ def make_loss(s: Setup, bubble_fill: float = 0.0):
     run_blocks = pipeline.make_run_blocks(s.cfg.model, s.schedule, s.layout, bubble_fill)
   elif s.layout.streams_weights:
     run_blocks = wafer.make_run_blocks(s.cfg.model, s.layout)
-  graphdef, layout = s.graphdef, s.layout
+  graphdef, layout, dtype = s.graphdef, s.layout, s.cfg.model.dtype
 
   def loss_fn(params, batch):
     with layout.active():
-      logits = nnx.merge(graphdef, params)(batch[:, :-1], run_blocks)
+      model = nnx.merge(graphdef, model_lib.compute_params(params, dtype))
+      logits = model(batch[:, :-1], run_blocks)
       return model_lib.cross_entropy(logits, batch[:, 1:])
   return loss_fn
 
@@ -193,8 +223,9 @@ def build(cfg: ml_collections.ConfigDict, vocab_size: int) -> Setup:
     abstract_params = pipeline.to_stages(abstract_params, schedule)
   mesh_lib.check_divisible(layout, abstract_params)
   lr_schedule = optim.schedule(cfg.optim, cfg.train.steps)
-  tx = optim.make_optimizer(cfg.optim, cfg.train.steps)
-  shardings, grad_shardings = state_shardings(layout, abstract_params, tx)
+  tx = optim.make_optimizer(cfg.optim, cfg.train.steps, cfg.model.hidden_lr_multiplier)
+  shardings, grad_shardings = state_shardings(layout, abstract_params, tx,
+                                              cfg.optim.adafactor.factor_min_dim)
   batch_sharding = layout.sharding(("batch", None))
   return Setup(cfg, layout, graphdef, abstract_params, tx, lr_schedule, shardings, grad_shardings,
                batch_sharding, n_params, schedule)
@@ -212,16 +243,20 @@ def compiled_costs(s: Setup, compiled) -> dict:
   streams = s.layout.streams_weights
   terms = analysis.analytic_collective_terms(sizes, m, s.n_params, sizes["fsdp"] > 1, d.global_batch,
                                              d.seq_len, s.schedule, streams)
+  opt_state = abstract_state(s).opt_state
   costs = {
+      "optimizer_state_bytes": analysis.tree_bytes(opt_state),
+      "optimizer_state_bytes_per_device": analysis.per_device_bytes(opt_state),
       "compiled_matmul_flops_per_step": analysis.dot_flops(hlo) * s.layout.mesh.size,
       "expected_matmul_flops_per_step": analysis.expected_matmul_flops(
           m, d.seq_len, tokens, vocab, s.schedule, remat="full" if streams else None),
-      "analytic_state_bytes_per_device": analysis.analytic_state_bytes(sizes, m, held, vocab,
-                                                                       s.layout.name == "zero1"),
       "collective_bytes_per_step": analysis.collective_bytes(hlo),
       "analytic_collective_bytes_per_step": sum(terms.values()),
       "analytic_collective_terms": terms,
   }
+  if s.cfg.optim.name == "adamw":  # REFERENCE.md §2's formula is for Adam's two moments
+    costs["analytic_state_bytes_per_device"] = analysis.analytic_state_bytes(
+        sizes, m, held, vocab, s.layout.name == "zero1")
   if streams:
     loops = analysis.collective_bytes(hlo, loops_only=True)
     costs["wafer"] = {
@@ -284,7 +319,6 @@ def plan(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
       "chinchilla_steps": math.ceil(budget / tokens_per_step),
       "tokens_per_step": tokens_per_step,
       "param_bytes": analysis.tree_bytes(state.params),
-      "optimizer_state_bytes": analysis.tree_bytes(state.opt_state),
       "model_flops_per_step": analysis.flops_per_token(s.cfg.model, s.cfg.data.seq_len) * tokens_per_step,
       "compile_s": round(compile_s, 3),
       "memory_per_device_bytes": memory,

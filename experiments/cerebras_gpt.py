@@ -1,4 +1,5 @@
-"""Cerebras-GPT at one of the paper's sizes: `--config experiments/cerebras_gpt.py:111m`.
+"""Cerebras-GPT at one of the paper's sizes: `--config experiments/cerebras_gpt.py:111m`, or its muP
+variant (111M to 2.7B): `:111m-mup` (base LR 6e-3, init 0.08, muP multipliers; mup.py).
 
 The paper's recipe (arXiv 2304.03208, REFERENCE.md §1): GPT-2 BPE, 2048-token sequences, the size's
 batch and peak LR, AdamW beta=(0.9, 0.95), weight decay 0.1, clip 1.0, linear warm-up over 375M
@@ -14,10 +15,11 @@ from cgpt_jax.errors import InputError
 
 def get_config(arg="111m"):
   size = (arg or "111m").lower()
-  if size not in config_lib.CEREBRAS_GPT:
+  sizes = {**config_lib.CEREBRAS_GPT, **config_lib.CEREBRAS_GPT_MUP}
+  if size not in sizes:
     raise InputError(f"experiments/cerebras_gpt.py:{arg}: unknown size. "
-                     f"Choose one of: {', '.join(config_lib.CEREBRAS_GPT)}.")
-  p = config_lib.CEREBRAS_GPT[size]
+                     f"Choose one of: {', '.join(sizes)}.")
+  p = sizes[size]
   c = config_lib.base_config()
   c.model.preset = size
   c.data.source = "../shared/data/gutenberg"

@@ -161,3 +161,16 @@ def test_plan_13b_with_a_pipeline_on_64_devices(tmp_path):
   assert p["bubble_fraction_theory"] == 3 / 11
   assert plan["compiled_matmul_flops_per_step"] == plan["expected_matmul_flops_per_step"]
   assert plan["fits_80GB"] is True
+
+
+def test_bad_recipe_settings(tmp_path, data_flags):
+  """Optimizer, dtype and Adafactor options are checked before anything compiles."""
+  for flags, phrases in [
+      (["--config.optim.name=sgd"], ["optim.name='sgd'", "adafactor"]),
+      (["--config.model.dtype=float16"], ["model.dtype='float16'", "bfloat16"]),
+      (["--config.optim.name=adafactor", "--config.optim.adafactor.clip_threshold=0.5"],
+       ["clip_threshold=0.5", ">= 1"]),
+      (["--config.optim.adafactor.relative_step=True"], ["relative_step", "optim.name=adafactor"]),
+  ]:
+    assert_bad_input(launch(SHAKESPEARE, *data_flags, *flags, f"--workdir={tmp_path}"), *phrases)
+  assert not any(tmp_path.iterdir())  # nothing written

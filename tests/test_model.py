@@ -95,3 +95,20 @@ def test_full_remat_keeps_loss_and_gradients():
   cfg.remat = "full"
   remat = loss_and_grad(cfg)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), base, remat)
+
+
+def test_bf16_softmax_has_softmax_gradient():
+  """The bf16 attention softmax keeps its output in the compute dtype for the backward; in float32
+  its value and gradient are jax.nn.softmax's."""
+  scores = jax.random.normal(jax.random.key(0), (2, 3, 5, 7))
+  weights = jax.random.normal(jax.random.key(1), scores.shape)
+
+  def loss(softmax):
+    return lambda s: jnp.sum(softmax(s) * weights)
+
+  ours = lambda s: model_lib.softmax_keeping(s, jnp.float32)
+  reference = lambda s: jax.nn.softmax(s, axis=-1)
+  np.testing.assert_allclose(ours(scores), reference(scores), rtol=1e-6)
+  np.testing.assert_allclose(jax.grad(loss(ours))(scores), jax.grad(loss(reference))(scores),
+                             rtol=1e-5, atol=1e-7)
+  assert model_lib.softmax_keeping(scores, jnp.bfloat16).dtype == jnp.bfloat16
