@@ -2,7 +2,10 @@
 
   --config.KEY=VALUE   override any config value (e.g. --config.mesh.layout=dp)
   --devices N          N virtual CPU devices (set before jax starts)
-  --plan               compile ahead of time from abstract shapes only and write DIR/plan.json
+  --mode MODE          train (default; resumes from DIR's latest checkpoint), plan (compile ahead
+                       of time from abstract shapes only -> DIR/plan.json; also --plan), eval
+                       (sliding-window perplexity -> DIR/evals.jsonl), generate (-> DIR/samples.jsonl),
+                       export_hf (GPT-2-format folder)
 
 Exit codes: 0 success, 2 bad configuration or input (a message says what and how to fix it), 1 a bug.
 """
@@ -26,7 +29,9 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment file with get_config(arg), as path.py[:arg].", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (metrics, summary, checkpoints).")
 _DEVICES = flags.DEFINE_integer("devices", 1, "Number of virtual CPU devices.", lower_bound=1)
-_PLAN = flags.DEFINE_bool("plan", False, "Only plan: compile from abstract shapes, write plan.json.")
+_PLAN = flags.DEFINE_bool("plan", False, "Same as --mode=plan.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "plan", "eval", "generate", "export_hf"],
+                          "What to do with the experiment and its workdir.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -53,19 +58,30 @@ def main(_):
     logging.set_verbosity(logging.WARNING)  # jax logs every backend it fails to find at INFO
   import jax  # the device count must be set before any JAX operation
   jax.config.update("jax_num_cpu_devices", _DEVICES.value)
-  from cgpt_jax import train
+  from cgpt_jax import inference, train
 
+  cfg, workdir, mode = _CONFIG.value, _WORKDIR.value, "plan" if _PLAN.value else _MODE.value
   try:
-    if _PLAN.value:
-      result = train.plan(_CONFIG.value, _WORKDIR.value)
+    if mode == "plan":
+      result = train.plan(cfg, workdir)
       print(f"plan: {result['params']:,} params, {result['flops_per_token']:,} FLOPs/token, "
             f"{result['memory_per_device_bytes']['total_bytes'] / 2**30:.2f} GiB per device "
-            f"-> {_WORKDIR.value}/plan.json")
+            f"-> {workdir}/plan.json")
+    elif mode == "eval":
+      r = inference.evaluate(cfg, workdir)
+      print(f"eval (step {r['step']}): loss {r['loss']:.4f}, perplexity {r['perplexity']:.3f} over "
+            f"{r['tokens_scored']:,} tokens of {r['text']} (window {r['window']}, stride "
+            f"{r['stride']}) -> {workdir}/evals.jsonl")
+    elif mode == "generate":
+      r = inference.generate(cfg, workdir)
+      print(r["prompt"] + r["completion"])
+    elif mode == "export_hf":
+      print(f"exported -> {inference.export_hf(cfg, workdir)}")
     else:
-      s = train.run(_CONFIG.value, _WORKDIR.value)
+      s = train.run(cfg, workdir)
       print(f"done: loss {s['final_loss']:.4f}, val loss {s['final_eval_loss']:.4f}, "
             f"{s['tokens_per_s']:,.0f} tokens/s, {s['step_ms']:.1f} ms/step, MFU {s['mfu']:.3f}, "
-            f"compile {s['compile_s']:.1f} s, wall {s['train_wall_s']:.1f} s -> {_WORKDIR.value}")
+            f"compile {s['compile_s']:.1f} s, wall {s['train_wall_s']:.1f} s -> {workdir}")
   except InputError as e:
     fail(str(e))
 

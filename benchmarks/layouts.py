@@ -20,6 +20,8 @@ import sys
 
 from absl import app, flags
 
+import common
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
 
@@ -60,7 +62,8 @@ def run(workdir: pathlib.Path, overrides: dict) -> dict:
          "--config.data.seq_len=128", "--config.data.global_batch=16", "--config.data.eval_batches=1",
          f"--config.train.steps={steps}", "--config.optim.warmup_steps=1",
          f"--config.train.eval_every={steps}", "--config.train.log_every=1",
-         "--config.train.progress=False", *[f"--config.{k}={v}" for k, v in overrides.items()]]
+         "--config.train.progress=False", "--config.checkpoint.every=0",
+         *[f"--config.{k}={v}" for k, v in overrides.items()]]
   result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
   if result.returncode:
     return {"error": result.stderr.strip().splitlines()[-1]}
@@ -134,18 +137,13 @@ def wafer_table(results: dict) -> list[str]:
 
 
 def main(_):
-  out = pathlib.Path(_WORKDIR.value).resolve()
-  if out.exists() and any(out.iterdir()):
-    sys.exit(f"error: --workdir {out} is not empty; choose a new one")
-  out.mkdir(parents=True, exist_ok=True)
+  out = common.fresh_workdir(_WORKDIR.value)
   results = {}
   for i, (name, overrides) in enumerate(MESHES.items()):
     results[name] = run(out / str(i), overrides)
     print(name, results[name].get("error", "done"), flush=True)
   lines = layouts_table(results) + [""] + pipeline_table(results) + [""] + wafer_table(results)
-  (out / "report.md").write_text("\n".join(lines) + "\n")
-  (out / "report.json").write_text(json.dumps(results, indent=2))
-  print("\n".join(lines))
+  common.write_report(out, lines, results)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ import sys
 
 from absl import app, flags
 
+import common
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
 
@@ -69,20 +71,14 @@ def table(results: dict) -> list[str]:
 
 
 def main(_):
-  out = pathlib.Path(_WORKDIR.value).resolve()
-  if out.exists() and any(out.iterdir()):
-    sys.exit(f"error: --workdir {out} is not empty; choose a new one")
-  out.mkdir(parents=True, exist_ok=True)
+  out = common.fresh_workdir(_WORKDIR.value)
   results = {}
   for layout, (devices, batch) in LAYOUTS.items():
     for i, (name, overrides) in enumerate(VARIANTS.items()):
       results[layout, name] = plan(out / f"{layout}-{i}", layout, devices, batch, overrides)
       print(layout, name, results[layout, name].get("error", "planned"), flush=True)
   lines = table(results)
-  (out / "report.md").write_text("\n".join(lines) + "\n")
-  (out / "report.json").write_text(json.dumps({f"{l} / {n}": r for (l, n), r in results.items()},
-                                              indent=2))
-  print("\n".join(lines))
+  common.write_report(out, lines, {f"{l} / {n}": r for (l, n), r in results.items()})
 
 
 if __name__ == "__main__":

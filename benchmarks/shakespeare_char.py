@@ -16,6 +16,8 @@ import time
 
 from absl import app, flags
 
+import common
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # nanoGPT's CPU recipe for tiny Shakespeare, measured on this machine kind (REFERENCE.md §4).
 NANOGPT = {"steps": 2000, "wall_s": 167.0, "val_loss": 1.8857}
@@ -39,7 +41,8 @@ _LEVERS_ONLY = flags.DEFINE_bool("levers_only", False, "Skip the full 2000-step 
 def launch(workdir: pathlib.Path, overrides: list[str], malloc: str) -> dict:
   env = {**os.environ, "GLIBC_TUNABLES": malloc}
   cmd = [sys.executable, str(REPO / "launch.py"), "--config", str(REPO / "experiments/shakespeare_char.py"),
-         f"--workdir={workdir}", "--config.train.progress=False", *overrides]
+         f"--workdir={workdir}", "--config.train.progress=False", "--config.checkpoint.every=0",
+         *overrides]
   start = time.perf_counter()
   subprocess.run(cmd, cwd=REPO, env=env, check=True)
   summary = json.loads((workdir / "summary.json").read_text())
@@ -48,10 +51,7 @@ def launch(workdir: pathlib.Path, overrides: list[str], malloc: str) -> dict:
 
 
 def main(_):
-  out = pathlib.Path(_WORKDIR.value).resolve()
-  if out.exists() and any(out.iterdir()):
-    sys.exit(f"error: --workdir {out} is not empty; choose a new one")
-  out.mkdir(parents=True, exist_ok=True)
+  out = common.fresh_workdir(_WORKDIR.value)
   report = {"nanogpt": NANOGPT}
   lines = ["# Default experiment vs nanoGPT's CPU recipe (same machine kind)", ""]
 
@@ -73,18 +73,16 @@ def main(_):
     ]
 
   steps = _LEVER_STEPS.value
-  common = [f"--config.train.steps={steps}", f"--config.train.eval_every={steps}",
-            "--config.data.eval_batches=1"]
-  levers = {name: launch(out / f"lever{i}", common + extra, malloc)
+  short = [f"--config.train.steps={steps}", f"--config.train.eval_every={steps}",
+           "--config.data.eval_batches=1"]
+  levers = {name: launch(out / f"lever{i}", short + extra, malloc)
             for i, (name, (extra, malloc)) in enumerate(LEVERS.items())}
   report["levers"] = levers
   base = levers["tuned (default)"]["step_ms"]
   lines += [f"## CPU levers ({steps} steps each, ms/step over the run)", "",
             "| variant | ms/step | vs tuned |", "|---|---:|---:|"]
   lines += [f"| {name} | {s['step_ms']:.1f} | {s['step_ms'] / base:.2f}x |" for name, s in levers.items()]
-  (out / "report.md").write_text("\n".join(lines) + "\n")
-  (out / "report.json").write_text(json.dumps(report, indent=2))
-  print("\n".join(lines))
+  common.write_report(out, lines, report)
 
 
 if __name__ == "__main__":

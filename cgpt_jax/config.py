@@ -5,7 +5,6 @@ launcher applies `--config.KEY=VALUE` overrides, then `resolve()` fills what a p
 checks every number a user can get wrong, raising `InputError` (exit 2) before anything compiles.
 """
 import dataclasses
-import math
 
 import ml_collections
 from ml_collections import config_dict
@@ -135,6 +134,35 @@ def base_config() -> ml_collections.ConfigDict:
       eval_every=250,
       progress=True,
   )
+  # orbax, in WORKDIR/checkpoints (checkpoint.py): rerunning the same command resumes from the last.
+  c.checkpoint = dict(
+      every=500,  # save every this many steps (asynchronously) and at the last step; 0 = never
+      keep=3,  # the most recent this many are kept
+  )
+  # Starting weights: "" = random init (train.seed), or a GPT-2-format folder (config.json +
+  # model.safetensors, e.g. a Cerebras-GPT release) to fine-tune; its config sets the model shape.
+  c.init = dict(from_hf="")
+  # launch.py --mode=eval: sliding-window loss of the latest checkpoint (evaluate.py); windows of
+  # data.seq_len tokens, data.eval_batch at a time.
+  c.evaluate = dict(
+      text="",  # a UTF-8 text file; "" = the training data's validation split
+      stride=config_dict.placeholder(int),  # default data.seq_len // 2
+  )
+  # launch.py --mode=generate: a continuation of `prompt` with a KV cache (generate.py).
+  c.generate = dict(
+      prompt="",
+      max_new_tokens=200,
+      method="sample",  # greedy | sample | beam
+      temperature=0.8,
+      top_k=0,  # 0 = off
+      top_p=1.0,  # 1 = off
+      num_beams=4,
+      length_penalty=1.0,
+      no_repeat_ngram_size=0,  # 0 = off
+      seed=0,
+  )
+  # launch.py --mode=export_hf: the latest checkpoint in GPT-2 format ("" = WORKDIR/hf).
+  c.export = dict(hf_dir="")
   c.mesh = dict(
       layout="single",
       data=config_dict.placeholder(int),
@@ -255,6 +283,12 @@ def resolve(c: ml_collections.ConfigDict, vocab_size: int) -> ml_collections.Con
   if o.warmup_steps < 0 or o.warmup_steps >= t.steps:
     _fail("optim.warmup_steps", o.warmup_steps, f"must be in [0, train.steps={t.steps})",
           "Shorten the warm-up or train longer.")
+  if c.evaluate.stride is not None and not 1 <= c.evaluate.stride <= d.seq_len:
+    _fail("evaluate.stride", c.evaluate.stride, f"must be in 1..data.seq_len ({d.seq_len})",
+          "E.g. half the window.")
+  if c.checkpoint.every < 0 or c.checkpoint.keep <= 0:
+    _fail("checkpoint", c.checkpoint.to_dict(), "every must be >= 0 and keep positive",
+          "E.g. --config.checkpoint.every=500 --config.checkpoint.keep=3 (every=0: no checkpoints).")
   for key in ("log_every", "eval_every"):
     if t[key] <= 0:
       _fail(f"train.{key}", t[key], "must be positive", "Give a step interval.")

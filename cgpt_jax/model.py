@@ -73,17 +73,39 @@ class Attention(nnx.Module):
     self.scale = cfg.attention_scale  # 1/sqrt(d_head); muP: 1/d_head
 
   def __call__(self, x):
+    q, k, v = self.project(x)
+    t = x.shape[1]
+    return self.attend(q, k, v, jnp.tril(jnp.ones((t, t), bool)))
+
+  def cached(self, x, cache, start):
+    """Attention for x [batch, t, embed] at positions start.. start+t-1 against a key/value cache.
+
+    `cache` is (keys, values), each [batch, max_len, heads, head_dim] holding positions < start; x's
+    own keys and values are written in at `start` and the new cache is returned with the output.
+    Each query sees the cache up to its own position: the slots past it are stale or empty.
+    """
+    q, k, v = self.project(x)
+    keys, values = (jax.lax.dynamic_update_slice_in_dim(c, a, start, axis=1)
+                    for c, a in zip(cache, (k, v)))
+    keys, values = (constrain(c, ("batch", "seq", "heads", "head_dim")) for c in (keys, values))
+    visible = jnp.arange(keys.shape[1]) <= start + jnp.arange(x.shape[1])[:, None]
+    return self.attend(q, keys, values, visible), (keys, values)
+
+  def project(self, x):
+    """x [batch, seq, embed] -> q, k, v, each [batch, seq, heads, head_dim]."""
     qkv = jnp.einsum("btd,dkhe->kbthe", x, self.qkv_kernel[...])
     qkv = qkv + self.qkv_bias[...][:, None, None]
-    q, k, v = (constrain(a, ("batch", "seq", "heads", "head_dim")) for a in qkv)
+    return tuple(constrain(a, ("batch", "seq", "heads", "head_dim")) for a in qkv)
+
+  def attend(self, q, k, v, mask):
+    """Queries [batch, q_len, heads, head_dim] against keys and values [batch, k_len, ...] where
+    mask [q_len, k_len] allows, then the out-projection: [batch, q_len, embed]."""
     scores = jnp.einsum("bqhe,bkhe->bhqk", q, k, preferred_element_type=jnp.float32) * self.scale
-    t = x.shape[1]
-    causal = jnp.tril(jnp.ones((t, t), bool))
-    scores = jnp.where(causal, scores, jnp.finfo(scores.dtype).min)
-    if x.dtype == jnp.float32:
+    scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
+    if q.dtype == jnp.float32:
       probs = jax.nn.softmax(scores, axis=-1)
     else:
-      probs = softmax_keeping(scores, x.dtype)
+      probs = softmax_keeping(scores, q.dtype)
     ctx = jnp.einsum("bhqk,bkhe->bqhe", probs, v)
     return jnp.einsum("bqhe,hed->bqd", ctx, self.out_kernel[...]) + self.out_bias[...]
 
@@ -139,6 +161,14 @@ class Block(nnx.Module):
     # parallelism): a name of its own, so attention and the MLP keep the whole sequence.
     return constrain(x, ("batch", "residual_seq", "embed"))
 
+  def cached(self, x, cache, start):
+    """The block for x at positions start.. against the layer's key/value cache (Attention.cached):
+    (output, new cache)."""
+    attn, cache = self.attn.cached(self.ln1(x), cache, start)
+    x = x + attn
+    x = x + self.mlp(self.ln2(x))
+    return constrain(x, ("batch", "residual_seq", "embed")), cache
+
 
 @jax.custom_vjp
 def grad_barrier(x):
@@ -184,8 +214,10 @@ class GPT(nnx.Module):
     run_blocks = run_blocks or functools.partial(scan_blocks, self.cfg)
     return self.head(run_blocks(*nnx.split(self.blocks), self.embed(tokens)))
 
-  def embed(self, tokens: jax.Array) -> jax.Array:
-    x = jnp.take(self.wte[...], tokens, axis=0) + self.wpe[...][: tokens.shape[1]]
+  def embed(self, tokens: jax.Array, start: jax.Array | int = 0) -> jax.Array:
+    """tokens [batch, seq] at positions start, start + 1, ... (a traced start when decoding)."""
+    positions = jax.lax.dynamic_slice_in_dim(self.wpe[...], start, tokens.shape[1])
+    x = jnp.take(self.wte[...], tokens, axis=0) + positions
     if self.cfg.embed_multiplier != 1:  # muP: 10
       x = x * jnp.asarray(self.cfg.embed_multiplier, x.dtype)
     return constrain(x, ("batch", "residual_seq", "embed"))
@@ -246,8 +278,8 @@ def scan_blocks(cfg: ml_collections.ConfigDict, graphdef, stacked, x: jax.Array,
   return x
 
 
-def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
-  """Mean next-token cross entropy in nats, computed in float32.
+def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """Next-token cross entropy of each position [batch, seq] in nats, computed in float32.
 
   The target's logit is picked with a compare-and-sum over the vocabulary rather than a gather, so
   with the vocabulary split over a tensor axis each device reduces its own slice and only [batch,
@@ -257,7 +289,7 @@ def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
   lse = jax.nn.logsumexp(logits, axis=-1)
   vocab = jnp.arange(logits.shape[-1])
   picked = jnp.sum(jnp.where(vocab == targets[..., None], logits, 0.0), axis=-1)
-  return jnp.mean(lse - picked)
+  return lse - picked
 
 
 def abstract_model(cfg: ml_collections.ConfigDict, seed: int = 0):

@@ -19,11 +19,10 @@ import optax
 import tqdm
 from flax import nnx
 
-from cgpt_jax import (analysis, config as config_lib, data, mesh as mesh_lib, model as model_lib, optim,
-                      pipeline, wafer)
+from cgpt_jax import (analysis, checkpoint, config as config_lib, data, hf, mesh as mesh_lib,
+                      model as model_lib, optim, pipeline, wafer)
 from cgpt_jax.errors import InputError
 
-RUN_MARKERS = ("metrics.jsonl", "summary.json", "checkpoints")
 
 
 class TrainState(NamedTuple):
@@ -53,6 +52,14 @@ def check_workdir(workdir: str, markers) -> pathlib.Path:
     raise InputError(f"--workdir {path} is not writable ({e.strerror}). "
                      "Choose a directory you can write to.") from None
   return path
+
+
+def check_resumable(out: pathlib.Path) -> None:
+  """A workdir may hold an unfinished run only if it has a checkpoint to continue from."""
+  if (out / "summary.json").exists():
+    raise InputError(f"--workdir {out} already holds a run (summary.json: it finished); refusing to "
+                     "overwrite it. Choose a new --workdir, or raise --config.train.steps and delete "
+                     "summary.json to train it further.")
 
 
 def data_dir(cfg: ml_collections.ConfigDict) -> str:
@@ -149,8 +156,18 @@ def make_init(s: Setup):
   return jax.jit(init, out_shardings=s.shardings)
 
 
-def make_loss(s: Setup, bubble_fill: float = 0.0):
-  """loss(params, batch [B, T+1]); pipelined when the layout has a pipe axis."""
+def make_init_from(s: Setup):
+  """Initial state from given parameters (layer order): fine-tuning from imported weights."""
+  def init(params):
+    if s.schedule:
+      params = pipeline.to_stages(params, s.schedule)
+    return TrainState(jnp.zeros((), jnp.int32), params, s.tx.init(params))
+  return jax.jit(init, out_shardings=s.shardings)
+
+
+def make_loss(s: Setup, bubble_fill: float = 0.0, per_token: bool = False):
+  """loss(params, batch [B, T+1]): the mean next-token loss, or with `per_token` each token's
+  [B, T]; pipelined when the layout has a pipe axis."""
   run_blocks = None  # the model's own layer scan
   if s.schedule:
     run_blocks = pipeline.make_run_blocks(s.cfg.model, s.schedule, s.layout, bubble_fill)
@@ -161,8 +178,8 @@ def make_loss(s: Setup, bubble_fill: float = 0.0):
   def loss_fn(params, batch):
     with layout.active():
       model = nnx.merge(graphdef, model_lib.compute_params(params, dtype))
-      logits = model(batch[:, :-1], run_blocks)
-      return model_lib.cross_entropy(logits, batch[:, 1:])
+      nll = model_lib.token_nll(model(batch[:, :-1], run_blocks), batch[:, 1:])
+      return nll if per_token else jnp.mean(nll)
   return loss_fn
 
 
@@ -286,6 +303,14 @@ def describe(s: Setup) -> dict:
   }
 
 
+def restore(s: Setup, ckpt: checkpoint.Checkpointer, step: int) -> TrainState:
+  """The checkpoint at `step`, placed in this run's layout (whatever layout wrote it)."""
+  like = abstract_state(s)
+  split = jax.jit(lambda tree: checkpoint.from_layer_order(tree, s.schedule, like),
+                  out_shardings=s.shardings)
+  return ckpt.restore(step, like, s.schedule, s.layout.mesh, split)
+
+
 def abstract_state(s: Setup) -> TrainState:
   shapes = jax.eval_shape(make_init(s))
   return jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
@@ -335,12 +360,17 @@ def plan(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
 # Training
 # ----------------------------------------------------------------------------------------------
 class Logger:
-  """metrics.jsonl + TensorBoard events; one line per logged step."""
+  """metrics.jsonl + TensorBoard events; one line per logged step. Resuming at step k keeps the
+  lines up to k (those after it are logged again, identically) and purges later TensorBoard points."""
 
-  def __init__(self, workdir: pathlib.Path):
+  def __init__(self, workdir: pathlib.Path, start: int):
     from tensorboardX import SummaryWriter  # imported here: it is slow to import and plan needs none
-    self.jsonl = open(workdir / "metrics.jsonl", "x")
-    self.tb = SummaryWriter(str(workdir))
+    path = workdir / "metrics.jsonl"
+    lines = path.read_text().splitlines() if start and path.exists() else []
+    kept = [l for l in lines if json.loads(l)["step"] <= start]
+    path.write_text("".join(l + "\n" for l in kept))
+    self.jsonl = open(path, "a")
+    self.tb = SummaryWriter(str(workdir), purge_step=start + 1 if start else None)
 
   def write(self, step: int, metrics: dict) -> None:
     self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
@@ -361,23 +391,45 @@ def evaluate(eval_step, params, batches, sharding) -> dict:
 
 def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   # ---- inputs ---------------------------------------------------------------------------------
-  out = check_workdir(workdir, RUN_MARKERS)
+  out = check_workdir(workdir, ())
+  check_resumable(out)
+  if cfg.init.from_hf:  # the imported checkpoint defines the model's shape
+    cfg.model.update(hf.read_config(cfg.init.from_hf))
   corpus = load_data(cfg)
   s = build(cfg, corpus.tokenizer.vocab_size)
   cfg = s.cfg
   d = cfg.data
+  ckpt = checkpoint.Checkpointer(out / "checkpoints", cfg) if cfg.checkpoint.every else None
+  start = (ckpt.latest_step() or 0) if ckpt else 0
+  if not start and (out / "metrics.jsonl").exists():
+    raise InputError(f"--workdir {out} already holds a run with no complete checkpoint to resume "
+                     "from; refusing to overwrite it. Choose a new --workdir or delete the old one.")
+  if start >= cfg.train.steps:
+    raise InputError(f"--workdir {out} has a checkpoint at step {start}, at or past "
+                     f"train.steps={cfg.train.steps}. Raise --config.train.steps to train further.")
+  # Starting state read now, so that a damaged or mismatched checkpoint (or imported folder) is
+  # refused before anything is written.
+  state, t0 = None, time.perf_counter()
+  if start:
+    ckpt.check(start)
+    state = restore(s, ckpt, start)
+  elif cfg.init.from_hf:
+    state = make_init_from(s)(hf.import_params(cfg.init.from_hf, cfg.model))
+  init_s = time.perf_counter() - t0
   eval_batches = data.eval_batches(corpus.tokens["validation"], seq_len=d.seq_len, batch=d.eval_batch,
                                    max_batches=d.eval_batches or None)
   batches = data.train_batches(corpus.tokens["train"], seq_len=d.seq_len, global_batch=d.global_batch,
-                               seed=d.seed, process_index=jax.process_index(),
+                               seed=d.seed, start_step=start, process_index=jax.process_index(),
                                process_count=jax.process_count())
-  (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+  name = f"config.resumed_at_{start}.json" if start else "config.json"
+  (out / name).write_text(json.dumps(cfg.to_dict(), indent=2))
 
   # ---- compile --------------------------------------------------------------------------------
   peak = analysis.measure_matmul_peak()
-  t0 = time.perf_counter()
-  state = make_init(s)()
-  init_s = time.perf_counter() - t0
+  if state is None:
+    t0 = time.perf_counter()
+    state = make_init(s)()
+    init_s = time.perf_counter() - t0
   batch_struct = jax.ShapeDtypeStruct((d.global_batch, d.seq_len + 1), jnp.int32,
                                       sharding=s.batch_sharding)
   t0 = time.perf_counter()
@@ -387,17 +439,20 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   memory = analysis.compiled_memory(train_step)
 
   # ---- train ----------------------------------------------------------------------------------
-  logger = Logger(out)
+  logger = Logger(out, start)
   tokens_per_step = d.global_batch * d.seq_len
   flops_per_token = analysis.flops_per_token(cfg.model, d.seq_len)
-  train_time, last_log, last_log_step = 0.0, time.perf_counter(), 0
+  train_time, last_log, last_log_step = 0.0, time.perf_counter(), start
   last, eval_metrics = {}, {}
-  bar = tqdm.tqdm(total=cfg.train.steps, disable=not cfg.train.progress, mininterval=1.0,
-                  dynamic_ncols=True)
+  bar = tqdm.tqdm(initial=start, total=cfg.train.steps, disable=not cfg.train.progress,
+                  mininterval=1.0, dynamic_ncols=True)
   run_start = time.perf_counter()
-  for step in range(1, cfg.train.steps + 1):
+  for step in range(start + 1, cfg.train.steps + 1):
     batch = jax.make_array_from_process_local_data(s.batch_sharding, next(batches))
     state, metrics = train_step(state, batch)
+    # Asynchronous: the state is copied to host before this returns, then written in the background.
+    if ckpt:
+      ckpt.save(step, state, s.schedule, force=step == cfg.train.steps)
     bar.update()
     is_eval = step % cfg.train.eval_every == 0 or step == cfg.train.steps
     if step % cfg.train.log_every == 0 or is_eval:
@@ -417,19 +472,23 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
       last_log, last_log_step = time.perf_counter(), step
   bar.close()
   logger.close()
+  if ckpt:
+    ckpt.close()  # waits for the last save
   wall_s = time.perf_counter() - run_start
 
   # ---- summary --------------------------------------------------------------------------------
-  tokens_per_s = tokens_per_step * cfg.train.steps / train_time
+  trained = cfg.train.steps - start
+  tokens_per_s = tokens_per_step * trained / train_time
   summary = {
       **describe(s),
       "steps": cfg.train.steps,
+      "resumed_from_step": start,
       "tokens": tokens_per_step * cfg.train.steps,
       "final_loss": last["loss"],
       "final_eval_loss": eval_metrics["eval_loss"],
       "final_eval_perplexity": eval_metrics["eval_perplexity"],
       "tokens_per_s": tokens_per_s,
-      "step_ms": 1000 * train_time / cfg.train.steps,
+      "step_ms": 1000 * train_time / trained,
       "mfu": tokens_per_s * flops_per_token / peak,
       "matmul_peak_flops": peak,
       "compile_s": compile_s,

@@ -36,7 +36,7 @@ def coordinates(width: int, mup: bool, steps: int, layers: int, batch: int, seq_
   import numpy as np
   from flax import nnx
 
-  from cgpt_jax import config as config_lib, data, mup as mup_lib, model as model_lib, train
+  from cgpt_jax import config as config_lib, data, mup as mup_lib, train
 
   c = config_lib.base_config()
   c.model.update(n_layers=layers, d_model=width, n_heads=width // 64, n_positions=seq_len,

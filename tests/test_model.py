@@ -88,7 +88,7 @@ def test_full_remat_keeps_loss_and_gradients():
 
   def loss_and_grad(c):
     graphdef, params = nnx.split(model_lib.GPT(c, rngs=nnx.Rngs(3)))
-    f = lambda p: model_lib.cross_entropy(nnx.merge(graphdef, p)(tokens[:, :-1]), tokens[:, 1:])
+    f = lambda p: jnp.mean(model_lib.token_nll(nnx.merge(graphdef, p)(tokens[:, :-1]), tokens[:, 1:]))
     return jax.value_and_grad(f)(params)
 
   base = loss_and_grad(cfg)

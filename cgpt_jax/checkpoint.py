@@ -1,0 +1,147 @@
+"""Checkpoints with orbax: asynchronous saves every N steps and at the end, the last K kept, and
+restores into whatever layout the current run has.
+
+A checkpoint holds the whole TrainState (parameters, optimizer state, step) and a JSON record of
+what produced it: the model shape (checked before anything is read), the data seed and the step.
+That is all a bit-exact resume needs: a training batch is a pure function of (seed, step)
+(data/pipeline.py) and the step has no randomness (dropout 0), so the step number is the data
+iterator's position and there is no RNG state to carry.
+
+Layer parameters (and every optimizer moment shaped like them) are saved in layer order [L, ...]
+whatever the layout: a pipeline's [R, S, K, ...] stage layout is a free reshape of it
+(pipeline.to_stages), undone before saving and redone after restoring, so a checkpoint written
+under one layout restores under any other, on any number of devices. orbax restores each array
+straight into the target sharding of the current run.
+
+orbax writes a step into a temporary directory and renames it when complete, so a save cut short
+(a killed process) never shadows the previous complete one; a complete but unreadable checkpoint is
+an InputError (exit 2) that names the step directory.
+"""
+import pathlib
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from cgpt_jax.errors import InputError
+
+# What must match for a checkpoint's arrays to mean the same thing in this run.
+MODEL_KEYS = ("n_layers", "d_model", "n_heads", "d_ff", "vocab_size", "vocab_multiple",
+              "n_positions", "mup")
+OPTIMIZER_KEYS = ("name",)
+
+
+def _is_layer_leaf(path, leaf, stages) -> bool:
+  """A stacked-layer array in the pipeline's [R, S, K, ...] layout (parameters and the moments
+  shaped like them; Adafactor's (1,) placeholders and counters are not)."""
+  in_blocks = any(getattr(k, "key", None) == "blocks" for k in path)
+  return in_blocks and leaf.ndim >= 3 and tuple(leaf.shape[:2]) == stages
+
+
+def to_layer_order(state, schedule):
+  """[R, S, K, ...] -> [L, ...] for every stacked-layer array (the identity without a pipeline)."""
+  if schedule is None:
+    return state
+  stages = (schedule.repeats, schedule.stages)
+  return jax.tree_util.tree_map_with_path(
+      lambda p, x: x.reshape(-1, *x.shape[3:]) if _is_layer_leaf(p, x, stages) else x, state)
+
+
+def from_layer_order(state, schedule, like):
+  """Inverse of to_layer_order, shaped after `like` (the run's own abstract state)."""
+  if schedule is None:
+    return state
+  stages = (schedule.repeats, schedule.stages)
+  return jax.tree_util.tree_map_with_path(
+      lambda p, x, l: x.reshape(l.shape) if _is_layer_leaf(p, l, stages) else x, state, like)
+
+
+def layer_order_target(abstract_state, schedule, mesh):
+  """The abstract state in layer order, with the shardings arrays are restored into: a layer array's
+  own sharding less its repeat/stage/layer dims (pipeline layouts re-split it by stage after)."""
+  if schedule is None:
+    return abstract_state
+  stages = (schedule.repeats, schedule.stages)
+
+  def target(path, x):
+    if not _is_layer_leaf(path, x, stages):
+      return x
+    spec = tuple(x.sharding.spec) + (None,) * (x.ndim - len(x.sharding.spec))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, *spec[3:]))
+    return jax.ShapeDtypeStruct((int(np.prod(x.shape[:3])), *x.shape[3:]), x.dtype,
+                                sharding=sharding)
+  return jax.tree_util.tree_map_with_path(target, abstract_state)
+
+
+def describe_run(cfg) -> dict:
+  return {
+      "model": {k: cfg.model[k] for k in MODEL_KEYS},
+      "optimizer": {k: cfg.optim[k] for k in OPTIMIZER_KEYS},
+      "data_seed": cfg.data.seed,
+  }
+
+
+class Checkpointer:
+  """CheckpointManager over WORKDIR/checkpoints for one run."""
+
+  def __init__(self, directory: pathlib.Path, cfg, read_only: bool = False):
+    self.directory = directory
+    self.record = describe_run(cfg)
+    self.manager = ocp.CheckpointManager(
+        directory.resolve(),
+        options=ocp.CheckpointManagerOptions(
+            save_interval_steps=cfg.checkpoint.every, max_to_keep=cfg.checkpoint.keep,
+            enable_async_checkpointing=True, read_only=read_only, create=not read_only))
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state, schedule, force: bool = False) -> None:
+    """Starts an asynchronous save when `step` is due (every N steps, or `force`)."""
+    self.manager.save(step, force=force, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(to_layer_order(state, schedule)),
+        run=ocp.args.JsonSave({**self.record, "step": step})))
+
+  def check(self, step: int) -> None:
+    """Reads the record of the checkpoint at `step` and refuses one from another model (before
+    the run writes anything)."""
+    where = self.directory / str(step)
+    try:
+      record = self.manager.restore(step, args=ocp.args.Composite(run=ocp.args.JsonRestore()))["run"]
+    except Exception as e:  # orbax raises many kinds for a damaged directory
+      raise InputError(f"checkpoint {where} cannot be read ({type(e).__name__}: {e}). Delete that "
+                       "step directory to resume from an earlier one, or use a new --workdir.") from None
+    self.check_compatible(record, where)
+
+  def restore(self, step: int, abstract_state, schedule, mesh, restore_fn):
+    """The checkpoint at `step` placed as `abstract_state` (the current run's shapes and shardings).
+    `restore_fn(tree)` re-splits layer-order arrays into the run's layout (a jitted
+    from_layer_order with the run's out_shardings)."""
+    where = self.directory / str(step)
+    target = layer_order_target(abstract_state, schedule, mesh)
+    try:
+      state = self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(target)))["state"]
+    except Exception as e:
+      raise InputError(f"checkpoint {where} cannot be restored ({type(e).__name__}: "
+                       f"{str(e).splitlines()[0] if str(e) else ''}). Delete that step directory to "
+                       "resume from an earlier one, or use a new --workdir.") from None
+    return restore_fn(state) if schedule else state
+
+  def check_compatible(self, record: dict, where: pathlib.Path) -> None:
+    for section in ("model", "optimizer"):
+      for key, ours in self.record[section].items():
+        theirs = record.get(section, {}).get(key)
+        if theirs != ours:
+          field = "optim" if section == "optimizer" else "model"
+          raise InputError(
+              f"checkpoint {where} is for {field}.{key}={theirs!r}, this run has {field}.{key}="
+              f"{ours!r}. Resume with the checkpoint's {section} settings, or use a new --workdir.")
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+

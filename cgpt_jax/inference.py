@@ -1,0 +1,97 @@
+"""What to do with a trained workdir: evaluate it on a text, generate from a prompt, export it to
+Hugging Face's GPT-2 format. Each restores the latest checkpoint into the run's layout (any layout,
+as training resumes do) and appends its result to a JSONL file in the workdir (never overwriting).
+"""
+import json
+import pathlib
+import time
+
+import jax
+import ml_collections
+import numpy as np
+
+from cgpt_jax import checkpoint, data, evaluate as evaluate_lib, generate as generate_lib, hf
+from cgpt_jax import pipeline, train
+from cgpt_jax.errors import InputError
+
+
+def load_trained(cfg: ml_collections.ConfigDict, workdir: str):
+  """(Setup, parameters in the run's layout, tokenizer, step) from WORKDIR's latest checkpoint."""
+  out = pathlib.Path(workdir)
+  if cfg.data.tokenizer == "char":  # its vocabulary is the training corpus's characters
+    tokenizer = train.load_data(cfg).tokenizer
+  else:
+    tokenizer = data.make_tokenizer(cfg.data.tokenizer, path=cfg.data.tokenizer_path)
+  s = train.build(cfg, tokenizer.vocab_size)
+  step = None
+  if (out / "checkpoints").is_dir():
+    ckpt = checkpoint.Checkpointer(out / "checkpoints", s.cfg, read_only=True)
+    step = ckpt.latest_step()
+  if step is None:
+    raise InputError(f"--workdir {out} has no checkpoint (looked in {out / 'checkpoints'}). Train "
+                     "there first, or point --workdir at a trained run.")
+  ckpt.check(step)
+  state = train.restore(s, ckpt, step)
+  ckpt.close()
+  return s, state.params, tokenizer, step
+
+
+def layer_order(s: train.Setup, params):
+  return pipeline.from_stages(params) if s.schedule else params
+
+
+def _append(out: pathlib.Path, name: str, record: dict) -> None:
+  with open(out / name, "a") as f:
+    f.write(json.dumps(record) + "\n")
+
+
+def evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Sliding-window loss and perplexity of the latest checkpoint on evaluate.text (a file), or on
+  the validation split of the training data when that is empty -> WORKDIR/evals.jsonl."""
+  s, params, tokenizer, step = load_trained(cfg, workdir)
+  e, d = s.cfg.evaluate, s.cfg.data
+  if e.text:
+    path = pathlib.Path(e.text)
+    try:
+      text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+      raise InputError(f"config evaluate.text={e.text!r}: cannot read it ({err}). Give a UTF-8 "
+                       "text file.") from None
+    tokens, source = tokenizer.encode(text), str(path)
+  else:
+    tokens, source = train.load_data(s.cfg).tokens["validation"], f"{d.source} (validation split)"
+  stride = e.stride or max(d.seq_len // 2, 1)
+  t0 = time.perf_counter()
+  result = evaluate_lib.sliding_window_loss(params, train.make_loss(s, per_token=True), tokens,
+                                            d.seq_len, stride, d.eval_batch)
+  result.update(step=step, text=source, tokenizer=tokenizer.name, seconds=time.perf_counter() - t0)
+  _append(pathlib.Path(workdir), "evals.jsonl", result)
+  return result
+
+
+def generate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
+  """A continuation of generate.prompt from the latest checkpoint -> WORKDIR/samples.jsonl."""
+  s, params, tokenizer, step = load_trained(cfg, workdir)
+  g = s.cfg.generate
+  if not g.prompt:
+    raise InputError("config generate.prompt is empty. Give the text to continue, e.g. "
+                     "--config.generate.prompt='ROMEO:'.")
+  prompt = tokenizer.encode(g.prompt)
+  t0 = time.perf_counter()
+  new = generate_lib.generate(
+      s.graphdef, layer_order(s, params), s.cfg.model, prompt, g.max_new_tokens, method=g.method,
+      temperature=g.temperature, top_k=g.top_k, top_p=g.top_p, num_beams=g.num_beams,
+      length_penalty=g.length_penalty, no_repeat_ngram_size=g.no_repeat_ngram_size,
+      eos_id=tokenizer.eot_id, seed=g.seed, layout=None if s.schedule else s.layout)
+  result = {"step": step, "prompt": g.prompt, "completion": tokenizer.decode(np.asarray(new)),
+            "tokens": int(len(new)), "seconds": time.perf_counter() - t0, **g.to_dict()}
+  _append(pathlib.Path(workdir), "samples.jsonl", result)
+  return result
+
+
+def export_hf(cfg: ml_collections.ConfigDict, workdir: str) -> str:
+  """The latest checkpoint as a GPT-2-format folder (config.json + model.safetensors)."""
+  s, params, _, _ = load_trained(cfg, workdir)
+  folder = s.cfg.export.hf_dir or str(pathlib.Path(workdir) / "hf")
+  hf.export(jax.device_get(layer_order(s, params)), s.cfg.model, folder)
+  return folder

@@ -1,0 +1,173 @@
+"""Checkpoints: a killed run resumes bit for bit; a checkpoint restores under another layout and
+device count; damaged, incomplete and mismatched checkpoints are clear errors that lose nothing."""
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from cgpt_jax import train
+from cgpt_jax.errors import InputError
+
+from conftest import REPO
+from test_launch import SHAKESPEARE, assert_bad_input, launch
+from test_train import losses, tiny_config
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  return tmp_path_factory.mktemp("tfds")
+
+
+def eight_heads(shared_data, data_dir, layout, **sizes):
+  c = tiny_config(shared_data, data_dir, layout=layout, **sizes)
+  c.model.n_heads = 8  # tp splits heads over 8 devices
+  c.train.steps = 8
+  c.checkpoint.every = 4
+  return c
+
+
+def by_step(workdir):
+  return {l["step"]: l for l in map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines())}
+
+
+def files_digest(folder):
+  h = hashlib.sha256()
+  for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+    h.update(str(path.relative_to(folder)).encode() + path.read_bytes())
+  return h.hexdigest()
+
+
+def copy_checkpoint(src, dst, step):
+  """A workdir holding only `src`'s checkpoint at `step`."""
+  shutil.copytree(src / "checkpoints", dst / "checkpoints")
+  for other in (dst / "checkpoints").iterdir():
+    if other.is_dir() and other.name.isdigit() and int(other.name) != step:
+      shutil.rmtree(other)
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(shared_data, data_dir, tmp_path_factory):
+  """8 steps under fsdp, checkpoints at 4 and 8: the uninterrupted reference."""
+  workdir = tmp_path_factory.mktemp("fsdp")
+  train.run(eight_heads(shared_data, data_dir, "fsdp"), str(workdir))
+  return workdir
+
+
+@pytest.mark.parametrize("layout,sizes", [("tp", {}), ("pp", {"pipe": 2, "data": 4})])
+def test_restore_under_another_layout(shared_data, data_dir, fsdp_run, tmp_path, layout, sizes):
+  """Saved under fsdp at step 4, resumed under tp or a pipeline: steps 5-8 match the uninterrupted
+  fsdp run to the layouts' float32 tolerance."""
+  copy_checkpoint(fsdp_run, tmp_path, 4)
+  summary = train.run(eight_heads(shared_data, data_dir, layout, **sizes), str(tmp_path))
+  assert summary["resumed_from_step"] == 4
+  ref, got = by_step(fsdp_run), by_step(tmp_path)
+  assert sorted(got) == list(range(5, 9))
+  np.testing.assert_allclose([got[k]["loss"] for k in got], [ref[k]["loss"] for k in got], rtol=1e-5)
+  np.testing.assert_allclose(got[8]["eval_loss"], ref[8]["eval_loss"], rtol=1e-5)
+
+
+def test_pipeline_checkpoint_restores_on_one_device(shared_data, data_dir, tmp_path_factory):
+  """A pipeline saves its [R, S, K, ...] layers in layer order: a single-device run resumes it."""
+  saved, resumed = tmp_path_factory.mktemp("pp"), tmp_path_factory.mktemp("single")
+  train.run(eight_heads(shared_data, data_dir, "pp", pipe=2, data=4), str(saved))
+  copy_checkpoint(saved, resumed, 4)
+  train.run(eight_heads(shared_data, data_dir, "single"), str(resumed))
+  ref, got = by_step(saved), by_step(resumed)
+  np.testing.assert_allclose([got[k]["loss"] for k in got], [ref[k]["loss"] for k in got], rtol=1e-5)
+
+
+def test_restore_on_fewer_devices(shared_data, fsdp_run, tmp_path):
+  """The 8-device fsdp checkpoint resumes in a 4-device dp process (launch.py --devices 4)."""
+  copy_checkpoint(fsdp_run, tmp_path, 4)
+  config = json.loads((fsdp_run / "config.json").read_text())
+  r = launch(SHAKESPEARE, f"--config.data.source={shared_data / 'tinyshakespeare' / 'input.txt'}",
+             f"--config.data.data_dir={config['data']['data_dir']}", "--config.model.preset=tiny",
+             "--config.model.n_heads=8", "--config.model.scan_unroll=2",
+             "--config.data.global_batch=16", "--config.data.eval_batch=64",
+             "--config.data.eval_batches=4", "--config.train.steps=8", "--config.train.log_every=1",
+             "--config.train.eval_every=6", "--config.optim.warmup_steps=2",
+             "--config.checkpoint.every=4", "--config.train.progress=False",
+             "--config.mesh.layout=dp", f"--workdir={tmp_path}", devices=4)
+  assert r.returncode == 0, r.stderr[-3000:]
+  ref, got = by_step(fsdp_run), by_step(tmp_path)
+  assert sorted(got) == list(range(5, 9))
+  np.testing.assert_allclose([got[k]["loss"] for k in got], [ref[k]["loss"] for k in got], rtol=1e-5)
+
+
+def test_sigkill_then_rerun_is_bit_identical(shared_data, tmp_path):
+  """SIGKILL a run once its step-50 checkpoint is complete, rerun the same command: every logged
+  loss (train and eval) equals an uninterrupted run's, bit for bit. Only the last 3 are kept."""
+  flags = [f"--config.data.source={shared_data / 'tinyshakespeare' / 'input.txt'}",
+           f"--config.data.data_dir={tmp_path / 'tfds'}", "--config.model.preset=tiny",
+           "--config.train.steps=1500", "--config.checkpoint.every=50", "--config.train.log_every=1",
+           "--config.train.eval_every=500", "--config.data.eval_batches=2",
+           "--config.train.progress=False"]
+  whole, killed = tmp_path / "whole", tmp_path / "killed"
+  assert launch(SHAKESPEARE, *flags, f"--workdir={whole}").returncode == 0
+  kept = sorted(int(d.name) for d in (whole / "checkpoints").iterdir() if d.name.isdigit())
+  assert kept == [1400, 1450, 1500]  # checkpoint.keep=3, the last one at the last step
+
+  cmd = [sys.executable, str(REPO / "launch.py"), SHAKESPEARE, *flags, f"--workdir={killed}"]
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device, as launch() runs
+  proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  deadline = time.time() + 300
+  while not (killed / "checkpoints" / "50").is_dir() and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert not (killed / "summary.json").exists(), "the run finished before it could be killed"
+  rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+  assert rerun.returncode == 0, rerun.stderr[-3000:]
+  assert json.loads((killed / "summary.json").read_text())["resumed_from_step"] >= 50
+  assert losses(killed) == losses(whole)  # exact float equality, train and eval
+
+
+def test_bad_checkpoints_are_clear_errors_and_lose_nothing(shared_data, data_dir, fsdp_run,
+                                                           tmp_path_factory):
+  # Another model's checkpoint.
+  other = tmp_path_factory.mktemp("other")
+  copy_checkpoint(fsdp_run, other, 4)
+  before = files_digest(other)
+  c = eight_heads(shared_data, data_dir, "fsdp")
+  c.model.d_model = 128
+  with pytest.raises(InputError, match=r"checkpoints/4 is for model.d_model=64, this run has "
+                                       r"model.d_model=128"):
+    train.run(c, str(other))
+  assert files_digest(other) == before
+
+  # A damaged checkpoint: its array files truncated.
+  damaged = tmp_path_factory.mktemp("damaged")
+  copy_checkpoint(fsdp_run, damaged, 8)
+  for path in (damaged / "checkpoints" / "8" / "state").rglob("*"):
+    if path.is_file() and path.stat().st_size > 64:
+      path.write_bytes(path.read_bytes()[:16])
+  before = files_digest(damaged)
+  c = eight_heads(shared_data, data_dir, "fsdp")
+  c.train.steps = 12
+  with pytest.raises(InputError, match=r"checkpoints/8 cannot be (read|restored).*Delete that step"):
+    train.run(c, str(damaged))
+  assert files_digest(damaged) == before
+
+  # An incomplete save (orbax's temporary directory, never renamed) does not hide step 8.
+  incomplete = tmp_path_factory.mktemp("incomplete")
+  copy_checkpoint(fsdp_run, incomplete, 8)
+  shutil.copytree(incomplete / "checkpoints" / "8",
+                  incomplete / "checkpoints" / "12.orbax-checkpoint-tmp-1234567")
+  summary = train.run(c, str(incomplete))
+  assert summary["resumed_from_step"] == 8
+
+
+def test_finished_run_is_not_overwritten(shared_data, fsdp_run):
+  before = files_digest(fsdp_run)
+  r = launch(SHAKESPEARE, f"--config.data.source={shared_data / 'tinyshakespeare' / 'input.txt'}",
+             f"--workdir={fsdp_run}")
+  assert_bad_input(r, "already holds a run", "summary.json")
+  assert files_digest(fsdp_run) == before
