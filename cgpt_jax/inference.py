@@ -30,7 +30,6 @@ def load_trained(cfg: ml_collections.ConfigDict, workdir: str):
   if step is None:
     raise InputError(f"--workdir {out} has no checkpoint (looked in {out / 'checkpoints'}). Train "
                      "there first, or point --workdir at a trained run.")
-  ckpt.check(step)
   state = train.restore(s, ckpt, step)
   ckpt.close()
   return s, state.params, tokenizer, step

@@ -145,24 +145,22 @@ class Setup(NamedTuple):
   schedule: pipeline.Schedule | None  # None unless mesh.pipe > 1
 
 
-def make_init(s: Setup):
-  cfg = s.cfg
+def _initial_state(s: Setup, params) -> TrainState:
+  if s.schedule:
+    params = pipeline.to_stages(params, s.schedule)
+  return TrainState(jnp.zeros((), jnp.int32), params, s.tx.init(params))
 
+
+def make_init(s: Setup):
+  """The initial state from train.seed, created in place on its shardings."""
   def init():
-    params = nnx.state(model_lib.GPT(cfg.model, rngs=nnx.Rngs(cfg.train.seed)))
-    if s.schedule:
-      params = pipeline.to_stages(params, s.schedule)
-    return TrainState(jnp.zeros((), jnp.int32), params, s.tx.init(params))
+    return _initial_state(s, nnx.state(model_lib.GPT(s.cfg.model, rngs=nnx.Rngs(s.cfg.train.seed))))
   return jax.jit(init, out_shardings=s.shardings)
 
 
 def make_init_from(s: Setup):
   """Initial state from given parameters (layer order): fine-tuning from imported weights."""
-  def init(params):
-    if s.schedule:
-      params = pipeline.to_stages(params, s.schedule)
-    return TrainState(jnp.zeros((), jnp.int32), params, s.tx.init(params))
-  return jax.jit(init, out_shardings=s.shardings)
+  return jax.jit(lambda params: _initial_state(s, params), out_shardings=s.shardings)
 
 
 def make_loss(s: Setup, bubble_fill: float = 0.0, per_token: bool = False):
@@ -304,7 +302,9 @@ def describe(s: Setup) -> dict:
 
 
 def restore(s: Setup, ckpt: checkpoint.Checkpointer, step: int) -> TrainState:
-  """The checkpoint at `step`, placed in this run's layout (whatever layout wrote it)."""
+  """The checkpoint at `step`, placed in this run's layout (whatever layout wrote it); one from
+  another model is refused first."""
+  ckpt.check(step)
   like = abstract_state(s)
   split = jax.jit(lambda tree: checkpoint.from_layer_order(tree, s.schedule, like),
                   out_shardings=s.shardings)
@@ -411,7 +411,6 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   # refused before anything is written.
   state, t0 = None, time.perf_counter()
   if start:
-    ckpt.check(start)
     state = restore(s, ckpt, start)
   elif cfg.init.from_hf:
     state = make_init_from(s)(hf.import_params(cfg.init.from_hf, cfg.model))
