@@ -208,7 +208,7 @@ def expected_matmul_flops(m: ml_collections.ConfigDict, seq_len: int, tokens: in
 
 def analytic_collective_terms(sizes: dict, m: ml_collections.ConfigDict, n_params: int, zero3: bool,
                               global_batch: int, seq_len: int, schedule=None, streams: bool = False,
-                              bytes_per_el: int = 4) -> dict[str, int]:
+                              bytes_per_el: int = 4, grad_accum: int = 1) -> dict[str, int]:
   """Per-device bytes per step the layout should move (REFERENCE.md §2), by cause.
 
   X = data x fsdp devices share the batch, Y = tensor devices share each layer, S = pipe stages
@@ -216,9 +216,10 @@ def analytic_collective_terms(sizes: dict, m: ml_collections.ConfigDict, n_param
   - parameter_sync, on each device's parameters (layers / (S Y), the rest / Y): DP and ZeRO-1
     all-reduce the gradients, 2 P b (X-1)/X; ZeRO-3 (zero3=True) gathers weights forward and
     backward and reduce-scatters gradients, 3 P b (X-1)/X, for a stage's layers once per pipeline
-    iteration. Under a pipeline the embedding, positions and final norm are replicated over pipe
-    too and reduced over all X S devices. (A mesh with both data and fsdp > 1 is counted as ZeRO-3
-    over all X: an approximation.)
+    iteration, and all of it once per micro-step of gradient accumulation (k = grad_accum): the
+    step's weights are gathered k times. Under a pipeline the embedding, positions and final norm
+    are replicated over pipe too and reduced over all X S devices. (A mesh with both data and
+    fsdp > 1 is counted as ZeRO-3 over all X: an approximation.)
   - tensor_layers: an all-reduce of the [tokens, d] activation after attention and after the MLP
     forward, and before each backward: 4 per layer run, each 2 V (Y-1)/Y. In the SPMD pipeline a
     device runs K = L/(S R) layers per iteration on mb tokens for every iteration, bubbles included.
@@ -230,7 +231,8 @@ def analytic_collective_terms(sizes: dict, m: ml_collections.ConfigDict, n_param
   - Weight streaming (streams=True, wafer.py), n = fsdp devices per wafer, W = data wafers:
     stream_in, each layer's weights gathered forward and again backward, 2 P_layers b (n-1)/n;
     stream_out, its gradients reduce-scattered back, P_layers b (n-1)/n; swarm_reduce, the
-    gradient shards summed across wafers once per step, 2 (P_layers/n) b (W-1)/W. The rest of the
+    gradient shards summed across wafers once per step, 2 (P_layers/n) b (W-1)/W. Streaming
+    happens once per micro-step (x k), the swarm reduce once per step. The rest of the
     parameters (embedding, positions, final norm) are in parameter_sync, ZeRO-3 style.
   """
   x_ways, y_ways, stages = sizes["data"] * sizes["fsdp"], sizes["tensor"], sizes["pipe"]
@@ -241,15 +243,15 @@ def analytic_collective_terms(sizes: dict, m: ml_collections.ConfigDict, n_param
   terms = {}
   if streams:
     n, wafers = sizes["fsdp"], sizes["data"]
-    terms["stream_in"] = 2 * in_layers * b * (n - 1) / n
-    terms["stream_out"] = in_layers * b * (n - 1) / n
+    terms["stream_in"] = 2 * grad_accum * in_layers * b * (n - 1) / n
+    terms["stream_out"] = grad_accum * in_layers * b * (n - 1) / n
     if wafers > 1:
       terms["swarm_reduce"] = 2 * in_layers / n * b * (wafers - 1) / wafers
     in_layers = 0  # not synchronised again below
   if x_ways * stages > 1:
     # ZeRO-3 in a pipeline gathers (and reduce-scatters) a stage's weights on every iteration,
     # as FSDP does per microbatch; data parallelism reduces the gradients once per step.
-    uses = schedule.iterations if zero3 and schedule else 1
+    uses = (schedule.iterations if zero3 and schedule else 1) * (grad_accum if zero3 else 1)
     # The layers are split over pipe and synchronised over X; the rest is replicated over pipe as
     # well and reduced over all X S devices at once.
     sync = (3 if zero3 else 2) * b / y_ways

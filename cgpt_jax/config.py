@@ -5,6 +5,7 @@ launcher applies `--config.KEY=VALUE` overrides, then `resolve()` fills what a p
 checks every number a user can get wrong, raising `InputError` (exit 2) before anything compiles.
 """
 import dataclasses
+import math
 
 import ml_collections
 from ml_collections import config_dict
@@ -294,6 +295,33 @@ def resolve(c: ml_collections.ConfigDict, vocab_size: int) -> ml_collections.Con
       _fail(f"train.{key}", t[key], "must be positive", "Give a step interval.")
   return c
 
+
+def cerebras_gpt(size: str) -> ml_collections.ConfigDict:
+  """The paper's recipe at one of its sizes (arXiv 2304.03208, REFERENCE.md §1): GPT-2 BPE,
+  2048-token sequences, the size's batch and peak LR, AdamW beta=(0.9, 0.95), weight decay 0.1, clip
+  1.0, linear warm-up over 375M tokens, then linear or cosine decay to 10% at the Chinchilla budget
+  of 20 tokens per parameter. The data is the Gutenberg selection (the Pile is not available
+  offline)."""
+  sizes = {**CEREBRAS_GPT, **CEREBRAS_GPT_MUP}
+  if size not in sizes:
+    raise InputError(f"unknown Cerebras-GPT size {size!r}. Choose one of: {', '.join(sizes)}.")
+  p = sizes[size]
+  c = base_config()
+  c.model.preset = size
+  c.data.source = "../shared/data/gutenberg"
+  c.data.tokenizer = "gpt2"
+  c.data.seq_len = 2048
+  c.data.global_batch = p.batch
+  c.data.eval_batches = 20
+  c.optim.lr = p.lr
+  c.optim.eps = p.eps
+  c.optim.schedule = p.decay
+  tokens_per_step = p.batch * 2048
+  c.optim.warmup_steps = math.ceil(WARMUP_TOKENS / tokens_per_step)
+  params = closed_form_params(p.n_layers, p.d_model)
+  c.train.steps = math.ceil(TOKENS_PER_PARAM * params / tokens_per_step)
+  c.train.eval_every = 1000
+  return c
 
 
 def closed_form_params(n_layers: int, d_model: int, vocab: int = 50257, positions: int = 2048) -> int:

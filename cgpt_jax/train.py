@@ -19,8 +19,8 @@ import optax
 import tqdm
 from flax import nnx
 
-from cgpt_jax import (analysis, checkpoint, config as config_lib, data, hf, mesh as mesh_lib,
-                      model as model_lib, optim, pipeline, wafer)
+from cgpt_jax import (analysis, checkpoint, config as config_lib, data, distributed, hf,
+                      mesh as mesh_lib, model as model_lib, optim, pipeline, wafer)
 from cgpt_jax.errors import InputError
 
 
@@ -257,7 +257,8 @@ def compiled_costs(s: Setup, compiled) -> dict:
   held = sum(x.size for x in jax.tree.leaves(s.abstract_params))
   streams = s.layout.streams_weights
   terms = analysis.analytic_collective_terms(sizes, m, s.n_params, sizes["fsdp"] > 1, d.global_batch,
-                                             d.seq_len, s.schedule, streams)
+                                             d.seq_len, s.schedule, streams,
+                                             grad_accum=s.cfg.train.grad_accum)
   opt_state = abstract_state(s).opt_state
   costs = {
       "optimizer_state_bytes": analysis.tree_bytes(opt_state),
@@ -383,8 +384,21 @@ class Logger:
     self.tb.close()
 
 
+class NoLogger:
+  """What processes other than 0 log: nothing (process 0 writes the run's files)."""
+
+  def write(self, step: int, metrics: dict) -> None:
+    pass
+
+  def close(self) -> None:
+    pass
+
+
 def evaluate(eval_step, params, batches, sharding) -> dict:
-  losses = [eval_step(params, jax.make_array_from_process_local_data(sharding, b)) for b in batches]
+  # Every process holds every eval batch whole: the global shape tells jax to take each device's
+  # rows from it.
+  losses = [eval_step(params, jax.make_array_from_process_local_data(sharding, b, b.shape))
+            for b in batches]
   loss = float(np.mean(jax.device_get(losses)))
   return {"eval_loss": loss, "eval_perplexity": math.exp(loss)}
 
@@ -395,7 +409,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   check_resumable(out)
   if cfg.init.from_hf:  # the imported checkpoint defines the model's shape
     cfg.model.update(hf.read_config(cfg.init.from_hf))
-  corpus = load_data(cfg)
+  with distributed.main_first("data prepared"):
+    corpus = load_data(cfg)
   s = build(cfg, corpus.tokenizer.vocab_size)
   cfg = s.cfg
   d = cfg.data
@@ -417,11 +432,17 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   init_s = time.perf_counter() - t0
   eval_batches = data.eval_batches(corpus.tokens["validation"], seq_len=d.seq_len, batch=d.eval_batch,
                                    max_batches=d.eval_batches or None)
+  batch_shape = (d.global_batch, d.seq_len + 1)
+  block, blocks = distributed.process_rows(s.batch_sharding, batch_shape)
   batches = data.train_batches(corpus.tokens["train"], seq_len=d.seq_len, global_batch=d.global_batch,
-                               seed=d.seed, start_step=start, process_index=jax.process_index(),
-                               process_count=jax.process_count())
-  name = f"config.resumed_at_{start}.json" if start else "config.json"
-  (out / name).write_text(json.dumps(cfg.to_dict(), indent=2))
+                               seed=d.seed, start_step=start, process_index=block,
+                               process_count=blocks)
+  # Every process has checked the workdir before process 0 writes to it.
+  distributed.barrier("inputs checked")
+  main = distributed.is_main()
+  if main:
+    name = f"config.resumed_at_{start}.json" if start else "config.json"
+    (out / name).write_text(json.dumps(cfg.to_dict(), indent=2))
 
   # ---- compile --------------------------------------------------------------------------------
   peak = analysis.measure_matmul_peak()
@@ -429,8 +450,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     t0 = time.perf_counter()
     state = make_init(s)()
     init_s = time.perf_counter() - t0
-  batch_struct = jax.ShapeDtypeStruct((d.global_batch, d.seq_len + 1), jnp.int32,
-                                      sharding=s.batch_sharding)
+  batch_struct = jax.ShapeDtypeStruct(batch_shape, jnp.int32, sharding=s.batch_sharding)
   t0 = time.perf_counter()
   train_step = make_train_step(s).lower(state, batch_struct).compile()
   compile_s = time.perf_counter() - t0
@@ -438,16 +458,16 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   memory = analysis.compiled_memory(train_step)
 
   # ---- train ----------------------------------------------------------------------------------
-  logger = Logger(out, start)
+  logger = Logger(out, start) if main else NoLogger()
   tokens_per_step = d.global_batch * d.seq_len
   flops_per_token = analysis.flops_per_token(cfg.model, d.seq_len)
   train_time, last_log, last_log_step = 0.0, time.perf_counter(), start
   last, eval_metrics = {}, {}
-  bar = tqdm.tqdm(initial=start, total=cfg.train.steps, disable=not cfg.train.progress,
+  bar = tqdm.tqdm(initial=start, total=cfg.train.steps, disable=not (cfg.train.progress and main),
                   mininterval=1.0, dynamic_ncols=True)
   run_start = time.perf_counter()
   for step in range(start + 1, cfg.train.steps + 1):
-    batch = jax.make_array_from_process_local_data(s.batch_sharding, next(batches))
+    batch = jax.make_array_from_process_local_data(s.batch_sharding, next(batches), batch_shape)
     state, metrics = train_step(state, batch)
     # Asynchronous: the state is copied to host before this returns, then written in the background.
     if ckpt:
@@ -497,5 +517,6 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
       "memory_per_device_bytes": memory,
       **compiled_costs(s, train_step),
   }
-  (out / "summary.json").write_text(json.dumps(summary, indent=2))
+  if main:
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
   return summary

@@ -20,6 +20,14 @@ def shared_data() -> pathlib.Path:
     pytest.fail(f"../shared/data not found beside the repository (looked in {SHARED_DATA})")
   return SHARED_DATA
 
+
+@pytest.fixture(scope="module")
+def data_flags(shared_data, tmp_path_factory) -> list[str]:
+  """launch.py flags for tiny Shakespeare, prepared into a data dir of the test module's own."""
+  return [f"--config.data.source={shared_data / 'tinyshakespeare' / 'input.txt'}",
+          f"--config.data.data_dir={tmp_path_factory.mktemp('tfds')}"]
+
+
 import sys  # noqa: E402
 
 sys.path.insert(0, str(REPO / "experiments"))  # experiment files are importable by name in tests

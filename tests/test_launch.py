@@ -15,12 +15,6 @@ def launch(*args, devices=1, timeout=300):
                         cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.fixture(scope="module")
-def data_flags(shared_data, tmp_path_factory):
-  return [f"--config.data.source={shared_data / 'tinyshakespeare' / 'input.txt'}",
-          f"--config.data.data_dir={tmp_path_factory.mktemp('tfds')}"]
-
-
 SHAKESPEARE = "--config=experiments/shakespeare_char.py"
 
 

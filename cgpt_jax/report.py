@@ -1,0 +1,161 @@
+"""Tables and plots for sweeps: the layout ablation (every layout against `single`) and a generic
+table for sweeps that define no report of their own. Input: each point's summary.json as a dict (with
+its metrics.jsonl records under "metrics"), or {"error": message} for a point that failed."""
+import pathlib
+
+import numpy as np
+
+# The layouts issue's tolerance: same seed, same data, every logged loss equal to single's to this
+# relative difference in float32 (tests/test_layouts.py).
+LOSS_RTOL = 1e-5
+
+
+def headline(result: dict) -> str:
+  """A few words for a sweep's progress line."""
+  if "final_loss" in result:
+    return (f": loss {result['final_loss']:.4f}, val {result['final_eval_loss']:.4f}, "
+            f"{result['tokens_per_s']:,.0f} tokens/s")
+  if "memory_per_device_bytes" in result:
+    return f": {result['memory_per_device_bytes']['total_bytes'] / 2**30:.2f} GiB per device"
+  return ""
+
+
+def generic_table(results: dict) -> list[str]:
+  lines = ["| point | result |", "|---|---|"]
+  for name, r in results.items():
+    lines.append(f"| {name} | {'error: ' + r['error'] if 'error' in r else headline(r)[2:]} |")
+  return lines
+
+
+def losses(result: dict) -> np.ndarray:
+  """[steps, 2]: (step, loss) of every logged training step."""
+  return np.array([(m["step"], m["loss"]) for m in result["metrics"]])
+
+
+def max_loss_rdiff(result: dict, reference: dict) -> float:
+  """Largest relative difference from the reference's loss over the steps both logged."""
+  ours, ref = dict(map(tuple, losses(result))), dict(map(tuple, losses(reference)))
+  common = sorted(set(ours) & set(ref))
+  if not common:
+    return float("nan")
+  return max(abs(ours[s] - ref[s]) / abs(ref[s]) for s in common)
+
+
+def bubble(s: dict) -> float:
+  return s["pipeline"]["bubble_fraction_theory"] if "pipeline" in s else 0.0
+
+
+def mesh_text(s: dict) -> str:
+  m = s["mesh"]
+  return f"{m['data']} x {m['pipe']} x {m['fsdp']} x {m['tensor']}"
+
+
+def layouts_table(results: dict, reference: str = "single") -> list[str]:
+  """Per layout: mesh, speed and memory against the reference, collective bytes measured in the
+  compiled HLO against REFERENCE.md §2's value, the pipeline bubble, and the loss against the
+  reference's at every logged step."""
+  ref = results[reference]
+  lines = ["| layout | mesh (data x pipe x fsdp x tensor) | tokens/s | vs single | memory/device GiB "
+           "| vs single | collective MB/step measured | analytic | measured/analytic | bubble "
+           f"| final loss | - single | max rel. diff, all steps | within {LOSS_RTOL:g} |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+  for name, s in results.items():
+    if "error" in s:
+      lines.append(f"| {name} | error: {s['error']} |" + " |" * 12)
+      continue
+    measured = sum(s["collective_bytes_per_step"].values())
+    analytic = s["analytic_collective_bytes_per_step"]
+    memory = s["memory_per_device_bytes"]["total_bytes"]
+    rdiff = max_loss_rdiff(s, ref)
+    lines.append(
+        f"| {name} | {mesh_text(s)} | {s['tokens_per_s']:,.0f} | "
+        f"{s['tokens_per_s'] / ref['tokens_per_s']:.2f} | {memory / 2**30:.2f} | "
+        f"{memory / ref['memory_per_device_bytes']['total_bytes']:.2f} | {measured / 1e6:.1f} | "
+        f"{analytic / 1e6:.1f} | {measured / analytic if analytic else float('nan'):.2f} | "
+        f"{bubble(s):.3f} | {s['final_loss']:.6f} | {s['final_loss'] - ref['final_loss']:+.1e} | "
+        f"{rdiff:.1e} | {'yes' if rdiff <= LOSS_RTOL else '**no**'} |")
+  return lines
+
+
+def pipeline_table(results: dict, reference: str = "single") -> list[str]:
+  """Bubble theory beside what was measured: step time against single (virtual devices share the
+  cores, so bubble work costs time like any other work) and compiled FLOPs against single's."""
+  ref = results[reference]
+  lines = ["| pipeline | S | M | R | bubble (S-1)/(MR+S-1) | layer FLOPs ratio (MR+S-1)/(MR) "
+           "| step FLOPs ratio theory | measured | step time vs single | ppermute MB measured "
+           "| per-hop analytic |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+  for name, s in results.items():
+    if "pipeline" not in s:
+      continue
+    p = s["pipeline"]
+    lines.append(
+        f"| {name} | {p['stages']} | {p['microbatches']} | {p['repeats']} | "
+        f"{p['bubble_fraction_theory']:.3f} | {p['layer_flops_ratio_theory']:.3f} | "
+        f"{p['step_flops_ratio_theory']:.3f} | {p['step_flops_ratio_measured']:.3f} | "
+        f"{s['step_ms'] / ref['step_ms']:.2f} | "
+        f"{s['collective_bytes_per_step'].get('collective-permute', 0) / 1e6:.1f} | "
+        f"{s['analytic_collective_terms']['pipeline_hops'] / 1e6:.1f} |")
+  return lines
+
+
+def wafer_table(results: dict, reference: str = "single") -> list[str]:
+  """Weight streaming: bytes streamed inside the layer scan against 3 P_layers b (n-1)/n, and the
+  working set (temp: activations plus the layer streamed in) beside the sharded store (arguments)."""
+  ref = results[reference]["memory_per_device_bytes"]
+  lines = ["| layout | streamed MB/step measured | analytic | measured/analytic | working set MiB "
+           "| vs single | store MiB/device | vs single |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|"]
+  for name, s in results.items():
+    if "wafer" not in s:
+      continue
+    w, memory = s["wafer"], s["memory_per_device_bytes"]
+    lines.append(
+        f"| {name} | {w['streamed_bytes_per_step'] / 1e6:.1f} | "
+        f"{w['analytic_streamed_bytes_per_step'] / 1e6:.1f} | "
+        f"{w['streamed_bytes_per_step'] / w['analytic_streamed_bytes_per_step']:.3f} | "
+        f"{memory['temp_bytes'] / 2**20:.0f} | {memory['temp_bytes'] / ref['temp_bytes']:.2f} | "
+        f"{memory['argument_bytes'] / 2**20:.0f} | {memory['argument_bytes'] / ref['argument_bytes']:.2f} |")
+  return lines
+
+
+def layouts_plot(results: dict, path: pathlib.Path, reference: str = "single") -> None:
+  """Four panels, one bar or curve per layout that ran: tokens/s against single, memory per device,
+  collective bytes measured beside analytic, and |loss - single's| per step (log scale)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  ok = {n: s for n, s in results.items() if "error" not in s}
+  ref = ok[reference]
+  names = list(ok)
+  y = np.arange(len(names))
+  fig, ax = plt.subplots(2, 2, figsize=(15, 2.2 + 0.42 * len(names)))
+  ax[0, 0].barh(y, [s["tokens_per_s"] / ref["tokens_per_s"] for s in ok.values()])
+  ax[0, 0].axvline(1.0, color="k", lw=0.8)
+  ax[0, 0].set_xlabel("tokens/s vs single")
+  ax[0, 1].barh(y, [s["memory_per_device_bytes"]["total_bytes"] / 2**30 for s in ok.values()])
+  ax[0, 1].set_xlabel("memory per device (GiB, compiled)")
+  ax[1, 0].barh(y - 0.2, [sum(s["collective_bytes_per_step"].values()) / 1e6 for s in ok.values()],
+                height=0.4, label="measured (HLO)")
+  ax[1, 0].barh(y + 0.2, [s["analytic_collective_bytes_per_step"] / 1e6 for s in ok.values()],
+                height=0.4, label="analytic (REFERENCE.md §2)")
+  ax[1, 0].set_xlabel("collective MB per device per step")
+  ax[1, 0].legend(loc="lower right")
+  for a in (ax[0, 0], ax[0, 1], ax[1, 0]):
+    a.set_yticks(y, names)
+    a.invert_yaxis()
+  ref_losses = dict(map(tuple, losses(ref)))
+  for name, s in ok.items():
+    if name == reference:
+      continue
+    steps, diff = zip(*[(t, abs(v - ref_losses[t]) / ref_losses[t])
+                        for t, v in losses(s) if t in ref_losses])
+    ax[1, 1].semilogy(steps, np.maximum(diff, 1e-9), marker=".", label=name)
+  ax[1, 1].axhline(LOSS_RTOL, color="k", ls="--", lw=0.8, label=f"tolerance {LOSS_RTOL:g}")
+  ax[1, 1].set_xlabel("step")
+  ax[1, 1].set_ylabel("|loss - single| / single (1e-9 = equal)")
+  ax[1, 1].legend(fontsize=6, ncol=2)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)

@@ -1,0 +1,159 @@
+"""Is a planned layout compute- or communication-bound on a real accelerator? (REFERENCE.md §2)
+
+Pure functions of a plan.json dict (train.plan) and a hardware spec. Two views:
+- The closed-form conditions: data parallelism and FSDP are compute-bound when the tokens one
+  batch shard processes per pass of the weights exceed C/W (peak FLOP/s over the bandwidth of the
+  batch axes); tensor parallelism when Y < F W / C (F = d_ff, W the tensor axis' bandwidth).
+- A direct comparison per step and device: compute time = the compiled matmul FLOPs / peak against
+  communication time = collective bytes / bandwidth. Each analytic term is timed on the links its
+  mesh axes use; the measured bytes (by collective kind, not axis) at the same effective bandwidth,
+  halved from the CPU's float32 to the bf16 a GPU or TPU would send (BF16_WIRE).
+Both assume perfect overlap of compute and communication: the step takes at least the larger.
+"""
+import dataclasses
+import math
+
+AXES = ("data", "pipe", "fsdp", "tensor")  # mesh.AXES, outermost first: tensor is contiguous
+
+
+@dataclasses.dataclass(frozen=True)
+class Hardware:
+  name: str
+  peak_flops: float  # dense bf16 matmul FLOP/s per chip
+  hbm_bytes: float  # accelerator memory per chip
+  link_bytes_per_s: float  # per chip, one direction, a collective over one mesh axis on fast links
+  node_size: int | None  # chips joined by those links; None = the whole mesh (TPU ICI torus)
+  network_bytes_per_s: float  # per chip, one direction, between nodes
+  source: str
+
+
+# NVIDIA H100 SXM5 datasheet: BF16 Tensor Core 1,979 TFLOP/s with 2:4 sparsity, 989 dense; 80 GB
+# HBM3; NVLink 4 900 GB/s per GPU (both directions), 450 GB/s each way to the NVSwitch, among the 8
+# GPUs of a DGX/HGX H100 node. Between nodes one ConnectX-7 NIC per GPU, 400 Gb/s = 50 GB/s
+# (DGX H100 user guide, network modules). C/W = 989e12 / 450e9 = 2,198 (REFERENCE.md: ≈ 2,200).
+H100 = Hardware(
+    name="H100 SXM", peak_flops=989e12, hbm_bytes=80e9, link_bytes_per_s=450e9, node_size=8,
+    network_bytes_per_s=50e9,
+    source="NVIDIA H100 datasheet (989 TFLOP/s dense BF16, 80 GB HBM3, NVLink 900 GB/s "
+           "bidirectional); DGX H100 user guide (8 GPUs per node, one 400 Gb/s ConnectX-7 per GPU)")
+# Cloud TPU v5p docs: 459 TFLOP/s bf16 per chip, 95 GB HBM2e, 3D torus, ICI 1,200 GB/s per chip
+# both directions over 6 links. "How to Scale Your Model" (part 2) rounds a link to 9e10 B/s each
+# way; a ring along one torus axis uses both neighbours: 1.8e11 B/s, C/W = 2,550 (REFERENCE.md:
+# ≈ 2,500). Slices of up to 6,144 chips are one torus, so every mesh here is ICI only.
+TPU_V5P = Hardware(
+    name="TPU v5p", peak_flops=459e12, hbm_bytes=95e9, link_bytes_per_s=1.8e11, node_size=None,
+    network_bytes_per_s=1.8e11,
+    source="Cloud TPU v5p docs (459 TFLOP/s bf16, 95 GB HBM2e, ICI 1,200 GB/s per chip, 3D torus); "
+           "How to Scale Your Model, part 2 (9e10 B/s per ICI link each way, 2 links per axis)")
+HARDWARE = (H100, TPU_V5P)
+
+# XLA's CPU compiler computes bf16 in float32, so every collective of these plans is float32 (seen
+# in their HLO) as is the analytic model (4 bytes per element). A GPU or TPU running the bf16
+# program sends 2-byte activations and, with weights cast before they are gathered, 2-byte
+# weights: half the bytes. The verdict uses that; the float32 time is reported beside it.
+BF16_WIRE = 0.5
+
+# Mesh axes each analytic term of analysis.analytic_collective_terms moves bytes over.
+TERM_AXES = {
+    "parameter_sync": ("data", "fsdp"),
+    "tensor_layers": ("tensor",),
+    "tensor_embedding_head": ("tensor",),
+    "pipeline_hops": ("pipe",),
+    "pipeline_entry_exit": ("pipe",),
+    "stream_in": ("fsdp",),
+    "stream_out": ("fsdp",),
+    "swarm_reduce": ("data",),
+}
+
+
+def critical_tokens(hw: Hardware, bandwidth: float) -> float:
+  """C / W: tokens a batch shard must process per pass of the weights to hide their traffic."""
+  return hw.peak_flops / bandwidth
+
+
+def axis_span(mesh: dict, axis: str) -> int:
+  """Consecutive device ids one group of `axis` covers: its size times the sizes inside it (the
+  mesh is row-major over AXES, so tensor neighbours are adjacent devices)."""
+  inner = AXES[AXES.index(axis):]
+  return math.prod(mesh[a] for a in inner)
+
+
+def axes_bandwidth(hw: Hardware, mesh: dict, axes: tuple[str, ...]) -> float:
+  """Per-chip bandwidth of a collective over `axes`: the fast links if every group stays inside one
+  node, else the network (a ring that leaves the node is paced by each chip's NIC)."""
+  spans = [axis_span(mesh, a) for a in axes if mesh[a] > 1]
+  inside = hw.node_size is None or all(s <= hw.node_size for s in spans)
+  return hw.link_bytes_per_s if inside else hw.network_bytes_per_s
+
+
+def measured_bytes(plan: dict) -> int:
+  """Collective bytes one device sends per step, from the compiled HLO, all kinds together."""
+  return sum(plan["collective_bytes_per_step"].values())
+
+
+def compute_seconds(plan: dict, hw: Hardware) -> float:
+  """Matmul FLOPs one device runs per step (remat recompute, pipeline bubbles included) / peak."""
+  return plan["compiled_matmul_flops_per_step"] / plan["devices"] / hw.peak_flops
+
+
+def comm_seconds(plan: dict, hw: Hardware) -> tuple[float, float]:
+  """(analytic, measured) seconds of collectives per step and device. Each analytic term runs at
+  its axes' bandwidth; the measured bytes at the analytic bytes' effective (byte-weighted)
+  bandwidth, since plan.json counts them by collective kind, not by axis."""
+  terms = plan["analytic_collective_terms"]
+  analytic = sum(v / axes_bandwidth(hw, plan["mesh"], TERM_AXES[k]) for k, v in terms.items())
+  total = sum(terms.values())
+  measured = measured_bytes(plan)
+  if not total:  # nothing expected: time what was measured on the fast links
+    return 0.0, measured / hw.link_bytes_per_s
+  return analytic, measured * analytic / total
+
+
+def weight_passes(plan: dict) -> int:
+  """Times per step the batch shards' weights move: once per micro-step when they are sharded
+  (FSDP, wafer: gathered for every slice), once per step when replicated (the gradient reduce)."""
+  return plan["config"]["train"]["grad_accum"] if plan["mesh"]["fsdp"] > 1 else 1
+
+
+def data_condition(plan: dict, hw: Hardware) -> dict | None:
+  """DP/FSDP: tokens per batch shard per weight pass > C/W over the batch axes (None: no axes)."""
+  mesh = plan["mesh"]
+  shards = mesh["data"] * mesh["fsdp"]
+  if shards == 1:
+    return None
+  tokens = plan["tokens_per_step"] / shards / weight_passes(plan)
+  critical = critical_tokens(hw, axes_bandwidth(hw, mesh, ("data", "fsdp")))
+  return {"tokens": tokens, "critical": critical, "compute_bound": tokens > critical}
+
+
+def tensor_condition(plan: dict, hw: Hardware) -> dict | None:
+  """Megatron TP: Y < F W / C over the tensor axis; None without tensor parallelism."""
+  ways = plan["mesh"]["tensor"]
+  if ways == 1:
+    return None
+  d_ff = plan["config"]["model"]["d_ff"]
+  limit = d_ff * axes_bandwidth(hw, plan["mesh"], ("tensor",)) / hw.peak_flops
+  return {"ways": ways, "limit": limit, "compute_bound": ways < limit}
+
+
+def analyse(plan: dict, hw: Hardware) -> dict:
+  """Everything the report shows for one plan on one accelerator."""
+  compute = compute_seconds(plan, hw)
+  comm_analytic, comm_f32 = comm_seconds(plan, hw)
+  comm = comm_f32 * BF16_WIRE
+  memory = plan["memory_per_device_bytes"]["total_bytes"]
+  return {
+      "hardware": hw.name,
+      "memory_bytes": memory,
+      "fits": memory <= hw.hbm_bytes,
+      "compute_s": compute,
+      "comm_s": comm,
+      "comm_s_f32": comm_f32,
+      "comm_s_analytic_f32": comm_analytic,
+      "bound": "compute" if compute >= comm else "communication",
+      # Model FLOPs over peak for the step time max(compute, comm): what MFU could reach at best.
+      "mfu_bound": plan["model_flops_per_step"] / plan["devices"] / hw.peak_flops
+                   / max(compute, comm),
+      "data": data_condition(plan, hw),
+      "tensor": tensor_condition(plan, hw),
+  }

@@ -1,0 +1,175 @@
+"""Sweeps: an experiment file that defines `get_sweep(arg)` is run point by point, each point in its
+own launch.py process (the device count is fixed when a process starts), in sequence, resumably.
+
+The contract with experiment files:
+  get_sweep(arg) -> list[dict]: one dict per point. Reserved keys: `name` (unique; letters, digits,
+      `-`, `_`, `.`), `devices` (default: launch.py's --devices), `mode` (`train` or `plan`), and
+      `config_arg` (the :ARG of the config file for this point; default the sweep's own). Every other
+      key is a config override, applied as --config.KEY=VALUE.
+  report(sweep, results, workdir) -> list[str], optional: the Markdown body of WORKDIR/report.md;
+      it may write plots to WORKDIR/*.png. `results[name]` is the point's summary.json (train, with
+      its metrics.jsonl records under "metrics") or plan.json (plan), or {"error": message}.
+
+WORKDIR/points/NAME/ is each point's run directory, with `point.json` (what was asked) and `log.txt`.
+A point is finished when its result file exists and point.json matches the point as now defined;
+finished points are skipped, so rerunning the command resumes an interrupted sweep. A failed point is
+reported and the sweep goes on; its next attempt starts afresh (or resumes from its checkpoints).
+"""
+import dataclasses
+import importlib.util
+import json
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+import time
+from types import ModuleType
+
+from cgpt_jax import report as report_lib
+from cgpt_jax.errors import InputError
+
+RESERVED = ("name", "devices", "mode", "config_arg")
+MODES = ("train", "plan")
+RESULT_FILE = {"train": "summary.json", "plan": "plan.json"}
+LAUNCH = pathlib.Path(__file__).resolve().parents[1] / "launch.py"
+
+
+@dataclasses.dataclass(frozen=True)
+class Point:
+  name: str
+  devices: int
+  mode: str
+  config_arg: str | None
+  overrides: dict
+
+  def record(self, common: dict) -> dict:
+    """What point.json holds: enough to tell whether a finished point is still the one asked for."""
+    return {**dataclasses.asdict(self), "common_overrides": common}
+
+
+def split_config_name(config_name: str) -> tuple[str, str | None]:
+  """'experiments/x.py:ARG' -> ('experiments/x.py', 'ARG'); no ARG -> None."""
+  path, sep, arg = config_name.rpartition(":")
+  return (path, arg) if sep and path.endswith(".py") else (config_name, None)
+
+
+def load_experiment(path: str) -> ModuleType:
+  spec = importlib.util.spec_from_file_location(pathlib.Path(path).stem, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def points(module: ModuleType, arg: str | None, default_devices: int) -> list[Point]:
+  """The experiment's get_sweep(arg), checked: a bad point is an InputError naming it."""
+  where = f"{module.__file__}: get_sweep"
+  raw = module.get_sweep(arg)
+  if not isinstance(raw, (list, tuple)) or not raw:
+    raise InputError(f"{where} returned {type(raw).__name__}; it must return a non-empty list of "
+                     "dicts, one per point.")
+  result, seen = [], set()
+  for i, p in enumerate(raw):
+    if not isinstance(p, dict) or not isinstance(p.get("name"), str):
+      raise InputError(f"{where}: point {i} must be a dict with a string 'name', got {p!r}.")
+    name = p["name"]
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", name) or name in (".", ".."):
+      raise InputError(f"{where}: point name {name!r} is not a folder name; use letters, digits, "
+                       "'-', '_' and '.' only.")
+    if name in seen:
+      raise InputError(f"{where}: two points are named {name!r}; names must be unique.")
+    seen.add(name)
+    mode, devices = p.get("mode", "train"), p.get("devices", default_devices)
+    if mode not in MODES:
+      raise InputError(f"{where}: point {name!r} has mode {mode!r}; choose one of {', '.join(MODES)}.")
+    if not isinstance(devices, int) or devices < 1:
+      raise InputError(f"{where}: point {name!r} has devices={devices!r}; it must be an int >= 1.")
+    overrides = {k: v for k, v in p.items() if k not in RESERVED}
+    result.append(Point(name, devices, mode, p.get("config_arg", arg), overrides))
+  return result
+
+
+def command(point: Point, config_path: str, workdir: pathlib.Path, common: dict) -> list[str]:
+  """The point's launch.py command line; the sweep's own command-line overrides come last and win."""
+  config = f"{config_path}:{point.config_arg}" if point.config_arg is not None else config_path
+  overrides = {**point.overrides, **common}
+  return [sys.executable, str(LAUNCH), f"--config={config}", f"--workdir={workdir}",
+          f"--devices={point.devices}", f"--mode={point.mode}", "--nosweep",
+          *[f"--config.{k}={v}" for k, v in overrides.items()]]
+
+
+def load_result(point: Point, folder: pathlib.Path) -> dict:
+  result = json.loads((folder / RESULT_FILE[point.mode]).read_text())
+  if point.mode == "train":
+    lines = (folder / "metrics.jsonl").read_text().splitlines()
+    result["metrics"] = [json.loads(line) for line in lines]
+  return result
+
+
+def is_finished(point: Point, folder: pathlib.Path, common: dict) -> bool:
+  if not (folder / RESULT_FILE[point.mode]).exists():
+    return False
+  asked = json.loads((folder / "point.json").read_text())
+  if asked != json.loads(json.dumps(point.record(common))):
+    raise InputError(f"{folder} holds a finished run of a different point ({asked}); the sweep now "
+                     "defines it differently. Use a new --workdir, or delete that folder to rerun it.")
+  return True
+
+
+def prepare(point: Point, folder: pathlib.Path, common: dict) -> None:
+  """A fresh folder, except that an attempt which left checkpoints is resumed from them."""
+  if folder.exists() and not any((folder / "checkpoints").glob("[0-9]*")):
+    shutil.rmtree(folder)  # only what a failed or interrupted attempt wrote
+  folder.mkdir(parents=True, exist_ok=True)
+  (folder / "point.json").write_text(json.dumps(point.record(common), indent=2))
+
+
+def last_error_line(log: str) -> str:
+  lines = [line.strip() for line in log.splitlines() if line.strip()]
+  errors = [line for line in lines if line.startswith("error:")]
+  return (errors or lines or ["no output"])[-1]
+
+
+def run(config_name: str, workdir: str, common: dict, default_devices: int) -> dict:
+  """Runs every point not yet finished, then writes WORKDIR/report.md and report.json."""
+  config_path, arg = split_config_name(config_name)
+  module = load_experiment(config_path)
+  sweep = points(module, arg, default_devices)
+  out = pathlib.Path(workdir).resolve()
+  if out.exists() and not out.is_dir():
+    raise InputError(f"--workdir {out} is a file; a sweep needs a folder.")
+  results = {}
+  for i, point in enumerate(sweep, 1):
+    folder = out / "points" / point.name
+    tag = f"[{i}/{len(sweep)}] {point.name} ({point.mode}, {point.devices} devices)"
+    if is_finished(point, folder, common):
+      results[point.name] = load_result(point, folder)
+      print(f"{tag}: finished earlier, skipped", flush=True)
+      continue
+    prepare(point, folder, common)
+    t0 = time.perf_counter()
+    with open(folder / "log.txt", "w") as log:
+      # In this process's working directory, as if the user had typed the point's command.
+      proc = subprocess.run(command(point, config_path, folder, common), stdout=log,
+                            stderr=subprocess.STDOUT)
+    seconds = time.perf_counter() - t0
+    if proc.returncode == 0:
+      results[point.name] = load_result(point, folder)
+      print(f"{tag}: done in {seconds:.0f} s{report_lib.headline(results[point.name])}", flush=True)
+    else:
+      error = last_error_line((folder / "log.txt").read_text())
+      results[point.name] = {"error": f"exit {proc.returncode}: {error}"}
+      print(f"{tag}: FAILED in {seconds:.0f} s: {error} (log: {folder / 'log.txt'})", flush=True)
+  records = [dataclasses.asdict(p) for p in sweep]
+  if hasattr(module, "report"):
+    body = module.report(records, results, out)
+  else:
+    body = report_lib.generic_table(results)
+  failed = sum("error" in r for r in results.values())
+  title = body.pop(0) if body and body[0].startswith("# ") else f"# Sweep `{config_name}`"
+  lines = [title, "", f"`{config_name}`: {len(sweep)} points, {failed} failed. Point folders: "
+           "`points/NAME/` (log.txt, point.json, the run's own files).", "", *body]
+  (out / "report.md").write_text("\n".join(lines) + "\n")
+  (out / "report.json").write_text(json.dumps({"points": records, "results": results}, indent=2))
+  print(f"report -> {out / 'report.md'}", flush=True)
+  return results
