@@ -82,7 +82,8 @@ def run_sweep() -> bool:
   from cgpt_jax import sweep  # no jax in this process: every point starts its own
   config_flag = flags.FLAGS["config"]
   path, _ = sweep.split_config_name(config_flag.config_filename)
-  if not hasattr(sweep.load_experiment(path), "get_sweep"):
+  experiment = sweep.load_experiment(path)
+  if not hasattr(experiment, "get_sweep"):
     return False
   if _PLAN.value or _MODE.value != "train":
     fail(f"{path} defines a sweep, whose points choose their own modes; drop --mode/--plan, or "
@@ -91,8 +92,8 @@ def run_sweep() -> bool:
     fail(f"{path} defines a sweep, whose points run one local process each; several processes per "
          "point are not supported. Drop --processes/--coordinator/--distributed, or pass --nosweep.")
   try:
-    sweep.run(config_flag.config_filename, _WORKDIR.value, dict(config_flag.override_values),
-              _DEVICES.value)
+    sweep.run(experiment, config_flag.config_filename, _WORKDIR.value,
+              dict(config_flag.override_values), _DEVICES.value)
   except InputError as e:
     fail(str(e))
   return True

@@ -13,7 +13,7 @@ Both assume perfect overlap of compute and communication: the step takes at leas
 import dataclasses
 import math
 
-AXES = ("data", "pipe", "fsdp", "tensor")  # mesh.AXES, outermost first: tensor is contiguous
+from cgpt_jax.mesh import AXES  # outermost first: tensor neighbours are adjacent devices
 
 
 @dataclasses.dataclass(frozen=True)

@@ -130,10 +130,11 @@ def last_error_line(log: str) -> str:
   return (errors or lines or ["no output"])[-1]
 
 
-def run(config_name: str, workdir: str, common: dict, default_devices: int) -> dict:
-  """Runs every point not yet finished, then writes WORKDIR/report.md and report.json."""
+def run(module: ModuleType, config_name: str, workdir: str, common: dict,
+        default_devices: int) -> dict:
+  """Runs every point of the experiment `module` (loaded from `config_name`'s path) not yet
+  finished, then writes WORKDIR/report.md and report.json."""
   config_path, arg = split_config_name(config_name)
-  module = load_experiment(config_path)
   sweep = points(module, arg, default_devices)
   out = pathlib.Path(workdir).resolve()
   if out.exists() and not out.is_dir():
