@@ -32,7 +32,9 @@ RULES: Rules = {
     "batch": BATCH_AXES,
     "embed": ("fsdp",),  # ZeRO-3: weights split along d_model, gathered one layer at a time
     "heads": ("tensor",),  # Megatron: column-parallel QKV, row-parallel attention-out
-    "mlp": ("tensor", "fsdp"),  # column-parallel MLP-in, row-parallel MLP-out; MLP biases on fsdp
+    # Column-parallel MLP-in, row-parallel MLP-out; the MLP biases on fsdp too, fsdp-major: the
+    # step's shard_map (spmd.py) takes fsdp's block of a dimension first, tensor splits it within.
+    "mlp": ("fsdp", "tensor"),
     "vocab": ("tensor",),  # vocab-parallel embedding, logits and cross entropy
     "stage": ("pipe",),  # pipeline stages of the stacked layers (pipeline.py)
     # Outside the pipeline (embedding, head, loss) the `pipe` devices split the sequence: those parts

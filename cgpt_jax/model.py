@@ -17,6 +17,7 @@ import ml_collections
 from flax import nnx
 
 from cgpt_jax.mesh import constrain
+from cgpt_jax.spmd import keep_all_but_gathered
 
 # Parameters keep only logical names; Layout turns them into shardings at jit time. Without this,
 # flax would try to place each variable on a mesh the moment it is created.
@@ -205,14 +206,15 @@ class GPT(nnx.Module):
     self.blocks = make_blocks(rngs)
     self.ln_f = LayerNorm(cfg.d_model, cfg.ln_eps)
 
-  def __call__(self, tokens: jax.Array, run_blocks=None) -> jax.Array:
-    """tokens [batch, seq] int -> logits [batch, seq, vocab] float32.
+  def __call__(self, tokens: jax.Array, run_blocks=None, start: jax.Array | int = 0) -> jax.Array:
+    """tokens [batch, seq] int at positions start, start + 1, ... -> logits [batch, seq, vocab]
+    float32.
 
     `run_blocks(graphdef, stacked, x)` applies the layer stack; by default a scan over its leading
     `layers` axis. The pipeline passes its own schedule (pipeline.py).
     """
     run_blocks = run_blocks or functools.partial(scan_blocks, self.cfg)
-    return self.head(run_blocks(*nnx.split(self.blocks), self.embed(tokens)))
+    return self.head(run_blocks(*nnx.split(self.blocks), self.embed(tokens, start)))
 
   def embed(self, tokens: jax.Array, start: jax.Array | int = 0) -> jax.Array:
     """tokens [batch, seq] at positions start, start + 1, ... (a traced start when decoding)."""
@@ -235,44 +237,49 @@ class GPT(nnx.Module):
     return logits
 
 
+def compute_dtype(path, dtype: str):
+  """The dtype the forward uses the parameter at `path` (tree keys or their names) in: the compute
+  dtype, except for the layer norms' (kept float32, like their arithmetic)."""
+  if any(getattr(k, "key", k) in ("ln1", "ln2", "ln_f") for k in path):
+    return jnp.float32
+  return jnp.dtype(dtype)
+
+
 def compute_params(params, dtype: str):
-  """The parameters as the forward pass uses them: float32 master copies cast to the compute dtype,
-  except the layer norms' (kept float32, like their arithmetic). The stored shards are cast before
-  any gather, so FSDP and weight streaming gather bfloat16 where the backend's collectives run in
-  it (XLA's CPU converts them to float32: bytes measured here do not halve)."""
+  """The parameters as the forward pass uses them: float32 master copies in their compute_dtype."""
   if dtype == "float32":
     return params
-
-  def cast(path, x):
-    if any(getattr(k, "key", None) in ("ln1", "ln2", "ln_f") for k in path):
-      return x
-    return x.astype(dtype)
-  return jax.tree_util.tree_map_with_path(cast, params)
+  return jax.tree_util.tree_map_with_path(lambda path, x: x.astype(compute_dtype(path, dtype)),
+                                          params)
 
 
 REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.checkpoint_dots}
 
 
-def rematerialise(f, policy: str):
+def rematerialise(f, policy: str, streams: bool = False):
   """f under a remat policy: "none" keeps every activation for the backward; "full" keeps only f's
   inputs and recomputes the rest; "dots" keeps every matmul output and recomputes only the
-  elementwise work between them (no matmul FLOPs repeated)."""
+  elementwise work between them (no matmul FLOPs repeated). With `streams` (f gathers its weights,
+  spmd.materialise) "none" still keeps every activation but not the gathered weights: the backward
+  gathers them again, as FSDP and weight streaming do, instead of holding every layer's whole."""
   if policy == "none":
-    return f
+    if not streams:
+      return f
+    return jax.checkpoint(f, policy=keep_all_but_gathered)
   return jax.checkpoint(f, policy=REMAT_POLICIES[policy])
 
 
 def scan_blocks(cfg: ml_collections.ConfigDict, graphdef, stacked, x: jax.Array,
-                remat: str | None = None, load=None) -> jax.Array:
+                remat: str | None = None, load=None, streams: bool = False) -> jax.Array:
   """Applies the blocks stacked along the leading axis of `stacked` in order (a lax.scan), each
   under remat policy `remat` (default cfg.remat). `load(params)`, if given, turns a layer's slice
-  of `stacked` into its weights inside the rematerialised step (the wafer streams them in)."""
+  of `stacked` into its weights inside the rematerialised step; `streams` says it gathers them."""
   def layer(x, params):
     if cfg.grad_barrier:
       x = grad_barrier(x)
     return nnx.merge(graphdef, load(params) if load else params)(x), None
 
-  layer = rematerialise(layer, cfg.remat if remat is None else remat)
+  layer = rematerialise(layer, cfg.remat if remat is None else remat, streams)
   n = jax.tree.leaves(stacked)[0].shape[0]
   x, _ = jax.lax.scan(layer, x, stacked, unroll=min(cfg.scan_unroll, n))
   return x

@@ -36,18 +36,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
-from jax.sharding import PartitionSpec as P
 
 from cgpt_jax import model as model_lib
 from cgpt_jax.errors import InputError
-from cgpt_jax.mesh import Layout, constrain
+from cgpt_jax.mesh import Layout
 
 SCHEDULES = ("gpipe", "circular")
 AXIS = "pipe"
-# Also manual: the stage weights are used every iteration, so the compiler would all-reduce their
-# gradient over `data` once per iteration; manual, the shard_map's transpose psums it once per step.
-DATA = "data"
-BOX = (None, "batch", None, "embed")  # [microbatch, rows, seq, d_model]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,79 +155,67 @@ def _map_blocks(f, params: nnx.State) -> nnx.State:
 # ----------------------------------------------------------------------------------------------
 # The schedule
 # ----------------------------------------------------------------------------------------------
-def make_run_blocks(cfg: ml_collections.ConfigDict, schedule: Schedule, layout: Layout,
-                    bubble_fill: float = 0.0):
-  """A `run_blocks(graphdef, stacked, x)` for model.GPT that runs the stacked [R, S, K, ...]
-  layers as `schedule` over the pipe axis. `bubble_fill` is what the carries hold before real
-  activations arrive (tests set NaN to prove it never leaks)."""
+def make_run_blocks(cfg: ml_collections.ConfigDict, schedule: Schedule, load=None,
+                    streams: bool = False, bubble_fill: float = 0.0):
+  """A `run_blocks(graphdef, stacked, x)` for model.GPT that runs the stacked layers as `schedule`
+  over the pipe axis. It runs inside the step's shard_map (spmd.py), where `pipe` and the batch axes
+  are manual: `stacked` is this stage's [R, 1, K, ...] and x this device's rows of its 1/S of the
+  sequence, [b, T/S, d]. `load` and `streams` are model.scan_blocks'. `bubble_fill` is what the
+  carries hold before real activations arrive (tests set NaN to prove it never leaks)."""
   S, R, M = schedule.stages, schedule.repeats, schedule.microbatches
   ring = [(k, (k + 1) % S) for k in range(S)]
 
   def run_blocks(graphdef, stacked, x):
-    b, t, d = x.shape
-    # XLA's CPU compiler aborts ("Invalid binary instruction opcode copy") on a bfloat16 ppermute
-    # or psum inside this shard_map, so what crosses devices here is float32: the stage weights
-    # come in (and their gradients go out) as float32 and the activations travel as float32; each
-    # stage still computes in the compute dtype. A no-op in float32 runs.
-    compute, dtypes = x.dtype, jax.tree.map(lambda a: a.dtype, stacked)
-    stacked = jax.tree.map(lambda a: a.astype(jnp.float32), stacked)
-    x = x.astype(jnp.float32)
-    # Microbatch i is rows i, i+M, i+2M, ...: a reshape that keeps each device's rows of a
-    # batch-sharded x where they are. Every stage sees whole sequences: GSPMD all-gathers them
-    # over pipe here (a manual all_gather inside the shard_map would first gather the batch over
-    # the automatic axes too).
-    xs = constrain(x.reshape(b // M, M, t, d).swapaxes(0, 1), BOX)
-
     def stage(stacked, repeat, inp):
       weights = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, repeat, keepdims=False),
                              stacked)
-      return model_lib.scan_blocks(cfg, graphdef, weights, inp, remat="none")
+      return model_lib.scan_blocks(cfg, graphdef, weights, inp, remat="none", load=load,
+                                   streams=streams)
 
     # Per iteration: "full" keeps only each iteration's stage input for the backward.
     stage = model_lib.rematerialise(stage, cfg.remat)
+    compute = x.dtype
+    wire = wire_dtype(compute)
+    # Every stage sees whole sequences: an all-gather over pipe on entry (its transpose, a
+    # reduce-scatter of the input gradient, in the backward).
+    x = jax.lax.all_gather(x.astype(wire), AXIS, axis=1, tiled=True)
+    b, t, d = x.shape
+    # Microbatch i is rows i, i+M, i+2M, ... of this device's rows.
+    xs = x.reshape(b // M, M, t, d).swapaxes(0, 1)
+    stacked = jax.tree.map(lambda a: a[:, 0], stacked)  # this stage's [R, K, ...]
+    s = jax.lax.axis_index(AXIS)
+    fill = jnp.full(xs.shape[1:], bubble_fill, wire)
 
-    def body(stacked, xs):
-      # This stage's [R, K, ...], in the compute dtype.
-      stacked = jax.tree.map(lambda a, dtype: a[:, 0].astype(dtype), stacked, dtypes)
-      s = jax.lax.axis_index(AXIS)
-      fill = jnp.full(xs.shape[1:], bubble_fill, xs.dtype)
+    def iteration(carry, it):
+      state, inbox, outbox = carry  # state: what the previous stage sent last iteration
+      # Stage 0 keeps the wrap-around from stage S-1 (microbatch it - S) until its next repeat.
+      back = it - S
+      keep = (s == 0) & (back >= 0) & (back < M * (R - 1))
+      inbox = _put(inbox, back % M, jnp.where(keep, state, _get(inbox, back % M)))
+      j = it - s
+      valid = (j >= 0) & (j < M * R)
+      inp = jnp.where(s == 0, _get(inbox, it % M), state)
+      out = stage(stacked, jnp.clip(j // M, 0, R - 1), jnp.where(valid, inp, 0).astype(compute))
+      out = out.astype(wire)
+      done = valid & (s == S - 1) & (j >= M * (R - 1))
+      outbox = _put(outbox, j % M, jnp.where(done, out, _get(outbox, j % M)))
+      return (jax.lax.ppermute(out, AXIS, ring), inbox, outbox), None
 
-      def placed(carry):  # keep the carries batch-sharded, as the activations they hold
-        state, inbox, outbox = carry
-        return (constrain(state, ("batch", None, "embed")), constrain(inbox, BOX),
-                constrain(outbox, BOX))
-
-      carry = placed((fill, xs, jnp.broadcast_to(fill, xs.shape)))
-
-      def iteration(carry, it):
-        state, inbox, outbox = placed(carry)  # state: what the previous stage sent last iteration
-        # Stage 0 keeps the wrap-around from stage S-1 (microbatch it - S) until its next repeat.
-        back = it - S
-        keep = (s == 0) & (back >= 0) & (back < M * (R - 1))
-        inbox = _put(inbox, back % M, jnp.where(keep, state, _get(inbox, back % M)))
-        j = it - s
-        valid = (j >= 0) & (j < M * R)
-        inp = jnp.where(s == 0, _get(inbox, it % M), state)
-        out = stage(stacked, jnp.clip(j // M, 0, R - 1), jnp.where(valid, inp, 0).astype(compute))
-        out = out.astype(jnp.float32)
-        done = valid & (s == S - 1) & (j >= M * (R - 1))
-        outbox = _put(outbox, j % M, jnp.where(done, out, _get(outbox, j % M)))
-        return placed((jax.lax.ppermute(out, AXIS, ring), inbox, outbox)), None
-
-      (_, _, outbox), _ = jax.lax.scan(iteration, carry, jnp.arange(schedule.iterations))
-      return jnp.where(s == S - 1, outbox, 0)[None]  # only the last stage's outbox is real
-
-    # check_vma=False: exact GELU's erf polynomial fails jax 0.12's varying-axes check inside a
-    # shard_map (a JAX bug; its error message suggests this workaround).
-    outboxes = jax.shard_map(body, mesh=layout.mesh, axis_names={AXIS, DATA}, check_vma=False,
-                             in_specs=(jax.tree.map(lambda _: P(None, AXIS), stacked), P(None, DATA)),
-                             out_specs=P(AXIS, None, DATA))(stacked, xs)
-    # Summing the stages' outboxes into a sequence-split result is a reduce-scatter over pipe (XLA's
-    # CPU pipeline emits an all-reduce and a slice: twice the bytes).
-    ys = constrain(outboxes.sum(0), (None, "batch", "seq", "embed"))
-    return ys.swapaxes(0, 1).reshape(b, t, d).astype(compute)
+    carry = (fill, xs, jnp.broadcast_to(fill, xs.shape))
+    (_, _, outbox), _ = jax.lax.scan(iteration, carry, jnp.arange(schedule.iterations))
+    ys = jnp.where(s == S - 1, outbox, 0).swapaxes(0, 1).reshape(b, t, d)  # the last stage's
+    # Back to each device's part of the sequence: a reduce-scatter over pipe of the last stage's
+    # result (the others add zeros), an all-gather of its gradient in the backward.
+    return jax.lax.psum_scatter(ys, AXIS, scatter_dimension=1, tiled=True).astype(compute)
 
   return run_blocks
+
+
+def wire_dtype(compute):
+  """What crosses devices in the pipeline. XLA's CPU compiler aborts ("Invalid binary instruction
+  opcode copy") on a bfloat16 ppermute inside a shard_map, so on CPU activations travel as
+  float32 (each stage still computes in the compute dtype); elsewhere in the compute dtype."""
+  return jnp.float32 if jax.default_backend() == "cpu" else compute
 
 
 def _get(a, i):

@@ -13,6 +13,7 @@ Both assume perfect overlap of compute and communication: the step takes at leas
 import dataclasses
 import math
 
+from cgpt_jax import comm
 from cgpt_jax.mesh import AXES  # outermost first: tensor neighbours are adjacent devices
 
 
@@ -53,19 +54,6 @@ HARDWARE = (H100, TPU_V5P)
 # weights: half the bytes. The verdict uses that; the float32 time is reported beside it.
 BF16_WIRE = 0.5
 
-# Mesh axes each analytic term of analysis.analytic_collective_terms moves bytes over.
-TERM_AXES = {
-    "parameter_sync": ("data", "fsdp"),
-    "tensor_layers": ("tensor",),
-    "tensor_embedding_head": ("tensor",),
-    "pipeline_hops": ("pipe",),
-    "pipeline_entry_exit": ("pipe",),
-    "stream_in": ("fsdp",),
-    "stream_out": ("fsdp",),
-    "swarm_reduce": ("data",),
-}
-
-
 def critical_tokens(hw: Hardware, bandwidth: float) -> float:
   """C / W: tokens a batch shard must process per pass of the weights to hide their traffic."""
   return hw.peak_flops / bandwidth
@@ -101,7 +89,7 @@ def comm_seconds(plan: dict, hw: Hardware) -> tuple[float, float]:
   its axes' bandwidth; the measured bytes at the analytic bytes' effective (byte-weighted)
   bandwidth, since plan.json counts them by collective kind, not by axis."""
   terms = plan["analytic_collective_terms"]
-  analytic = sum(v / axes_bandwidth(hw, plan["mesh"], TERM_AXES[k]) for k, v in terms.items())
+  analytic = sum(v / axes_bandwidth(hw, plan["mesh"], comm.CAUSES[k][1]) for k, v in terms.items())
   total = sum(terms.values())
   measured = measured_bytes(plan)
   if not total:  # nothing expected: time what was measured on the fast links

@@ -4,6 +4,7 @@ config -> data -> validated config -> layout -> abstract state and its shardings
 one AOT-compiled train step -> loop with logging and periodic eval -> summary.json.
 Everything that can reject bad input runs before the first compile.
 """
+import functools
 import json
 import math
 import os
@@ -18,9 +19,10 @@ import numpy as np
 import optax
 import tqdm
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
-from cgpt_jax import (analysis, checkpoint, config as config_lib, data, distributed, hf,
-                      mesh as mesh_lib, model as model_lib, optim, pipeline, wafer)
+from cgpt_jax import (analysis, checkpoint, comm, config as config_lib, data, distributed, hf,
+                      mesh as mesh_lib, model as model_lib, optim, pipeline, spmd, wafer)
 from cgpt_jax.errors import InputError
 
 
@@ -163,53 +165,134 @@ def make_init_from(s: Setup):
   return jax.jit(lambda params: _initial_state(s, params), out_shardings=s.shardings)
 
 
-def make_loss(s: Setup, bubble_fill: float = 0.0, per_token: bool = False):
-  """loss(params, batch [B, T+1]): the mean next-token loss, or with `per_token` each token's
-  [B, T]; pipelined when the layout has a pipe axis."""
-  run_blocks = None  # the model's own layer scan
-  if s.schedule:
-    run_blocks = pipeline.make_run_blocks(s.cfg.model, s.schedule, s.layout, bubble_fill)
-  elif s.layout.streams_weights:
-    run_blocks = wafer.make_run_blocks(s.cfg.model, s.layout)
-  graphdef, layout, dtype = s.graphdef, s.layout, s.cfg.model.dtype
+class StepSpecs(NamedTuple):
+  """The manual parts (spmd.MANUAL) of the specs the step's shard_map works with."""
+  params: Any  # where each parameter is held
+  states: Any  # where each parameter's optimizer state is held: its gradient's destination
+  dtypes: Any  # the dtype the forward uses each parameter in
+  batch: P  # the token batch's rows
 
-  def loss_fn(params, batch):
+
+def step_specs(s: Setup) -> StepSpecs:
+  logical = nnx.get_partition_spec(s.abstract_params)
+
+  def by(rules):
+    return jax.tree.map(lambda names: spmd.manual_part(s.layout.spec(tuple(names), rules)), logical,
+                        is_leaf=mesh_lib.is_spec)
+
+  dtypes = jax.tree_util.tree_map_with_path(
+      lambda path, _: model_lib.compute_dtype(path, s.cfg.model.dtype), s.abstract_params)
+  return StepSpecs(by(s.layout.rules), by(s.layout.state_rules), dtypes,
+                   spmd.manual_part(s.layout.spec(("batch", None))))
+
+
+def make_local_loss(s: Setup, bubble_fill: float = 0.0, per_token: bool = False):
+  """loss(params, rows) of one device inside the step's shard_map: its shards of the parameters,
+  its rows [b, T+1] of the batch -> the mean next-token loss over its tokens (or each token's,
+  [b, T/S]). Under a pipeline each of the S stages takes 1/S of the sequence for the embedding,
+  head and loss (per-token work, shared evenly rather than left to the first and last stage)."""
+  specs = step_specs(s)
+  cfg, graphdef, layout = s.cfg.model, s.graphdef, s.layout
+  stages = layout.axis_sizes["pipe"]
+  lead = 3 if s.schedule else 1  # [R, S, K, ...] or [L, ...] ahead of a layer's own dimensions
+  streams = any(spmd.is_split(p) for p in jax.tree.leaves(specs.params["blocks"],
+                                                            is_leaf=mesh_lib.is_spec))
+
+  def load(layer):  # one layer's weights, gathered where a manual axis splits them
+    return jax.tree.map(lambda x, spec, dtype: spmd.materialise(x, P(*spec[lead:]), dtype), layer,
+                        specs.params["blocks"], specs.dtypes["blocks"])
+
+  if s.schedule:
+    run_blocks = pipeline.make_run_blocks(cfg, s.schedule, load, streams, bubble_fill)
+  else:  # the wafer recomputes each layer in the backward (wafer.py)
+    run_blocks = functools.partial(model_lib.scan_blocks, cfg, load=load, streams=streams,
+                                   remat="full" if layout.streams_weights else None)
+
+  def local_loss(params, rows):
     with layout.active():
-      model = nnx.merge(graphdef, model_lib.compute_params(params, dtype))
-      nll = model_lib.token_nll(model(batch[:, :-1], run_blocks), batch[:, 1:])
+      params = nnx.State(dict(params))
+      for key in params:  # the embedding, positions and final norm: gathered once
+        if key != "blocks":
+          params[key] = jax.tree.map(spmd.materialise, params[key], specs.params[key],
+                                     specs.dtypes[key])
+      inputs, targets, start = rows[:, :-1], rows[:, 1:], 0
+      if stages > 1:
+        part = inputs.shape[1] // stages
+        start = jax.lax.axis_index(pipeline.AXIS) * part
+        inputs, targets = (jax.lax.dynamic_slice_in_dim(a, start, part, axis=1)
+                           for a in (inputs, targets))
+      nll = model_lib.token_nll(nnx.merge(graphdef, params)(inputs, run_blocks, start), targets)
       return nll if per_token else jnp.mean(nll)
-  return loss_fn
+  return local_loss
+
+
+def _shard_map(s: Setup, f, out_specs):
+  # check_vma=False: exact GELU's erf polynomial fails jax 0.12's varying-axes check inside a
+  # shard_map (a JAX bug; its error message suggests this workaround).
+  specs = step_specs(s)
+  return jax.shard_map(f, mesh=s.layout.mesh, axis_names=set(spmd.MANUAL), check_vma=False,
+                       in_specs=(specs.params, specs.batch), out_specs=out_specs)
+
+
+def make_loss(s: Setup, bubble_fill: float = 0.0, per_token: bool = False):
+  """loss(params, batch [B, T+1]) on the whole mesh: the mean next-token loss, or with `per_token`
+  each token's [B, T]."""
+  local_loss = make_local_loss(s, bubble_fill, per_token)
+  n = spmd.shares(s.layout.axis_sizes)
+  axes = spmd.sized(s.layout.axis_sizes)
+
+  def body(params, rows):
+    loss = local_loss(params, rows)
+    return loss if per_token else jax.lax.psum(loss / n, axes)
+
+  batch = step_specs(s).batch
+  return _shard_map(s, body, P(batch[0], pipeline.AXIS) if per_token else P())
+
+
+def make_gradients(s: Setup, bubble_fill: float = 0.0):
+  """(loss, gradients)(params, batch [B, T+1]): the gradients reduced once each, into the
+  sharding of their optimizer state (spmd.py)."""
+  local_loss = make_local_loss(s, bubble_fill)
+  specs = step_specs(s)
+  sizes = s.layout.axis_sizes
+  k = s.cfg.train.grad_accum
+  # Each device's loss is over its 1/n of the step's tokens, and the micro-steps are k equal parts.
+  weight = 1 / (spmd.shares(sizes) * k)
+
+  def objective(params, rows):
+    return local_loss(params, rows) * weight
+
+  def body(params, rows):
+    if k == 1:
+      loss, grads = jax.value_and_grad(objective)(params, rows)
+    else:
+      # Micro-step i takes rows i, i+k, i+2k, ... of this device's rows; the gradients add up
+      # locally, unreduced.
+      b, t = rows.shape
+
+      def accumulate(total, micro):
+        # Tied to the micro-step, so that XLA cannot hoist a weight gather out of the loop and
+        # hold every layer's whole weights for all k micro-steps (FSDP gathers per micro-step).
+        weights, micro = jax.lax.optimization_barrier((params, micro))
+        return jax.tree.map(jnp.add, total, jax.value_and_grad(objective)(weights, micro)), None
+
+      zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+      (loss, grads), _ = jax.lax.scan(accumulate, zeros, rows.reshape(b // k, k, t).swapaxes(0, 1))
+    grads = jax.tree.map(lambda g, p, q: spmd.reduce_gradient(g, p, q, sizes), grads,
+                         specs.params, specs.states)
+    return jax.lax.psum(loss, spmd.sized(sizes)), grads
+
+  return _shard_map(s, body, (P(), specs.states))
 
 
 def make_train_step(s: Setup):
   # A fresh closure per layout: a jitted function reused across layouts keeps its old trace.
-  loss_fn = make_loss(s)
+  gradients = make_gradients(s)
   tx, shardings = s.tx, s.shardings
-
-  k = s.cfg.train.grad_accum
-  micro_sharding = s.layout.sharding((None, "batch", None))
-
-  def gradients(params, batch):
-    if k == 1:
-      return jax.value_and_grad(loss_fn)(params, batch)
-    # Micro-step i takes rows i, i+k, i+2k, ...: each device keeps its own rows. Equal slices, so
-    # the mean of their mean losses (and gradients) is the whole batch's.
-    b, t = batch.shape
-    micro = jax.lax.with_sharding_constraint(batch.reshape(b // k, k, t).swapaxes(0, 1),
-                                             micro_sharding)
-
-    def accumulate(total, micro_batch):
-      return jax.tree.map(jnp.add, total, jax.value_and_grad(loss_fn)(params, micro_batch)), None
-
-    zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
-    total, _ = jax.lax.scan(accumulate, zeros, micro)
-    return jax.tree.map(lambda x: x / k, total)
 
   def train_step(state: TrainState, batch):
     loss, grads = gradients(state.params, batch)
-    # Each gradient is needed only where its optimizer state lives (ZeRO-1/3). XLA's CPU pipeline
-    # still all-reduces and then slices (no reduce-scatter appears in its HLO); the constraint states
-    # the placement for backends whose pipelines turn that pattern into a reduce-scatter.
+    # The tensor axis's part of each gradient's placement (the shard_map leaves it automatic).
     grads = jax.lax.with_sharding_constraint(grads, s.grad_shardings)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -256,9 +339,8 @@ def compiled_costs(s: Setup, compiled) -> dict:
   tokens = d.global_batch * d.seq_len
   held = sum(x.size for x in jax.tree.leaves(s.abstract_params))
   streams = s.layout.streams_weights
-  terms = analysis.analytic_collective_terms(sizes, m, s.n_params, sizes["fsdp"] > 1, d.global_batch,
-                                             d.seq_len, s.schedule, streams,
-                                             grad_accum=s.cfg.train.grad_accum)
+  terms = comm.analytic_terms(s.layout, s.abstract_params, m, d.global_batch, d.seq_len, s.schedule,
+                             s.cfg.train.grad_accum)
   opt_state = abstract_state(s).opt_state
   costs = {
       "optimizer_state_bytes": analysis.tree_bytes(opt_state),
@@ -268,6 +350,7 @@ def compiled_costs(s: Setup, compiled) -> dict:
           m, d.seq_len, tokens, vocab, s.schedule, remat="full" if streams else None),
       "collective_bytes_per_step": analysis.collective_bytes(hlo),
       "analytic_collective_bytes_per_step": sum(terms.values()),
+      "analytic_collective_bytes_by_kind": comm.by_kind(terms),
       "analytic_collective_terms": terms,
   }
   if s.cfg.optim.name == "adamw":  # REFERENCE.md §2's formula is for Adam's two moments
@@ -278,7 +361,7 @@ def compiled_costs(s: Setup, compiled) -> dict:
     costs["wafer"] = {
         "mode": wafer.MODE,
         "streamed_bytes_per_step": loops.get("all-gather", 0) + loops.get("reduce-scatter", 0),
-        "analytic_streamed_bytes_per_step": terms["stream_in"] + terms["stream_out"],
+        "analytic_streamed_bytes_per_step": terms["layer_weight_gather"] + terms["layer_grad_scatter"],
     }
   if s.schedule:
     # What the same step costs without the pipeline's bubbles: the single-device program.

@@ -19,47 +19,11 @@ one device_put per layer) is not built: XLA's CPU compiler ignores memory kinds 
 program has no host memory space and memory_analysis() counts pinned_host arguments as device
 memory), so here it could be neither measured nor told apart from this one.
 """
-import jax
 import ml_collections
-from flax import nnx
-from jax.sharding import PartitionSpec as P
 
-from cgpt_jax import analysis, config as config_lib, model as model_lib
-from cgpt_jax.mesh import Layout, is_spec
+from cgpt_jax import analysis, config as config_lib
 
 MODE = "per-layer all-gather from shards across the wafer"
-
-
-def make_run_blocks(cfg: ml_collections.ConfigDict, layout: Layout):
-  """A `run_blocks(graphdef, stacked, x)` for model.GPT that streams one layer's weights at a time."""
-  axes = tuple(layout.mesh.axis_names)
-  x_spec = layout.spec(("batch", None, None))
-
-  def run_blocks(graphdef, stacked, x):
-    specs = jax.tree.map(lambda names: layout.spec(tuple(names)), nnx.get_partition_spec(stacked),
-                         is_leaf=is_spec)
-
-    def stream_in(shard, spec: P):
-      """One layer's weights from this device's shard: an all-gather along each split dimension."""
-      for dim, split in enumerate(spec[1:]):  # spec[0] is the layers axis, never split
-        if split:
-          shard = jax.lax.all_gather(shard, split, axis=dim, tiled=True)
-      return shard
-
-    def stream_layer(shards):
-      return jax.tree.map(lambda spec, shard: stream_in(shard, spec), specs, shards, is_leaf=is_spec)
-
-    def body(stacked, x):
-      # Full remat: the backward streams the layer in again and keeps only its input.
-      return model_lib.scan_blocks(cfg, graphdef, stacked, x, remat="full", load=stream_layer)
-
-    # check_vma=False: exact GELU's erf fails jax 0.12's varying-axes check inside a shard_map (a JAX
-    # bug). Without it the transpose psums each input's gradient over the axes its spec leaves out:
-    # over the whole mesh for the few unsplit tensors, over `data` (the wafers) for the rest.
-    return jax.shard_map(body, mesh=layout.mesh, axis_names=set(axes), check_vma=False,
-                         in_specs=(specs, x_spec), out_specs=x_spec)(stacked, x)
-
-  return run_blocks
 
 
 # ----------------------------------------------------------------------------------------------

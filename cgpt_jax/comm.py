@@ -1,0 +1,171 @@
+"""The bytes each layout's algorithm moves per step and device, by cause: the formula beside the HLO.
+
+Every term is the algorithm spmd.py and the layouts' tables define, counted from shapes: nothing
+here reads the compiled program. Conventions (docs/formulas.md): per device and per optimizer step;
+an all-reduce of V bytes over n devices sends 2 V (n-1)/n, an all-gather or reduce-scatter whose
+whole result is V sends V (n-1)/n, a collective-permute V. k = train.grad_accum micro-steps.
+
+Parameters, one term per cause, summed over the parameter tensors by where each is held (its spec)
+and where its optimizer state is (its state spec):
+- gradient_all_reduce: a gradient replicated over batch axes (data, fsdp) or pipe is reduced once
+  per step over them, after the micro-steps summed it locally: 2 V (n-1)/n of its float32 shard.
+- gradient_reduce_scatter + parameter_all_gather (ZeRO-1): where the state is split over axes the
+  parameter is not, the gradient is reduce-scattered instead, V (n-1)/n, and the updated parameter
+  all-gathered back, V (n-1)/n.
+- layer_weight_gather, layer_grad_scatter (ZeRO-3, the wafer): a layer weight split over fsdp is
+  gathered, in the compute dtype, every time a layer runs, and its gradient reduce-scattered in
+  float32 once per run. The backward gathers again the weights it multiplies by (the four
+  matrices); under full remat it reruns the layer and gathers every weight again but the MLP-out
+  bias, the rerun's last op, whose result the backward never needs (XLA drops it).
+- head_weight_gather, head_grad_scatter: the embedding, positions and final norm, split over fsdp,
+  gathered once per micro-step and kept for the head and the backward; gradient scattered once.
+- scalars: the loss, summed over the devices that share the tokens, and two partial sums of
+  squares (gradient clipping, the logged norm) per gradient split over any axis.
+Activations:
+- tensor_layers: Megatron's all-reduce of the [tokens, d] activation after attention and after the
+  MLP, and of their input gradients in the backward: 4 per layer run, each 2 V (Y-1)/Y.
+- tensor_embedding_head: the vocab-parallel lookup (forward) and the head's input gradient
+  (backward) on the device's tokens.
+- tensor_cross_entropy: the vocab-parallel loss reduces three [tokens] partials over tensor (the
+  logits' max and sum of exponentials for logsumexp, and the target's logit).
+- pipeline_hops: one [mb, T, d] collective-permute per iteration forward and one backward.
+- pipeline_entry, pipeline_exit: stage inputs all-gathered over pipe (whole sequences), outputs
+  reduce-scattered back to sequence parts, and each one's transpose in the backward.
+"""
+import math
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from cgpt_jax import model as model_lib, spmd
+from cgpt_jax.mesh import Layout, is_spec
+
+# Each cause: the collective kind it compiles to, and the mesh axes it runs over (the roofline
+# times a term at its axes' bandwidth).
+CAUSES = {
+    "gradient_all_reduce": ("all-reduce", ("data", "fsdp", "pipe")),
+    "gradient_reduce_scatter": ("reduce-scatter", ("data",)),
+    "parameter_all_gather": ("all-gather", ("data",)),
+    "layer_weight_gather": ("all-gather", ("fsdp",)),
+    "layer_grad_scatter": ("reduce-scatter", ("fsdp",)),
+    "head_weight_gather": ("all-gather", ("fsdp",)),
+    "head_grad_scatter": ("reduce-scatter", ("fsdp",)),
+    "scalars": ("all-reduce", ("data", "fsdp", "pipe", "tensor")),
+    "tensor_layers": ("all-reduce", ("tensor",)),
+    "tensor_embedding_head": ("all-reduce", ("tensor",)),
+    "tensor_cross_entropy": ("all-reduce", ("tensor",)),
+    "pipeline_hops": ("collective-permute", ("pipe",)),
+    "pipeline_entry": ("all-gather", ("pipe",)),
+    "pipeline_exit": ("reduce-scatter", ("pipe",)),
+}
+F32 = 4
+
+
+def _devices(sizes, spec) -> int:
+  return math.prod(sizes[a] for e in spec for a in spmd.axes_of(e))
+
+
+def _share(n: int) -> float:
+  return (n - 1) / n
+
+
+def layers_run(m: ml_collections.ConfigDict, schedule) -> int:
+  """Layers one device runs per micro-step: all L, or in a pipeline K = L/(S R) per iteration,
+  bubbles included."""
+  if schedule is None:
+    return m.n_layers
+  return m.n_layers // (schedule.stages * schedule.repeats) * schedule.iterations
+
+
+def parameter_terms(layout: Layout, abstract_params, m: ml_collections.ConfigDict, schedule,
+                    grad_accum: int, streams_remat: str) -> dict[str, float]:
+  """The parameter causes (module docstring), summed over the parameter tensors."""
+  sizes = layout.axis_sizes
+  lead = 3 if schedule else 1
+  terms = dict.fromkeys(["gradient_all_reduce", "gradient_reduce_scatter", "parameter_all_gather",
+                         "layer_weight_gather", "layer_grad_scatter", "head_weight_gather",
+                         "head_grad_scatter", "scalars"], 0.0)
+  logical = nnx.get_partition_spec(abstract_params)
+  flat = jax.tree_util.tree_flatten_with_path(logical, is_leaf=is_spec)[0]
+  for (path, names), leaf in zip(flat, jax.tree.leaves(abstract_params)):
+    names = tuple(names)
+    p, q = layout.spec(names), layout.spec(names, layout.state_rules)
+    local = leaf.size / _devices(sizes, p)  # elements of this device's shard
+    keys = [k for k in (getattr(k, "key", None) for k in path) if isinstance(k, str)]
+    in_blocks = "blocks" in keys
+    gathered = spmd.manual_part(P(*p[lead:]) if in_blocks else p)
+    g = _devices(sizes, gathered)
+    if g > 1:
+      whole = local * g  # what one gather makes, per stored layer slice times the layers held
+      dtype_bytes = np.dtype(model_lib.compute_dtype(keys, m.dtype)).itemsize
+      if in_blocks:
+        slices = math.prod(leaf.shape[:lead]) // _devices(sizes, p[:lead])
+        per_layer = whole / slices
+        regather = keys[-1].endswith("_kernel") or (streams_remat == "full"
+                                                     and keys[-1] != "proj_bias")
+        runs = grad_accum * layers_run(m, schedule)
+        terms["layer_weight_gather"] += runs * (1 + regather) * per_layer * dtype_bytes * _share(g)
+        terms["layer_grad_scatter"] += runs * per_layer * F32 * _share(g)
+      else:
+        terms["head_weight_gather"] += grad_accum * whole * dtype_bytes * _share(g)
+        terms["head_grad_scatter"] += grad_accum * whole * F32 * _share(g)
+    mp, mq = spmd.manual_part(p), spmd.manual_part(q)
+    scatter = math.prod(sizes[a] for e_p, e_q in zip(mp, mq) for a in spmd.axes_of(e_q)
+                        if a not in spmd.axes_of(e_p))
+    if scatter > 1:
+      terms["gradient_reduce_scatter"] += local * F32 * _share(scatter)
+      terms["parameter_all_gather"] += local * F32 * _share(scatter)
+    held = {a for e in (*mp, *mq) for a in spmd.axes_of(e)}
+    rest = math.prod(sizes[a] for a in spmd.MANUAL if a not in held)
+    terms["gradient_all_reduce"] += 2 * local / scatter * F32 * _share(rest)
+    split = _devices(sizes, q)
+    terms["scalars"] += 2 * 2 * F32 * _share(split)
+  terms["scalars"] += 2 * F32 * _share(spmd.shares(sizes))  # the loss
+  return terms
+
+
+def activation_terms(sizes: dict, m: ml_collections.ConfigDict, global_batch: int, seq_len: int,
+                     schedule, grad_accum: int) -> dict[str, float]:
+  """The activation causes (module docstring). Per device the step's tokens are B T / X (whole
+  sequences of its rows, X = data x fsdp), each micro-step 1/k of them."""
+  x_ways, y_ways, stages = sizes["data"] * sizes["fsdp"], sizes["tensor"], sizes["pipe"]
+  d, b = m.d_model, F32
+  tokens = global_batch * seq_len / x_ways
+  terms = {}
+  if y_ways > 1:
+    if schedule is None:
+      layer_tokens = m.n_layers * tokens
+    else:
+      per_stage = m.n_layers // (schedule.stages * schedule.repeats)
+      layer_tokens = per_stage * schedule.iterations * tokens / schedule.microbatches
+    terms["tensor_layers"] = 4 * 2 * layer_tokens * d * b * _share(y_ways)
+    terms["tensor_embedding_head"] = 2 * 2 * tokens / stages * d * b * _share(y_ways)
+    terms["tensor_cross_entropy"] = 3 * 2 * tokens / stages * b * _share(y_ways)
+  if schedule is not None:
+    terms["pipeline_hops"] = 2 * schedule.iterations * tokens / schedule.microbatches * d * b
+    terms["pipeline_entry"] = 2 * tokens * d * b * _share(stages)
+    terms["pipeline_exit"] = 2 * tokens * d * b * _share(stages)
+  return terms
+
+
+def analytic_terms(layout: Layout, abstract_params, m: ml_collections.ConfigDict, global_batch: int,
+                   seq_len: int, schedule=None, grad_accum: int = 1) -> dict[str, int]:
+  """Bytes per step and device of every cause that moves any (CAUSES), rounded to whole bytes."""
+  remat = "full" if layout.streams_weights else m.remat
+  terms = {**parameter_terms(layout, abstract_params, m, schedule, grad_accum, remat),
+           **activation_terms(layout.axis_sizes, m, global_batch, seq_len, schedule, grad_accum)}
+  return {k: int(round(v)) for k, v in terms.items() if round(v)}
+
+
+def by_kind(terms: dict[str, int]) -> dict[str, int]:
+  """The terms summed by the collective kind each compiles to, as analysis.collective_bytes
+  reports the compiled program."""
+  kinds: dict[str, int] = {}
+  for cause, value in terms.items():
+    kind = CAUSES[cause][0]
+    kinds[kind] = kinds.get(kind, 0) + value
+  return dict(sorted(kinds.items()))
+
