@@ -28,6 +28,15 @@ Activations:
   (backward) on the device's tokens.
 - tensor_cross_entropy: the vocab-parallel loss reduces three [tokens] partials over tensor (the
   logits' max and sum of exponentials for logsumexp, and the target's logit).
+- Sequence parallelism (Megatron-SP, mesh.tensor_region) moves tp's tensor_layers and
+  tensor_embedding_head bytes as all-gathers and reduce-scatters, half each: a region is entered
+  with an all-gather of the sequence and left with a reduce-scatter (and each is the other's
+  transpose in the backward); the vocab-parallel lookup is left with a reduce-scatter and the head
+  entered with an all-gather. With the residual stream split along the sequence, the gradients of
+  the layer norms and output biases (6 d per layer, 2 d for the final norm) are partial sums over
+  tensor, all-reduced (sequence_norm_grads), and the positions' gradient comes out split along the
+  sequence: reduced over the batch axes in that form and then all-gathered
+  (sequence_positions_grad).
 - pipeline_hops: one [mb, T, d] collective-permute per iteration forward and one backward.
 - pipeline_entry, pipeline_exit: stage inputs all-gathered over pipe (whole sequences), outputs
   reduce-scattered back to sequence parts, and each one's transpose in the backward.
@@ -57,6 +66,12 @@ CAUSES = {
     "tensor_layers": ("all-reduce", ("tensor",)),
     "tensor_embedding_head": ("all-reduce", ("tensor",)),
     "tensor_cross_entropy": ("all-reduce", ("tensor",)),
+    "sequence_layer_gather": ("all-gather", ("tensor",)),
+    "sequence_layer_scatter": ("reduce-scatter", ("tensor",)),
+    "sequence_embedding_head_gather": ("all-gather", ("tensor",)),
+    "sequence_embedding_head_scatter": ("reduce-scatter", ("tensor",)),
+    "sequence_norm_grads": ("all-reduce", ("tensor",)),
+    "sequence_positions_grad": ("all-gather", ("tensor",)),
     "pipeline_hops": ("collective-permute", ("pipe",)),
     "pipeline_entry": ("all-gather", ("pipe",)),
     "pipeline_exit": ("reduce-scatter", ("pipe",)),
@@ -95,6 +110,8 @@ def parameter_terms(layout: Layout, abstract_params, m: ml_collections.ConfigDic
     p, q = layout.spec(names), layout.spec(names, layout.state_rules)
     local = leaf.size / _devices(sizes, p)  # elements of this device's shard
     keys = [k for k in (getattr(k, "key", None) for k in path) if isinstance(k, str)]
+    if layout.sequence_parallel and keys == ["wpe"]:
+      local /= sizes["tensor"]  # its gradient is split along the sequence (module docstring)
     in_blocks = "blocks" in keys
     gathered = spmd.manual_part(P(*p[lead:]) if in_blocks else p)
     g = _devices(sizes, gathered)
@@ -127,10 +144,11 @@ def parameter_terms(layout: Layout, abstract_params, m: ml_collections.ConfigDic
   return terms
 
 
-def activation_terms(sizes: dict, m: ml_collections.ConfigDict, global_batch: int, seq_len: int,
-                     schedule, grad_accum: int) -> dict[str, float]:
+def activation_terms(layout: Layout, m: ml_collections.ConfigDict, global_batch: int,
+                     seq_len: int, schedule) -> dict[str, float]:
   """The activation causes (module docstring). Per device the step's tokens are B T / X (whole
   sequences of its rows, X = data x fsdp), each micro-step 1/k of them."""
+  sizes = layout.axis_sizes
   x_ways, y_ways, stages = sizes["data"] * sizes["fsdp"], sizes["tensor"], sizes["pipe"]
   d, b = m.d_model, F32
   tokens = global_batch * seq_len / x_ways
@@ -141,8 +159,17 @@ def activation_terms(sizes: dict, m: ml_collections.ConfigDict, global_batch: in
     else:
       per_stage = m.n_layers // (schedule.stages * schedule.repeats)
       layer_tokens = per_stage * schedule.iterations * tokens / schedule.microbatches
-    terms["tensor_layers"] = 4 * 2 * layer_tokens * d * b * _share(y_ways)
-    terms["tensor_embedding_head"] = 2 * 2 * tokens / stages * d * b * _share(y_ways)
+    layers = 4 * 2 * layer_tokens * d * b * _share(y_ways)
+    embedding_head = 2 * 2 * tokens / stages * d * b * _share(y_ways)
+    if layout.sequence_parallel:
+      terms["sequence_layer_gather"] = terms["sequence_layer_scatter"] = layers / 2
+      terms["sequence_embedding_head_gather"] = embedding_head / 2
+      terms["sequence_embedding_head_scatter"] = embedding_head / 2
+      vectors = 6 * d * m.n_layers + 2 * d
+      terms["sequence_norm_grads"] = 2 * vectors * b * _share(y_ways)
+      terms["sequence_positions_grad"] = m.n_positions * d * b * _share(y_ways)
+    else:
+      terms["tensor_layers"], terms["tensor_embedding_head"] = layers, embedding_head
     terms["tensor_cross_entropy"] = 3 * 2 * tokens / stages * b * _share(y_ways)
   if schedule is not None:
     terms["pipeline_hops"] = 2 * schedule.iterations * tokens / schedule.microbatches * d * b
@@ -156,7 +183,7 @@ def analytic_terms(layout: Layout, abstract_params, m: ml_collections.ConfigDict
   """Bytes per step and device of every cause that moves any (CAUSES), rounded to whole bytes."""
   remat = "full" if layout.streams_weights else m.remat
   terms = {**parameter_terms(layout, abstract_params, m, schedule, grad_accum, remat),
-           **activation_terms(layout.axis_sizes, m, global_batch, seq_len, schedule, grad_accum)}
+           **activation_terms(layout, m, global_batch, seq_len, schedule)}
   return {k: int(round(v)) for k, v in terms.items() if round(v)}
 
 

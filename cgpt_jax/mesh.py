@@ -12,6 +12,7 @@ import math
 from typing import Iterator, Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
@@ -19,6 +20,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 from cgpt_jax.errors import InputError
 
 AXES = ("data", "pipe", "fsdp", "tensor")
+TENSOR = "tensor"
 BATCH_AXES = ("data", "fsdp")  # FSDP is data parallelism whose state is sharded too
 
 # Logical axis -> mesh axes. A logical name missing from a table is replicated.
@@ -32,9 +34,10 @@ RULES: Rules = {
     "batch": BATCH_AXES,
     "embed": ("fsdp",),  # ZeRO-3: weights split along d_model, gathered one layer at a time
     "heads": ("tensor",),  # Megatron: column-parallel QKV, row-parallel attention-out
-    # Column-parallel MLP-in, row-parallel MLP-out; the MLP biases on fsdp too, fsdp-major: the
-    # step's shard_map (spmd.py) takes fsdp's block of a dimension first, tensor splits it within.
-    "mlp": ("fsdp", "tensor"),
+    # Column-parallel MLP-in, row-parallel MLP-out. Not on fsdp: a dimension split over tensor
+    # and fsdp both could not be gathered over fsdp alone inside the step's shard_map (spmd.py),
+    # so under fsdp the MLP matrices split along embed and the MLP biases (d_ff each) stay whole.
+    "mlp": ("tensor",),
     "vocab": ("tensor",),  # vocab-parallel embedding, logits and cross entropy
     "stage": ("pipe",),  # pipeline stages of the stacked layers (pipeline.py)
     # Outside the pipeline (embedding, head, loss) the `pipe` devices split the sequence: those parts
@@ -127,6 +130,11 @@ class Layout:
     return NamedSharding(self.mesh, P())
 
   @property
+  def sequence_parallel(self) -> bool:
+    """The residual stream is split along the sequence over tensor (Megatron-SP)."""
+    return TENSOR in self.rules.get("residual_seq", ()) and self.mesh.shape[TENSOR] > 1
+
+  @property
   def batch_size_divisor(self) -> int:
     return math.prod(self.mesh.shape[a] for a in self.rules.get("batch", ()))
 
@@ -168,6 +176,81 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     spec = layout.spec(names, manual=frozenset(context.manual_axes))
     return jax.lax.with_sharding_constraint(x, NamedSharding(context, spec))
   return jax.lax.with_sharding_constraint(x, layout.sharding(names))
+
+
+def tensor_region(module: nnx.Module, x: jax.Array) -> jax.Array:
+  """module(x) for a tensor-parallel region (attention or the MLP, whose `mix` is the part a
+  device's heads or MLP columns compute, a partial sum of the whole, and `output_bias` the rest).
+
+  Under tensor parallelism the partitioner all-reduces the partial sums (Megatron). Under sequence
+  parallelism the residual stream x [batch, seq/Y, d] is split along the sequence: the region is
+  entered with an all-gather of the sequence and left with a reduce-scatter back to sequence parts,
+  written here in a shard_map over `tensor` because the CPU partitioner would keep the all-reduce
+  and slice (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer
+  Models"). The same bytes as tp's all-reduce, and 1/Y of its residual-stream activations.
+  """
+  layout = _ACTIVE.get()
+  if layout is None or not layout.sequence_parallel:
+    return module(x)
+  graphdef, state = nnx.split(module)
+
+  def tensor_spec(v):  # a stacked layer's slice still carries the leading `layers` names
+    names = tuple(v.get_metadata()["out_sharding"])[-v.ndim:] if v.ndim else ()
+    return P(*(TENSOR if TENSOR in _axes(e) else None for e in layout.spec(names)))
+
+  specs = jax.tree.map(tensor_spec, state, is_leaf=lambda v: isinstance(v, nnx.Variable))
+
+  def region(state, x):
+    y = nnx.merge(graphdef, state).mix(jax.lax.all_gather(x, TENSOR, axis=1, tiled=True))
+    return jax.lax.psum_scatter(y, TENSOR, scatter_dimension=1, tiled=True)
+
+  return _over_tensor(region, (specs, SEQ_SPLIT), SEQ_SPLIT)(state, x) + module.output_bias()
+
+
+SEQ_SPLIT = P(None, TENSOR, None)  # [batch, seq, d] split along the sequence
+
+
+def _over_tensor(f, in_specs, out_specs):
+  """f in a shard_map over `tensor` within the current (partly manual) mesh. check_vma=False:
+  exact GELU's erf fails jax 0.12's varying-axes check inside a shard_map (a JAX bug)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return jax.shard_map(f, mesh=_ACTIVE.get().mesh if mesh.empty else mesh, axis_names={TENSOR},
+                       in_specs=in_specs, out_specs=out_specs, check_vma=False)
+
+
+def vocab_lookup(table: jax.Array, tokens: jax.Array) -> jax.Array:
+  """table [vocab, d] rows for tokens [batch, seq]. Under sequence parallelism each device looks up
+  the tokens in its vocabulary rows (zeros elsewhere) and a reduce-scatter sums them into its part
+  of the sequence: V (Y-1)/Y, where an all-reduce and a slice would move twice that."""
+  layout = _ACTIVE.get()
+  if layout is None or not layout.sequence_parallel:
+    return jnp.take(table, tokens, axis=0)
+
+  def lookup(rows, tokens):
+    local = tokens - jax.lax.axis_index(TENSOR) * rows.shape[0]
+    mine = (local >= 0) & (local < rows.shape[0])
+    x = jnp.where(mine[..., None], jnp.take(rows, jnp.clip(local, 0, rows.shape[0] - 1), axis=0), 0)
+    return jax.lax.psum_scatter(x, TENSOR, scatter_dimension=1, tiled=True)
+
+  return _over_tensor(lookup, (P(TENSOR, None), P()), SEQ_SPLIT)(table, tokens)
+
+
+def vocab_logits(x: jax.Array, table: jax.Array) -> jax.Array:
+  """Logits [batch, seq, vocab] in float32 of x [batch, seq, d] against the tied table. Under
+  sequence parallelism x arrives split along the sequence: all-gathered into each device's
+  vocabulary slice (its gradient reduce-scattered back), the logits left split over the vocab."""
+  def logits(x, table):
+    return jnp.einsum("btd,vd->btv", x, table, preferred_element_type=jnp.float32)
+
+  layout = _ACTIVE.get()
+  if layout is None or not layout.sequence_parallel:
+    return logits(x, table)
+  return _over_tensor(lambda x, rows: logits(jax.lax.all_gather(x, TENSOR, axis=1, tiled=True), rows),
+                      (SEQ_SPLIT, P(TENSOR, None)), P(None, None, TENSOR))(x, table)
+
+
+def _axes(entry) -> tuple[str, ...]:
+  return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
 
 
 def make_layout(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Layout:

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from cgpt_jax.mesh import constrain
+from cgpt_jax.mesh import constrain, tensor_region, vocab_logits, vocab_lookup
 from cgpt_jax.spmd import keep_all_but_gathered
 
 # Parameters keep only logical names; Layout turns them into shardings at jit time. Without this,
@@ -74,9 +74,17 @@ class Attention(nnx.Module):
     self.scale = cfg.attention_scale  # 1/sqrt(d_head); muP: 1/d_head
 
   def __call__(self, x):
+    return self.mix(x) + self.output_bias()
+
+  def mix(self, x):
+    """Attention without its output bias: under tensor parallelism each device's heads give a
+    partial sum of this, reduced over `tensor` (mesh.tensor_region)."""
     q, k, v = self.project(x)
     t = x.shape[1]
     return self.attend(q, k, v, jnp.tril(jnp.ones((t, t), bool)))
+
+  def output_bias(self):
+    return self.out_bias[...]
 
   def cached(self, x, cache, start):
     """Attention for x [batch, t, embed] at positions start.. start+t-1 against a key/value cache.
@@ -90,7 +98,7 @@ class Attention(nnx.Module):
                     for c, a in zip(cache, (k, v)))
     keys, values = (constrain(c, ("batch", "seq", "heads", "head_dim")) for c in (keys, values))
     visible = jnp.arange(keys.shape[1]) <= start + jnp.arange(x.shape[1])[:, None]
-    return self.attend(q, keys, values, visible), (keys, values)
+    return self.attend(q, keys, values, visible) + self.output_bias(), (keys, values)
 
   def project(self, x):
     """x [batch, seq, embed] -> q, k, v, each [batch, seq, heads, head_dim]."""
@@ -100,7 +108,7 @@ class Attention(nnx.Module):
 
   def attend(self, q, k, v, mask):
     """Queries [batch, q_len, heads, head_dim] against keys and values [batch, k_len, ...] where
-    mask [q_len, k_len] allows, then the out-projection: [batch, q_len, embed]."""
+    mask [q_len, k_len] allows, then the out-projection (no bias): [batch, q_len, embed]."""
     scores = jnp.einsum("bqhe,bkhe->bhqk", q, k, preferred_element_type=jnp.float32) * self.scale
     scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
     if q.dtype == jnp.float32:
@@ -108,7 +116,7 @@ class Attention(nnx.Module):
     else:
       probs = softmax_keeping(scores, q.dtype)
     ctx = jnp.einsum("bhqk,bkhe->bqhe", probs, v)
-    return jnp.einsum("bqhe,hed->bqd", ctx, self.out_kernel[...]) + self.out_bias[...]
+    return jnp.einsum("bqhe,hed->bqd", ctx, self.out_kernel[...])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
@@ -142,9 +150,16 @@ class MLP(nnx.Module):
     self.proj_bias = _zeros((d,), ("embed",))
 
   def __call__(self, x):
+    return self.mix(x) + self.output_bias()
+
+  def mix(self, x):
+    """The MLP without its output bias (a partial sum under tensor parallelism, as Attention.mix)."""
     h = jax.nn.gelu(x @ self.fc_kernel[...] + self.fc_bias[...], approximate=False)
     h = constrain(h, ("batch", "seq", "mlp"))
-    return h @ self.proj_kernel[...] + self.proj_bias[...]
+    return h @ self.proj_kernel[...]
+
+  def output_bias(self):
+    return self.proj_bias[...]
 
 
 class Block(nnx.Module):
@@ -156,8 +171,8 @@ class Block(nnx.Module):
     self.mlp = MLP(cfg, rngs)
 
   def __call__(self, x):
-    x = x + self.attn(self.ln1(x))
-    x = x + self.mlp(self.ln2(x))
+    x = x + tensor_region(self.attn, self.ln1(x))
+    x = x + tensor_region(self.mlp, self.ln2(x))
     # Between blocks the residual stream may be split along the sequence as well (sequence
     # parallelism): a name of its own, so attention and the MLP keep the whole sequence.
     return constrain(x, ("batch", "residual_seq", "embed"))
@@ -219,7 +234,7 @@ class GPT(nnx.Module):
   def embed(self, tokens: jax.Array, start: jax.Array | int = 0) -> jax.Array:
     """tokens [batch, seq] at positions start, start + 1, ... (a traced start when decoding)."""
     positions = jax.lax.dynamic_slice_in_dim(self.wpe[...], start, tokens.shape[1])
-    x = jnp.take(self.wte[...], tokens, axis=0) + positions
+    x = vocab_lookup(self.wte[...], tokens) + positions
     if self.cfg.embed_multiplier != 1:  # muP: 10
       x = x * jnp.asarray(self.cfg.embed_multiplier, x.dtype)
     return constrain(x, ("batch", "residual_seq", "embed"))
@@ -229,7 +244,7 @@ class GPT(nnx.Module):
     if self.cfg.output_multiplier != 1:  # muP: logits / m, applied to the d-wide input (cheaper)
       x = x * jnp.asarray(self.cfg.output_multiplier, x.dtype)
     # Logits in float32 even from bf16 operands: the loss's logsumexp needs their small differences.
-    logits = jnp.einsum("btd,vd->btv", x, self.wte[...], preferred_element_type=jnp.float32)
+    logits = vocab_logits(x, self.wte[...])
     logits = constrain(logits, ("batch", "seq", "vocab"))
     if logits.shape[-1] > self.cfg.vocab_size:
       real = jnp.arange(logits.shape[-1]) < self.cfg.vocab_size

@@ -45,50 +45,79 @@ def manual_part(spec: P) -> P:
   return P(*(_entry(tuple(a for a in axes_of(e) if a in MANUAL)) for e in spec))
 
 
+def tensor_part(spec: P) -> P:
+  """`spec` with only the axes the shard_map leaves to the partitioner (tensor)."""
+  return P(*(_entry(tuple(a for a in axes_of(e) if a not in MANUAL)) for e in spec))
+
+
 def is_split(spec: P) -> bool:
   return any(axes_of(e) for e in spec)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def gather(shard: jax.Array, spec: P, dtype) -> jax.Array:
-  """The whole weight from this device's shard (split as `spec`, manual axes only), cast to `dtype`
-  first so that a bfloat16 run gathers bfloat16. Its gradient is reduce-scattered back in float32,
-  the precision of the master weights and the optimizer."""
-  x = shard.astype(dtype)
-  for dim, entry in enumerate(spec):
-    if axes_of(entry):
-      x = jax.lax.all_gather(x, axes_of(entry), axis=dim, tiled=True)
-  return x
+def _within_tensor(f, tensor: P):
+  """f, run where `tensor` (the weight's split over the tensor axis, which the step's shard_map
+  leaves to the partitioner) is manual too. The partitioner does not carry a tensor split through
+  a manual all-gather: it would replicate the weight over tensor first (measured: 9x the bytes)."""
+  if not is_split(tensor):
+    return f
+  return jax.shard_map(f, mesh=jax.sharding.get_abstract_mesh(), axis_names={"tensor"},
+                       in_specs=tensor, out_specs=tensor, check_vma=False)
 
 
-def _gather_fwd(shard, spec, dtype):
-  return gather(shard, spec, dtype), None
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def gather(shard: jax.Array, spec: P, tensor: P, dtype) -> jax.Array:
+  """The whole weight from this device's shard (split as `spec` over manual axes, and as `tensor`
+  over the tensor axis, which it stays), cast to `dtype` first so that a bfloat16 run gathers
+  bfloat16. Its gradient is reduce-scattered back in float32, the precision of the master weights
+  and the optimizer."""
+  def gather_all(x):
+    x = x.astype(dtype)
+    for dim, entry in enumerate(spec):
+      if axes_of(entry):
+        x = jax.lax.all_gather(x, axes_of(entry), axis=dim, tiled=True)
+    return x
+  return _within_tensor(gather_all, tensor)(shard)
 
 
-def _gather_bwd(spec, dtype, _, g):
-  g = g.astype(jnp.float32)
-  for dim, entry in reversed(list(enumerate(spec))):
-    if axes_of(entry):
-      g = jax.lax.psum_scatter(g, axes_of(entry), scatter_dimension=dim, tiled=True)
-  return (g,)
+def _gather_fwd(shard, spec, tensor, dtype):
+  return gather(shard, spec, tensor, dtype), None
+
+
+def _gather_bwd(spec, tensor, dtype, _, g):
+  def scatter_all(g):
+    g = g.astype(jnp.float32)
+    for dim, entry in reversed(list(enumerate(spec))):
+      if axes_of(entry):
+        g = jax.lax.psum_scatter(g, axes_of(entry), scatter_dimension=dim, tiled=True)
+    return g
+  return (_within_tensor(scatter_all, tensor)(g),)
 
 
 gather.defvjp(_gather_fwd, _gather_bwd)
 
 
-def materialise(shard: jax.Array, spec: P, dtype) -> jax.Array:
-  """A weight as the forward uses it: gathered if a manual axis splits it (`spec`), in `dtype`."""
-  return gather(shard, spec, dtype) if is_split(spec) else shard.astype(dtype)
+def materialise(shard: jax.Array, spec: P, tensor: P, dtype) -> jax.Array:
+  """A weight as the forward uses it: gathered if a manual axis splits it (`spec`; `tensor` is its
+  split over the tensor axis), in `dtype`."""
+  return gather(shard, spec, tensor, dtype) if is_split(spec) else shard.astype(dtype)
 
 
 def keep_all_but_gathered(prim, *_, **params) -> bool:
   """Remat policy: keep every value for the backward except what an all-gather made (a whole
   weight, `gather`), which the backward gathers again from the kept shard."""
+  return not _gathers(prim, params)
+
+
+def _gathers(prim, params) -> bool:
+  """prim is an all-gather, or calls one (`gather` is a custom_vjp, maybe around a shard_map)."""
   if prim.name == "all_gather":
-    return False
-  called = params.get("call_jaxpr")  # `gather` is a custom_vjp: look inside it
-  return called is None or not any(e.primitive.name == "all_gather"
-                                   for e in getattr(called, "jaxpr", called).eqns)
+    return True
+  for key in ("call_jaxpr", "jaxpr"):
+    called = params.get(key)
+    if called is not None and any(_gathers(e.primitive, e.params)
+                                  for e in getattr(called, "jaxpr", called).eqns):
+      return True
+  return False
 
 
 def reduce_gradient(g: jax.Array, param: P, state: P, sizes: dict[str, int]) -> jax.Array:

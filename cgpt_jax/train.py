@@ -168,6 +168,7 @@ def make_init_from(s: Setup):
 class StepSpecs(NamedTuple):
   """The manual parts (spmd.MANUAL) of the specs the step's shard_map works with."""
   params: Any  # where each parameter is held
+  tensor: Any  # ... and over the tensor axis, which the shard_map leaves to the partitioner
   states: Any  # where each parameter's optimizer state is held: its gradient's destination
   dtypes: Any  # the dtype the forward uses each parameter in
   batch: P  # the token batch's rows
@@ -176,13 +177,14 @@ class StepSpecs(NamedTuple):
 def step_specs(s: Setup) -> StepSpecs:
   logical = nnx.get_partition_spec(s.abstract_params)
 
-  def by(rules):
-    return jax.tree.map(lambda names: spmd.manual_part(s.layout.spec(tuple(names), rules)), logical,
+  def by(rules, part=spmd.manual_part):
+    return jax.tree.map(lambda names: part(s.layout.spec(tuple(names), rules)), logical,
                         is_leaf=mesh_lib.is_spec)
 
   dtypes = jax.tree_util.tree_map_with_path(
       lambda path, _: model_lib.compute_dtype(path, s.cfg.model.dtype), s.abstract_params)
-  return StepSpecs(by(s.layout.rules), by(s.layout.state_rules), dtypes,
+  return StepSpecs(by(s.layout.rules), by(s.layout.rules, spmd.tensor_part), by(s.layout.state_rules),
+                   dtypes,
                    spmd.manual_part(s.layout.spec(("batch", None))))
 
 
@@ -199,8 +201,10 @@ def make_local_loss(s: Setup, bubble_fill: float = 0.0, per_token: bool = False)
                                                             is_leaf=mesh_lib.is_spec))
 
   def load(layer):  # one layer's weights, gathered where a manual axis splits them
-    return jax.tree.map(lambda x, spec, dtype: spmd.materialise(x, P(*spec[lead:]), dtype), layer,
-                        specs.params["blocks"], specs.dtypes["blocks"])
+    return jax.tree.map(
+        lambda x, spec, tensor, dtype: spmd.materialise(x, P(*spec[lead:]), P(*tensor[lead:]),
+                                                        dtype),
+        layer, specs.params["blocks"], specs.tensor["blocks"], specs.dtypes["blocks"])
 
   if s.schedule:
     run_blocks = pipeline.make_run_blocks(cfg, s.schedule, load, streams, bubble_fill)
@@ -214,7 +218,7 @@ def make_local_loss(s: Setup, bubble_fill: float = 0.0, per_token: bool = False)
       for key in params:  # the embedding, positions and final norm: gathered once
         if key != "blocks":
           params[key] = jax.tree.map(spmd.materialise, params[key], specs.params[key],
-                                     specs.dtypes[key])
+                                     specs.tensor[key], specs.dtypes[key])
       inputs, targets, start = rows[:, :-1], rows[:, 1:], 0
       if stages > 1:
         part = inputs.shape[1] // stages

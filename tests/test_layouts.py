@@ -156,12 +156,14 @@ def compiled_step(s):
 # train.grad_accum = 4 as well (pp: 4 micro-steps x 4 microbatches x data 4).
 FAMILIES = [
     ("dp", {}), ("zero1", {}), ("fsdp", {}), ("tp", {"data": 2, "tensor": 4}),
+    ("sp", {"data": 2, "tensor": 4}), ("fsdp", {"fsdp": 2, "tensor": 4}),
     ("pp", {"pipe": 2, "data": 4}), ("3d", {}), ("wafer", {}), ("swarm", {}),
 ]
 
 
 @pytest.mark.parametrize("grad_accum", [1, 4])
-@pytest.mark.parametrize("layout,sizes", FAMILIES, ids=[f[0] for f in FAMILIES])
+@pytest.mark.parametrize("layout,sizes", FAMILIES,
+                         ids=[f"{l}-" + "-".join(f"{a}{n}" for a, n in z.items()) for l, z in FAMILIES])
 def test_each_collective_kind_moves_the_formulas_bytes(shared_data, data_dir, layout, sizes,
                                                        grad_accum):
   """Bytes per collective kind in the compiled step equal comm.py's algorithm within 1%: dp's
