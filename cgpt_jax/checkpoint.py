@@ -20,6 +20,7 @@ an InputError (exit 2) that names the step directory.
 """
 import contextlib
 import pathlib
+import shutil
 
 import jax
 import numpy as np
@@ -102,7 +103,11 @@ class Checkpointer:
 
   def save(self, step: int, state, schedule, force: bool = False) -> bool:
     """Starts an asynchronous save when `step` is due (every N steps, or `force`); whether it did.
-    A failed write (a full disk) is an InputError here or at the next save or wait."""
+    A disk without room for it is an InputError before anything is written; a write that fails
+    anyway is one here or at the next save or wait."""
+    if not (force or self.manager.should_save(step)):
+      return False
+    self._check_room(step, state)
     with self._writing(step):
       return self.manager.save(step, force=force, args=ocp.args.Composite(
           state=ocp.args.StandardSave(to_layer_order(state, schedule)),
@@ -155,6 +160,20 @@ class Checkpointer:
           f"data.seed={self.record['data_seed']!r}: resuming would change the order of the batches "
           "it has not seen yet. Resume with the checkpoint's data.seed, or use a new --workdir.")
 
+  def _check_room(self, step: int, state) -> None:
+    """Refuses a save the disk has no room for (and one still being written), so that orbax never
+    starts it: its failure mid-write is reported from several threads, a thousand lines long."""
+    need = sum(x.nbytes for x in jax.tree.leaves(state)) * 1.05 + 2**20  # + metadata
+    if self.manager.is_saving_in_progress():
+      need *= 2
+    free = shutil.disk_usage(self.directory).free
+    if free < need:
+      raise InputError(
+          f"no room for checkpoint {step} in {self.directory}: it needs about {need / 2**20:.1f} "
+          f"MiB, {free / 2**20:.1f} MiB are free. Checkpoints {self.manager.all_steps() or 'none'} "
+          "are intact. Free space (or lower checkpoint.keep), then rerun the same command to "
+          "resume.")
+
   @contextlib.contextmanager
   def _writing(self, step: int):
     """An OSError from orbax's writes (often raised from its background thread, many lines deep)
@@ -163,14 +182,14 @@ class Checkpointer:
     try:
       yield
     except Exception as e:  # orbax re-raises a background failure wrapped in its own types
-      cause = _os_error(e)
+      cause = _write_error(e)
       if cause is None:
         raise
       done = self.manager.all_steps()
       raise InputError(
-          f"cannot write checkpoint {step} (or one before it) to {self.directory}: "
-          f"{cause.strerror or cause}. Checkpoints {done or 'none'} are intact. Free space (or fix "
-          "the folder), then rerun the same command to resume.") from None
+          f"cannot write checkpoint {step} (or one before it) to {self.directory}: {cause}. "
+          f"Checkpoints {done or 'none'} are intact. Free space (or fix the folder), then rerun the "
+          "same command to resume.") from None
 
   def wait(self) -> None:
     with self._writing(self.manager.latest_step()):
@@ -185,11 +204,15 @@ def describe_tokenizer(identity: dict) -> str:
   return f"{identity.get('kind')!r} ({identity.get('vocab_size')} tokens, sha256 {identity.get('sha256')})"
 
 
-def _os_error(e: BaseException) -> OSError | None:
-  """The OSError behind `e`, if one is in its chain of causes."""
+def _write_error(e: BaseException) -> str | None:
+  """What failed to be written, if `e` or one of its causes is a failed write: an OSError, or
+  tensorstore's RESOURCE_EXHAUSTED / PERMISSION_DENIED (raised as ValueError)."""
   while e is not None:
     if isinstance(e, OSError):
-      return e
+      return e.strerror or str(e)
+    if isinstance(e, ValueError) and str(e).startswith(("RESOURCE_EXHAUSTED", "PERMISSION_DENIED")):
+      return str(e).split(":")[0] + (" (no space left on device)"
+                                     if "No space left" in str(e) else "")
     e = e.__cause__ or e.__context__
   return None
 

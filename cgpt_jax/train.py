@@ -417,8 +417,12 @@ class Logger:
     self.tb = SummaryWriter(str(workdir), purge_step=start + 1 if start else None)
 
   def write(self, step: int, metrics: dict) -> None:
-    self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
-    self.jsonl.flush()
+    try:
+      self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+      self.jsonl.flush()
+    except OSError as e:  # a full disk: the checkpoints written so far are whole
+      raise InputError(f"cannot write {self.jsonl.name} at step {step} ({e.strerror}). Free space, "
+                       "then rerun the same command to resume from the last checkpoint.") from None
     for key, value in metrics.items():
       self.tb.add_scalar(key, value, step)
 

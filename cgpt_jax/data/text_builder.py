@@ -101,8 +101,15 @@ def prepare_text_dataset(source: str, data_dir: str, allow_binary: bool = False)
       description=f"{len(files)} file(s) from {source}",
       files=tuple(files),
   )
-  builder = LocalText(config=config, data_dir=data_dir, file_format="array_record")
-  if not builder.is_prepared():
+  try:
+    builder = LocalText(config=config, data_dir=data_dir, file_format="array_record")
+    prepared = builder.is_prepared()
+  except Exception as e:  # a damaged dataset_info.json or features.json: TFDS raises many kinds
+    folder = os.path.join(data_dir, LocalText.name, config.name)
+    raise InputError(f"the prepared dataset in {folder} cannot be read ({type(e).__name__}: "
+                     f"{str(e).splitlines()[0][:200] if str(e) else ''}). Delete that folder to "
+                     "prepare it again.") from None
+  if not prepared:
     _check_writable(data_dir)
     builder.download_and_prepare()
   return builder
