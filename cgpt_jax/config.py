@@ -299,6 +299,11 @@ def resolve(c: ml_collections.ConfigDict, vocab_size: int) -> ml_collections.Con
     _fail("data.global_batch", d.global_batch, "must be positive", "Give a positive batch size.")
   if d.eval_batch is None:
     d.eval_batch = d.global_batch
+  for key, low, example in (("eval_batch", 1, "the global batch"),
+                            ("eval_batches", 0, "20, or 0 for the whole validation split"),
+                            ("seed", 0, "0")):
+    if d[key] < low:
+      _fail(f"data.{key}", d[key], f"must be >= {low}", f"E.g. {example}.")
   o = c.optim
   if o.name not in OPTIMIZERS:
     _fail("optim.name", o.name, "unknown optimizer", f"Choose one of: {', '.join(OPTIMIZERS)}.")

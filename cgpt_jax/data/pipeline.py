@@ -87,7 +87,7 @@ def train_batches(tokens: np.ndarray, *, seq_len: int, global_batch: int, seed: 
   window = seq_len + 1
   if len(tokens) < window:
     raise InputError(f"the train split has {len(tokens)} tokens, fewer than one window of seq_len + 1 = "
-                     f"{window}; lower seq_len or use a larger corpus")
+                     f"{window}; lower --config.data.seq_len or use a larger corpus")
   if global_batch % process_count:
     raise InputError(f"global batch {global_batch} is not divisible by the {process_count} processes; "
                      "make it a multiple of the process count")
@@ -136,7 +136,8 @@ def eval_batches(tokens: np.ndarray, *, seq_len: int, batch: int,
   num_batches = len(tokens) // window // batch
   if not num_batches:
     raise InputError(f"the evaluation split has {len(tokens)} tokens, fewer than one eval batch of "
-                     f"{batch} windows of seq_len + 1 = {window}; lower the eval batch size or seq_len")
+                     f"{batch} windows of seq_len + 1 = {window}; lower --config.data.eval_batch or "
+                     "--config.data.seq_len, or use a larger corpus")
   if max_batches is not None:
     num_batches = min(num_batches, max_batches)
   return list(tokens[:num_batches * batch * window].reshape(num_batches, batch, window))
