@@ -12,7 +12,16 @@
                        (sliding-window perplexity -> DIR/evals.jsonl), generate (-> DIR/samples.jsonl),
                        export_hf (GPT-2-format folder)
 
-Exit codes: 0 success, 2 bad configuration or input (a message says what and how to fix it), 1 a bug.
+  --verbose            with an error raised by the experiment file itself, print its traceback too
+
+Exit codes (README.md, "When things go wrong"):
+  0    success
+  1    a bug (a traceback)
+  2    bad configuration or input: one line says what, where and how to fix it; nothing was written
+  3    training diverged: a step's loss, gradients or parameters were not finite (the line names the
+       step); the last finite state is saved, no non-finite state ever is
+  130  stopped by SIGINT (Ctrl-C), 143 by SIGTERM, after the current step and a checkpoint: rerun
+       the same command to resume
 """
 import os
 import sys
@@ -28,7 +37,9 @@ if __name__ == "__main__" and "GLIBC_TUNABLES" not in os.environ:
 from absl import app, flags, logging  # noqa: E402  (after the re-exec above)
 from ml_collections import config_flags  # noqa: E402
 
-from cgpt_jax.errors import InputError  # noqa: E402
+import traceback  # noqa: E402
+
+from cgpt_jax.errors import Diverged, InputError, Stopped  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment file with get_config(arg), as path.py[:arg].", lock_config=True)
@@ -55,26 +66,107 @@ _INIT_TIMEOUT = flags.DEFINE_integer("initialization_timeout", 120, "Seconds a c
                                      "waits for all the others to join.", lower_bound=1)
 _SHUTDOWN_TIMEOUT = flags.DEFINE_integer("shutdown_timeout", 30, "Seconds a finished cluster "
                                          "process waits for the others to finish.", lower_bound=1)
+_VERBOSE = flags.DEFINE_bool("verbose", False, "With an error raised by the experiment file, also "
+                             "print its traceback.")
 flags.mark_flags_as_required(["config", "workdir"])
+# Virtual CPU devices cost memory (about 0.3 MB each) and start-up time that grows with the square
+# of their count (4096 take 20 s here); far beyond this, jax hangs for minutes while memory grows.
+MAX_DEVICES = 4096
+DEVICE_BYTES = 2**20  # what one virtual device is allowed, with room above those 0.3 MB
 
 
-def fail(message: str) -> None:
+def fail(message: str, code: int = 2) -> None:
   print(f"error: {message}", file=sys.stderr)
+  exit_process(code)
+
+
+def exit_process(code: int) -> None:
   distributed = sys.modules.get("cgpt_jax.distributed")  # imported once processes may be joined
-  (distributed.exit_process if distributed else sys.exit)(2)
+  (distributed.exit_process if distributed else sys.exit)(code)
+
+
+def verbose(argv) -> bool:
+  """--verbose, read from the command line: it is needed while the flags are being parsed."""
+  flag = [a for a in argv if a.lstrip("-") in ("verbose", "noverbose") or
+          a.lstrip("-").startswith("verbose=")]
+  return bool(flag) and flag[-1].lstrip("-") in ("verbose", "verbose=true", "verbose=True",
+                                                 "verbose=1")
+
+
+def config_path(argv) -> str | None:
+  """The experiment file named by --config (without its :ARG)."""
+  values = [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+  if not values:
+    values = [b for a, b in zip(argv, argv[1:]) if a == "--config"]
+  if not values:
+    return None
+  path, sep, _ = values[-1].rpartition(":")
+  return path if sep and path.endswith(".py") else values[-1]
+
+
+def experiment_error(e: BaseException, path: str) -> BaseException | None:
+  """The exception that the experiment file at `path` raised (loading it, or in get_config,
+  get_sweep or report), if `e` is it or was raised while handling it."""
+  target = os.path.realpath(path)
+  while e is not None:
+    if isinstance(e, SyntaxError) and e.filename and os.path.realpath(e.filename) == target:
+      return e
+    if any(os.path.realpath(f.filename) == target for f in traceback.extract_tb(e.__traceback__)):
+      return e
+    e = e.__cause__ or e.__context__
+  return None
+
+
+def fail_in_experiment(e: BaseException, path: str, argv) -> None:
+  """One line naming the experiment file, the function and the exception (the traceback too with
+  --verbose); the experiment's own InputError keeps its message."""
+  if isinstance(e, InputError):
+    fail(str(e))
+  if verbose(argv):
+    traceback.print_exception(e, file=sys.stderr)
+  if isinstance(e, SyntaxError):
+    where = f"{path}:{e.lineno}"
+  else:
+    frames = [f for f in traceback.extract_tb(e.__traceback__)
+              if os.path.realpath(f.filename) == os.path.realpath(path)]
+    where = f"{path}:{frames[-1].lineno} (in {frames[-1].name})"
+  message = str(e).splitlines()[0] if str(e) else ""
+  fail(f"{where}: {type(e).__name__}: {message}. Fix the experiment file"
+       f"{'' if verbose(argv) else ' (--verbose prints its traceback)'}.")
 
 
 def parse_flags(argv):
-  """absl's parser, but a bad flag or a config file that rejects its argument exits 2, not 1."""
+  """absl's parser, but a bad flag, a missing experiment file or one that fails (or rejects its
+  argument) exits 2 with one line, not 1 with a traceback."""
+  path = config_path(argv)
+  if path is not None and not os.path.isfile(path):
+    what = "is not a file" if os.path.exists(path) else "does not exist"
+    fail(f"--config {path} {what}. Give an experiment file, e.g. "
+         "--config=experiments/shakespeare_char.py.")
   try:
     rest = flags.FLAGS(argv)
-  except (flags.Error, InputError) as e:  # get_config(arg) raises InputError for a bad arg
-    fail(str(e))
-  except (AttributeError, KeyError) as e:  # config_flags' answer to --config.NO_SUCH_KEY=...
-    fail(f"unknown config key {e}: see base_config() in cgpt_jax/config.py for every key.")
+  except Exception as e:  # noqa: BLE001  (sorted out below; anything else is re-raised)
+    inner = experiment_error(e, path) if path else None
+    if inner is not None:
+      fail_in_experiment(inner, path, argv)
+    if isinstance(e, (flags.Error, InputError)):
+      fail(str(e))
+    if isinstance(e, (AttributeError, KeyError)):  # config_flags' answer to --config.NO_SUCH_KEY=...
+      fail(f"unknown config key {e}: see base_config() in cgpt_jax/config.py for every key.")
+    raise
   if len(rest) > 1:
     fail(f"unexpected arguments {rest[1:]}; overrides take the form --config.KEY=VALUE.")
   return rest
+
+
+def check_devices(devices: int) -> None:
+  """Before jax starts: a device count this host cannot hold would hang it for minutes."""
+  available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+  most = min(MAX_DEVICES, available // DEVICE_BYTES)
+  if devices > most:
+    fail(f"--devices={devices}: more virtual CPU devices than this host can hold (at most {most}: "
+         f"{MAX_DEVICES} at best, and 1 MiB of the {available / 2**30:.1f} GiB of free memory "
+         f"each). Use --devices<={most}.")
 
 
 def run_sweep() -> bool:
@@ -96,6 +188,11 @@ def run_sweep() -> bool:
               dict(config_flag.override_values), _DEVICES.value)
   except InputError as e:
     fail(str(e))
+  except Exception as e:  # noqa: BLE001  (get_sweep or report failed: the experiment's error)
+    inner = experiment_error(e, path)
+    if inner is None:
+      raise
+    fail_in_experiment(inner, path, sys.argv)
   return True
 
 
@@ -117,6 +214,17 @@ def join_processes() -> None:
 
 
 def main(_):
+  if not _WORKDIR.value:
+    fail("--workdir is empty. Give the run's folder, e.g. --workdir=runs/shakespeare.")
+  check_devices(_DEVICES.value)
+  try:
+    run(_CONFIG.value, _WORKDIR.value, "plan" if _PLAN.value else _MODE.value)
+  except KeyboardInterrupt:  # Ctrl-C outside training (which saves and stops on its own)
+    print("interrupted (SIGINT); nothing was saved by this command.", file=sys.stderr)
+    exit_process(130)
+
+
+def run(cfg, workdir: str, mode: str) -> None:
   if _SWEEP.value and run_sweep():
     return
   if not flags.FLAGS["verbosity"].present:
@@ -126,7 +234,6 @@ def main(_):
   join_processes()  # before anything touches a device
   from cgpt_jax import inference, train
 
-  cfg, workdir, mode = _CONFIG.value, _WORKDIR.value, "plan" if _PLAN.value else _MODE.value
   try:
     if mode == "plan":
       result = train.plan(cfg, workdir)
@@ -145,11 +252,17 @@ def main(_):
       print(f"exported -> {inference.export_hf(cfg, workdir)}")
     else:
       s = train.run(cfg, workdir)
-      print(f"done: loss {s['final_loss']:.4f}, val loss {s['final_eval_loss']:.4f}, "
-            f"{s['tokens_per_s']:,.0f} tokens/s, {s['step_ms']:.1f} ms/step, MFU {s['mfu']:.3f}, "
-            f"compile {s['compile_s']:.1f} s, wall {s['train_wall_s']:.1f} s -> {workdir}")
+      if s:  # processes other than 0 that only finished a run have no summary
+        print(f"done: loss {s['final_loss']:.4f}, val loss {s['final_eval_loss']:.4f}, "
+              f"{s['tokens_per_s']:,.0f} tokens/s, {s['step_ms']:.1f} ms/step, MFU {s['mfu']:.3f}, "
+              f"compile {s['compile_s']:.1f} s, wall {s['train_wall_s']:.1f} s -> {workdir}")
   except InputError as e:
     fail(str(e))
+  except Diverged as e:
+    fail(str(e), e.exit_code)
+  except Stopped as e:
+    print(str(e), file=sys.stderr)
+    exit_process(e.exit_code)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 restores into whatever layout the current run has.
 
 A checkpoint holds the whole TrainState (parameters, optimizer state, step) and a JSON record of
-what produced it: the model shape (checked before anything is read), the data seed and the step.
+what produced it: the model shape and the tokenizer (kind and a hash of its vocabulary; both checked
+before anything is read), the data seed (checked on resume) and the step.
 That is all a bit-exact resume needs: a training batch is a pure function of (seed, step)
 (data/pipeline.py) and the step has no randomness (dropout 0), so the step number is the data
 iterator's position and there is no RNG state to carry.
@@ -17,7 +18,9 @@ orbax writes a step into a temporary directory and renames it when complete, so 
 (a killed process) never shadows the previous complete one; a complete but unreadable checkpoint is
 an InputError (exit 2) that names the step directory.
 """
+import contextlib
 import pathlib
+import shutil
 
 import jax
 import numpy as np
@@ -73,20 +76,22 @@ def layer_order_target(abstract_state, schedule, mesh):
   return jax.tree_util.tree_map_with_path(target, abstract_state)
 
 
-def describe_run(cfg) -> dict:
+def describe_run(cfg, tokenizer: dict) -> dict:
   return {
       "model": {k: cfg.model[k] for k in MODEL_KEYS},
       "optimizer": {k: cfg.optim[k] for k in OPTIMIZER_KEYS},
+      "tokenizer": tokenizer,
       "data_seed": cfg.data.seed,
   }
 
 
 class Checkpointer:
-  """CheckpointManager over WORKDIR/checkpoints for one run."""
+  """CheckpointManager over WORKDIR/checkpoints for one run; `tokenizer` is
+  data.tokenizer_identity() of the run's tokenizer."""
 
-  def __init__(self, directory: pathlib.Path, cfg, read_only: bool = False):
+  def __init__(self, directory: pathlib.Path, cfg, tokenizer: dict, read_only: bool = False):
     self.directory = directory
-    self.record = describe_run(cfg)
+    self.record = describe_run(cfg, tokenizer)
     self.manager = ocp.CheckpointManager(
         directory.resolve(),
         options=ocp.CheckpointManagerOptions(
@@ -96,22 +101,28 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def save(self, step: int, state, schedule, force: bool = False) -> None:
-    """Starts an asynchronous save when `step` is due (every N steps, or `force`)."""
-    self.manager.save(step, force=force, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(to_layer_order(state, schedule)),
-        run=ocp.args.JsonSave({**self.record, "step": step})))
+  def save(self, step: int, state, schedule, force: bool = False) -> bool:
+    """Starts an asynchronous save when `step` is due (every N steps, or `force`); whether it did.
+    A disk without room for it is an InputError before anything is written; a write that fails
+    anyway is one here or at the next save or wait."""
+    if not (force or self.manager.should_save(step)):
+      return False
+    self._check_room(step, state)
+    with self._writing(step):
+      return self.manager.save(step, force=force, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(to_layer_order(state, schedule)),
+          run=ocp.args.JsonSave({**self.record, "step": step})))
 
-  def check(self, step: int) -> None:
-    """Reads the record of the checkpoint at `step` and refuses one from another model (before
-    the run writes anything)."""
+  def check(self, step: int, resume: bool = False) -> None:
+    """Reads the record of the checkpoint at `step` and refuses one from another model or tokenizer,
+    or to `resume` training, another data order (before the run writes anything)."""
     where = self.directory / str(step)
     try:
       record = self.manager.restore(step, args=ocp.args.Composite(run=ocp.args.JsonRestore()))["run"]
     except Exception as e:  # orbax raises many kinds for a damaged directory
       raise InputError(f"checkpoint {where} cannot be read ({type(e).__name__}: {e}). Delete that "
                        "step directory to resume from an earlier one, or use a new --workdir.") from None
-    self.check_compatible(record, where)
+    self.check_compatible(record, where, resume)
 
   def restore(self, step: int, abstract_state, schedule, mesh, restore_fn):
     """The checkpoint at `step` placed as `abstract_state` (the current run's shapes and shardings).
@@ -128,7 +139,7 @@ class Checkpointer:
                        "resume from an earlier one, or use a new --workdir.") from None
     return restore_fn(state) if schedule else state
 
-  def check_compatible(self, record: dict, where: pathlib.Path) -> None:
+  def check_compatible(self, record: dict, where: pathlib.Path, resume: bool = False) -> None:
     for section in ("model", "optimizer"):
       for key, ours in self.record[section].items():
         theirs = record.get(section, {}).get(key)
@@ -137,11 +148,71 @@ class Checkpointer:
           raise InputError(
               f"checkpoint {where} is for {field}.{key}={theirs!r}, this run has {field}.{key}="
               f"{ours!r}. Resume with the checkpoint's {section} settings, or use a new --workdir.")
+    theirs = record.get("tokenizer")  # absent from checkpoints older than the record
+    if theirs is not None and theirs != self.record["tokenizer"]:
+      raise InputError(
+          f"checkpoint {where} was trained with the tokenizer {describe_tokenizer(theirs)}, this "
+          f"run's is {describe_tokenizer(self.record['tokenizer'])}: the same ids would mean other "
+          "text. Use the data.source, data.tokenizer and data.tokenizer_path it was trained with.")
+    if resume and record.get("data_seed") != self.record["data_seed"]:
+      raise InputError(
+          f"checkpoint {where} was trained with data.seed={record.get('data_seed')!r}, this run has "
+          f"data.seed={self.record['data_seed']!r}: resuming would change the order of the batches "
+          "it has not seen yet. Resume with the checkpoint's data.seed, or use a new --workdir.")
+
+  def _check_room(self, step: int, state) -> None:
+    """Refuses a save the disk has no room for (and one still being written), so that orbax never
+    starts it: its failure mid-write is reported from several threads, a thousand lines long."""
+    need = sum(x.nbytes for x in jax.tree.leaves(state)) * 1.05 + 2**20  # + metadata
+    if self.manager.is_saving_in_progress():
+      need *= 2
+    free = shutil.disk_usage(self.directory).free
+    if free < need:
+      raise InputError(
+          f"no room for checkpoint {step} in {self.directory}: it needs about {need / 2**20:.1f} "
+          f"MiB, {free / 2**20:.1f} MiB are free. Checkpoints {self.manager.all_steps() or 'none'} "
+          "are intact. Free space (or lower checkpoint.keep), then rerun the same command to "
+          "resume.")
+
+  @contextlib.contextmanager
+  def _writing(self, step: int):
+    """An OSError from orbax's writes (often raised from its background thread, many lines deep)
+    as one line; the checkpoints completed before it stay intact (orbax renames a step into place
+    only when it is whole)."""
+    try:
+      yield
+    except Exception as e:  # orbax re-raises a background failure wrapped in its own types
+      cause = _write_error(e)
+      if cause is None:
+        raise
+      done = self.manager.all_steps()
+      raise InputError(
+          f"cannot write checkpoint {step} (or one before it) to {self.directory}: {cause}. "
+          f"Checkpoints {done or 'none'} are intact. Free space (or fix the folder), then rerun the "
+          "same command to resume.") from None
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    with self._writing(self.manager.latest_step()):
+      self.manager.wait_until_finished()
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
+    self.wait()
     self.manager.close()
+
+
+def describe_tokenizer(identity: dict) -> str:
+  return f"{identity.get('kind')!r} ({identity.get('vocab_size')} tokens, sha256 {identity.get('sha256')})"
+
+
+def _write_error(e: BaseException) -> str | None:
+  """What failed to be written, if `e` or one of its causes is a failed write: an OSError, or
+  tensorstore's RESOURCE_EXHAUSTED / PERMISSION_DENIED (raised as ValueError)."""
+  while e is not None:
+    if isinstance(e, OSError):
+      return e.strerror or str(e)
+    if isinstance(e, ValueError) and str(e).startswith(("RESOURCE_EXHAUSTED", "PERMISSION_DENIED")):
+      return str(e).split(":")[0] + (" (no space left on device)"
+                                     if "No space left" in str(e) else "")
+    e = e.__cause__ or e.__context__
+  return None
 

@@ -54,6 +54,7 @@ SCHEDULES = ("cosine", "linear", "constant")
 REMAT = ("none", "full", "dots")
 OPTIMIZERS = ("adamw", "adafactor")
 DTYPES = ("float32", "bfloat16")
+ON_NONFINITE = ("stop", "skip")
 
 TOKENS_PER_PARAM = 20  # Chinchilla-optimal budget used by Cerebras-GPT
 WARMUP_TOKENS = 375e6  # Cerebras-GPT's linear warm-up length in tokens
@@ -101,6 +102,7 @@ def base_config() -> ml_collections.ConfigDict:
       eval_batch=config_dict.placeholder(int),  # default global_batch
       eval_batches=0,  # 0 = the whole validation split
       seed=0,  # shuffling of training windows
+      allow_binary=False,  # train on files that look binary (NUL or many control bytes)
   )
   c.optim = dict(
       name="adamw",  # or "adafactor"
@@ -134,6 +136,11 @@ def base_config() -> ml_collections.ConfigDict:
       log_every=10,
       eval_every=250,
       progress=True,
+      # A step whose loss, gradient norm or new parameters are not all finite never changes the
+      # state. "stop": the run ends there (exit 3) after saving the last finite state; "skip": the
+      # update is dropped and training goes on, up to max_skips steps in a row.
+      on_nonfinite="stop",
+      max_skips=10,
   )
   # orbax, in WORKDIR/checkpoints (checkpoint.py): rerunning the same command resumes from the last.
   c.checkpoint = dict(
@@ -216,6 +223,16 @@ def resolve_model(model: ml_collections.ConfigDict) -> None:
           "Use 1 for a rolled scan or n_layers to unroll fully.")
   if model.dtype not in DTYPES:
     _fail("model.dtype", model.dtype, "unknown compute dtype", f"Choose one of: {', '.join(DTYPES)}.")
+  if not model.n_positions > 0:
+    _fail("model.n_positions", model.n_positions, "must be positive",
+          "Give at least data.seq_len positions, e.g. --config.model.n_positions=2048.")
+  if not (math.isfinite(model.ln_eps) and model.ln_eps > 0):
+    _fail("model.ln_eps", model.ln_eps, "must be a positive number (it keeps layer norm's "
+          "division away from zero)", "GPT-2's is 1e-5.")
+  for key in ("init_std", "hidden_init_std", "residual_init_std"):
+    if not (math.isfinite(model[key]) and model[key] >= 0):
+      _fail(f"model.{key}", model[key], "must be a finite number >= 0", "Leave it unset for the "
+            "preset's rule.")
 
 
 def resolve_parameterisation(model: ml_collections.ConfigDict) -> None:
@@ -247,6 +264,22 @@ def resolve_adafactor(o: ml_collections.ConfigDict) -> None:
     _fail("optim.adafactor.momentum", a.momentum, "must be in [0, 1)", "Use 0 for none or e.g. 0.9.")
 
 
+def resolve_optimizer_values(o: ml_collections.ConfigDict) -> None:
+  """Numbers under which the optimizer diverges at once or computes nonsense."""
+  if not (math.isfinite(o.lr) and o.lr >= 0):
+    _fail("optim.lr", o.lr, "must be a finite number >= 0", "E.g. --config.optim.lr=6e-4.")
+  for key in ("b1", "b2"):
+    if not 0 <= o[key] < 1:
+      _fail(f"optim.{key}", o[key], "must be in [0, 1) (a moment's decay)",
+            "Cerebras-GPT uses b1=0.9, b2=0.95.")
+  for key, example in (("eps", "1e-8"), ("weight_decay", "0.1, or 0 for none")):
+    if not (math.isfinite(o[key]) and o[key] >= 0):
+      _fail(f"optim.{key}", o[key], "must be a finite number >= 0", f"E.g. {example}.")
+  if not (math.isfinite(o.clip_norm) and o.clip_norm > 0):  # 0 would scale every update to 0
+    _fail("optim.clip_norm", o.clip_norm, "must be a positive number (the global gradient norm "
+          "is clipped to it)", "Cerebras-GPT uses 1.0; a large value such as 1e9 clips nothing.")
+
+
 def resolve(c: ml_collections.ConfigDict, vocab_size: int) -> ml_collections.ConfigDict:
   """Fills derived values and validates the whole config; `vocab_size` is the tokenizer's."""
   resolve_model(c.model)
@@ -260,16 +293,22 @@ def resolve(c: ml_collections.ConfigDict, vocab_size: int) -> ml_collections.Con
   if d.tokenizer not in TOKENIZERS:
     _fail("data.tokenizer", d.tokenizer, "unknown tokenizer", f"Choose one of: {', '.join(TOKENIZERS)}.")
   if d.seq_len <= 0 or d.seq_len > c.model.n_positions:
-    _fail("data.seq_len", d.seq_len, f"must be in 1..n_positions ({c.model.n_positions})",
+    _fail("data.seq_len", d.seq_len, f"must be in 1..model.n_positions ({c.model.n_positions})",
           f"Use --config.data.seq_len<={c.model.n_positions} or raise --config.model.n_positions.")
   if d.global_batch <= 0:
     _fail("data.global_batch", d.global_batch, "must be positive", "Give a positive batch size.")
   if d.eval_batch is None:
     d.eval_batch = d.global_batch
+  for key, low, example in (("eval_batch", 1, "the global batch"),
+                            ("eval_batches", 0, "20, or 0 for the whole validation split"),
+                            ("seed", 0, "0")):
+    if d[key] < low:
+      _fail(f"data.{key}", d[key], f"must be >= {low}", f"E.g. {example}.")
   o = c.optim
   if o.name not in OPTIMIZERS:
     _fail("optim.name", o.name, "unknown optimizer", f"Choose one of: {', '.join(OPTIMIZERS)}.")
   resolve_adafactor(o)
+  resolve_optimizer_values(o)
   if o.schedule not in SCHEDULES:
     _fail("optim.schedule", o.schedule, "unknown schedule", f"Choose one of: {', '.join(SCHEDULES)}.")
   if not 0 <= o.final_lr_fraction <= 1:
@@ -293,6 +332,11 @@ def resolve(c: ml_collections.ConfigDict, vocab_size: int) -> ml_collections.Con
   for key in ("log_every", "eval_every"):
     if t[key] <= 0:
       _fail(f"train.{key}", t[key], "must be positive", "Give a step interval.")
+  if t.on_nonfinite not in ON_NONFINITE:
+    _fail("train.on_nonfinite", t.on_nonfinite, "unknown policy", "Choose stop or skip.")
+  if t.max_skips < 1:
+    _fail("train.max_skips", t.max_skips, "must be >= 1 (skipped steps in a row before the run "
+          "stops)", "E.g. 10.")
   return c
 
 

@@ -4,7 +4,8 @@ launch.py runs in one of three ways:
 - one process (the default);
 - `--processes P` on one machine: this process starts P copies of launch.py joined over 127.0.0.1
   and supervises them; it runs no jax itself. If one child fails, the others are stopped and the
-  run exits non-zero naming the child that failed;
+  run exits non-zero naming the child that failed. SIGTERM or SIGINT to it is passed on to the
+  children as SIGTERM: they save a checkpoint after the same step and it exits 143 or 130;
 - one process per host, started by a scheduler: `--coordinator HOST:PORT --num_processes P
   --process_id I`, or `--distributed` to take them from the scheduler's environment (SLURM, Open MPI,
   TPU pods; what `jax.distributed.initialize()` detects). With no parent to watch them, processes
@@ -156,32 +157,45 @@ def run_local(processes: int, argv: list[str]) -> int:
   included) and stderr; only process 0's stdout is kept, so the final line is printed once.
   """
   coordinator = f"127.0.0.1:{portpicker.pick_unused_port()}"
-  children = []
-  # SIGTERM (a scheduler, a test's timeout) unwinds through `finally` and stops the children.
-  signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+  children, received = [], []
+
+  def forward(signum, frame):
+    """SIGTERM to every child: jax.distributed takes it as a preemption notice, and they agree on
+    a step after which all save and exit 143 (train.StopSignals)."""
+    del frame
+    received.append(signum)
+    for child in children:
+      if child.poll() is None:
+        child.send_signal(signal.SIGTERM)
+
+  for sig in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(sig, forward)
   try:
     for i in range(processes):
       command = [sys.executable, *argv, "--processes=1", f"--coordinator={coordinator}",
                  f"--num_processes={processes}", f"--process_id={i}"]
       children.append(subprocess.Popen(command, stdout=None if i == 0 else subprocess.DEVNULL,
-                                       preexec_fn=_die_with_parent))
-    return supervise(children)
+                                       preexec_fn=_child_setup))
+    return supervise(children, received)
   finally:
     stop(children)
 
 
-def supervise(children: list[subprocess.Popen]) -> int:
+def supervise(children: list[subprocess.Popen], received: list[int]) -> int:
   """Waits for every child to succeed (0), or for the first to fail: its failure (see `_failed`).
   Children are reaped in the order they end, so the one named is the one that failed first, not a
-  survivor that the distributed service aborted after it."""
+  survivor that the distributed service aborted after it. After a signal was passed on (see
+  run_local), children that stop for it (143, or killed by SIGTERM before they could save) are
+  waited for, and the answer is 128 + that signal."""
   running = {child.pid: i for i, child in enumerate(children)}
   while running:
     pid, status = os.wait()
     i = running.pop(pid)
     children[i].returncode = os.waitstatus_to_exitcode(status)
-    if children[i].returncode:
+    stopped = received and children[i].returncode in (128 + signal.SIGTERM, -signal.SIGTERM)
+    if children[i].returncode and not stopped:
       return _failed(children, i)
-  return 0
+  return 128 + received[0] if received else 0
 
 
 def _failed(children: list[subprocess.Popen], first: int) -> int:
@@ -219,10 +233,13 @@ def stop(children: list[subprocess.Popen]) -> None:
     child.wait()
 
 
-def _die_with_parent() -> None:
-  """In the child before exec: the kernel SIGKILLs it if the parent dies (even by SIGKILL)."""
+def _child_setup() -> None:
+  """In the child before exec: the kernel SIGKILLs it if the parent dies (even by SIGKILL), and it
+  leaves the terminal's process group, so that a Ctrl-C reaches the parent alone, which passes it
+  on to every child at once."""
   pr_set_pdeathsig = 1
   ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+  os.setpgrp()
 
 
 # ----------------------------------------------------------------------------------------------

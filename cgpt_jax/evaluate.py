@@ -61,5 +61,6 @@ def sliding_window_loss(params, token_nll, tokens: np.ndarray, window: int, stri
     total += float(nll)
     count += int(round(float(scored)))
   loss = total / count
-  return {"loss": loss, "perplexity": math.exp(loss), "tokens_scored": count,
+  perplexity = math.exp(loss) if loss < math.log(np.finfo(np.float64).max) else math.inf
+  return {"loss": loss, "perplexity": perplexity, "tokens_scored": count,
           "tokens": int(tokens.size), "window": window, "stride": stride, "windows": len(spans)}

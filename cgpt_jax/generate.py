@@ -318,11 +318,15 @@ def check_prompt(cfg, prompt_ids, max_new_tokens: int) -> np.ndarray:
                      "vocabulary). Encode it with the tokenizer the model was trained with.")
   if not _is_int(max_new_tokens) or max_new_tokens < 1:
     raise InputError(f"generate: max_new_tokens={max_new_tokens!r} must be an integer >= 1.")
+  if prompt.size >= cfg.n_positions:
+    raise InputError(f"generate: the prompt has {prompt.size} tokens, which leaves none of the "
+                     f"model's {cfg.n_positions} positions for new tokens. Shorten the prompt to at "
+                     f"most {cfg.n_positions - 1} tokens.")
   if prompt.size + max_new_tokens > cfg.n_positions:
     raise InputError(f"generate: a prompt of {prompt.size} tokens plus max_new_tokens="
                      f"{max_new_tokens} is longer than the model's {cfg.n_positions} positions. "
                      f"Shorten the prompt or ask for at most {cfg.n_positions - prompt.size} "
-                     "tokens.")
+                     "tokens (--config.generate.max_new_tokens).")
   return prompt.astype(np.int32)
 
 

@@ -28,6 +28,7 @@ from cgpt_jax.errors import InputError
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
+TOKENIZER_KEY = "cgpt_tokenizer"  # our own entry in config.json; transformers keeps it as is
 PREFIX = "transformer."  # GPT2LMHeadModel's; GPT2Model saves the same names without it
 
 
@@ -169,11 +170,16 @@ def gpt2_config(cfg: ml_collections.ConfigDict) -> dict:
 # ----------------------------------------------------------------------------------------------
 # Weights
 # ----------------------------------------------------------------------------------------------
-def import_params(folder: str | os.PathLike, model_cfg: ml_collections.ConfigDict) -> nnx.State:
+def import_params(folder: str | os.PathLike, model_cfg: ml_collections.ConfigDict,
+                  tokenizer: dict | None = None) -> nnx.State:
   """The parameters of `model_cfg`'s GPT (same tree, shapes and float32 dtype as
   nnx.state(GPT(model_cfg))) from `folder`/model.safetensors. The embedding table's padding rows
-  are zeros. Nothing is initialised: the tree comes from abstract shapes."""
+  are zeros. Nothing is initialised: the tree comes from abstract shapes. A folder we exported
+  records its tokenizer (data.tokenizer_identity): one other than `tokenizer` is refused, as are
+  non-finite weights."""
   _check_standard(model_cfg, "import from")
+  if tokenizer is not None:
+    _check_tokenizer(folder, tokenizer)
   path = _existing(folder, WEIGHTS)
   _, abstract = model_lib.abstract_model(model_cfg)
   flat = list(nnx.to_flat_state(abstract))
@@ -218,7 +224,12 @@ class _Checkpoint:
       raise InputError(f"{self.path}: tensor {key} has shape {list(value.shape)}, the config "
                        f"({_describe(self.cfg)}) implies {list(shape)}. Use the config.json that came "
                        "with these weights.")
-    return value.astype(np.float32)
+    value = value.astype(np.float32)
+    if not np.isfinite(value).all():
+      raise InputError(f"{self.path}: tensor {key} holds {np.size(value) - np.isfinite(value).sum()} "
+                       "non-finite values (nan or inf); these weights come from a diverged run. "
+                       "Export an earlier, finite checkpoint.")
+    return value
 
   def check_rest(self, wte: np.ndarray) -> None:
     """Refuses tensors left over: an untied head, or layers or weights the config does not have."""
@@ -236,10 +247,11 @@ class _Checkpoint:
 
 
 def export(params: nnx.State, model_cfg: ml_collections.ConfigDict,
-           folder: str | os.PathLike) -> None:
+           folder: str | os.PathLike, tokenizer: dict | None = None) -> None:
   """Writes `params` of `model_cfg`'s GPT to `folder` as config.json + model.safetensors, loadable
   by transformers' GPT2LMHeadModel.from_pretrained. Refuses a folder that already holds either file
-  (nothing is overwritten) and muP models. `params` may be sharded: they are fetched to the host."""
+  (nothing is overwritten) and muP models. `params` may be sharded: they are fetched to the host.
+  `tokenizer` (data.tokenizer_identity) is recorded in config.json for import_params to check."""
   _check_standard(model_cfg, "export to")
   flat = _checked_flat(params, model_cfg)
   folder = _new_folder(folder)
@@ -253,7 +265,8 @@ def export(params: nnx.State, model_cfg: ml_collections.ConfigDict,
   weights, config = folder / (WEIGHTS + ".tmp"), folder / (CONFIG + ".tmp")
   # transformers refuses safetensors files without a "format" entry in their metadata.
   safetensors.numpy.save_file(tensors, weights, metadata={"format": "pt"})
-  config.write_text(json.dumps(gpt2_config(model_cfg), indent=2) + "\n")
+  record = {TOKENIZER_KEY: tokenizer} if tokenizer else {}
+  config.write_text(json.dumps({**gpt2_config(model_cfg), **record}, indent=2) + "\n")
   weights.replace(folder / WEIGHTS)
   config.replace(folder / CONFIG)
 
@@ -313,6 +326,18 @@ def _check_standard(cfg: ml_collections.ConfigDict, verb: str) -> None:
         "multipliers unset).")
 
 
+def _check_tokenizer(folder: str | os.PathLike, tokenizer: dict) -> None:
+  """Refuses a folder whose config.json records another tokenizer than this run's. Folders we did
+  not export (Cerebras-GPT's releases) record none: only the vocabulary size is checked for them."""
+  path = _existing(folder, CONFIG)
+  theirs = json.loads(path.read_text()).get(TOKENIZER_KEY)
+  if theirs is not None and theirs != tokenizer:
+    raise InputError(f"{path}: the model was trained with the {theirs.get('kind')!r} tokenizer "
+                     f"(sha256 {theirs.get('sha256')}), this run's is {tokenizer['kind']!r} (sha256 "
+                     f"{tokenizer['sha256']}): the same ids would mean other text. Use the "
+                     "data.source, data.tokenizer and data.tokenizer_path the model was trained with.")
+
+
 def _describe(cfg: ml_collections.ConfigDict) -> str:
   return (f"n_layers={cfg.n_layers}, d_model={cfg.d_model}, n_heads={cfg.n_heads}, d_ff={cfg.d_ff}, "
           f"vocab_size={cfg.vocab_size}, n_positions={cfg.n_positions}")
@@ -321,7 +346,8 @@ def _describe(cfg: ml_collections.ConfigDict) -> str:
 def _existing(folder: str | os.PathLike, name: str) -> pathlib.Path:
   folder = pathlib.Path(folder)
   if not folder.is_dir():
-    raise InputError(f"{folder}: no such folder. Pass the folder of a Hugging Face GPT-2-format "
+    what = "not a folder" if folder.exists() else "no such folder"
+    raise InputError(f"{folder}: {what}. Pass the folder of a Hugging Face GPT-2-format "
                      f"checkpoint ({CONFIG} + {WEIGHTS}).")
   path = folder / name
   if not path.is_file():

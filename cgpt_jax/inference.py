@@ -25,14 +25,26 @@ def load_trained(cfg: ml_collections.ConfigDict, workdir: str):
   s = train.build(cfg, tokenizer.vocab_size)
   step = None
   if (out / "checkpoints").is_dir():
-    ckpt = checkpoint.Checkpointer(out / "checkpoints", s.cfg, read_only=True)
+    ckpt = checkpoint.Checkpointer(out / "checkpoints", s.cfg, data.tokenizer_identity(tokenizer),
+                                   read_only=True)
     step = ckpt.latest_step()
   if step is None:
     raise InputError(f"--workdir {out} has no checkpoint (looked in {out / 'checkpoints'}). Train "
                      "there first, or point --workdir at a trained run.")
-  state = train.restore(s, ckpt, step)
+  state = train.restore(s, ckpt, step, resume=False)
   ckpt.close()
+  check_finite(state.params, out / "checkpoints" / str(step))
   return s, state.params, tokenizer, step
+
+
+def check_finite(params, where: pathlib.Path) -> None:
+  """Refuses parameters holding nan or inf (a diverged run's, saved before runs checked)."""
+  bad = [jax.tree_util.keystr(path) for path, x in jax.tree_util.tree_leaves_with_path(params)
+         if not bool(jax.numpy.isfinite(x).all())]
+  if bad:
+    raise InputError(f"checkpoint {where} holds non-finite parameters (nan or inf, e.g. in "
+                     f"{bad[0]}): it is from a diverged run. Delete that step directory to use an "
+                     "earlier one, or retrain with a lower --config.optim.lr.")
 
 
 def layer_order(s: train.Setup, params):
@@ -90,7 +102,8 @@ def generate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
 
 def export_hf(cfg: ml_collections.ConfigDict, workdir: str) -> str:
   """The latest checkpoint as a GPT-2-format folder (config.json + model.safetensors)."""
-  s, params, _, _ = load_trained(cfg, workdir)
+  s, params, tokenizer, _ = load_trained(cfg, workdir)
   folder = s.cfg.export.hf_dir or str(pathlib.Path(workdir) / "hf")
-  hf.export(jax.device_get(layer_order(s, params)), s.cfg.model, folder)
+  hf.export(jax.device_get(layer_order(s, params)), s.cfg.model, folder,
+            data.tokenizer_identity(tokenizer))
   return folder

@@ -32,6 +32,7 @@ from cgpt_jax.errors import InputError
 RESERVED = ("name", "devices", "mode", "config_arg")
 MODES = ("train", "plan")
 RESULT_FILE = {"train": "summary.json", "plan": "plan.json"}
+RUN_MARKER = ".cgpt_run"  # as train.RUN_MARKER (train imports jax, which this process must not)
 LAUNCH = pathlib.Path(__file__).resolve().parents[1] / "launch.py"
 
 
@@ -98,18 +99,27 @@ def command(point: Point, config_path: str, workdir: pathlib.Path, common: dict)
           *[f"--config.{k}={v}" for k, v in overrides.items()]]
 
 
+def read_json(path: pathlib.Path, lines: bool = False):
+  """A point's JSON file (or JSON-lines file), or an InputError saying how to redo the point."""
+  try:
+    text = path.read_text()
+    return [json.loads(line) for line in text.splitlines()] if lines else json.loads(text)
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise InputError(f"{path} cannot be read ({type(e).__name__}: {e}). Delete the point's folder "
+                     f"{path.parent} to run it again.") from None
+
+
 def load_result(point: Point, folder: pathlib.Path) -> dict:
-  result = json.loads((folder / RESULT_FILE[point.mode]).read_text())
+  result = read_json(folder / RESULT_FILE[point.mode])
   if point.mode == "train":
-    lines = (folder / "metrics.jsonl").read_text().splitlines()
-    result["metrics"] = [json.loads(line) for line in lines]
+    result["metrics"] = read_json(folder / "metrics.jsonl", lines=True)
   return result
 
 
 def is_finished(point: Point, folder: pathlib.Path, common: dict) -> bool:
   if not (folder / RESULT_FILE[point.mode]).exists():
     return False
-  asked = json.loads((folder / "point.json").read_text())
+  asked = read_json(folder / "point.json")
   if asked != json.loads(json.dumps(point.record(common))):
     raise InputError(f"{folder} holds a finished run of a different point ({asked}); the sweep now "
                      "defines it differently. Use a new --workdir, or delete that folder to rerun it.")
@@ -121,6 +131,7 @@ def prepare(point: Point, folder: pathlib.Path, common: dict) -> None:
   if folder.exists() and not any((folder / "checkpoints").glob("[0-9]*")):
     shutil.rmtree(folder)  # only what a failed or interrupted attempt wrote
   folder.mkdir(parents=True, exist_ok=True)
+  (folder / RUN_MARKER).touch()  # the point's run goes into a folder of this project's
   (folder / "point.json").write_text(json.dumps(point.record(common), indent=2))
 
 
@@ -139,6 +150,14 @@ def run(module: ModuleType, config_name: str, workdir: str, common: dict,
   out = pathlib.Path(workdir).resolve()
   if out.exists() and not out.is_dir():
     raise InputError(f"--workdir {out} is a file; a sweep needs a folder.")
+  if out.is_dir() and not (out / RUN_MARKER).exists() and not (out / "points").is_dir():
+    others = sorted(p.name for p in out.iterdir())
+    if others:
+      raise InputError(f"--workdir {out} holds files that no sweep of this project wrote "
+                       f"({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}); refusing to "
+                       "write into it. Choose a new or empty --workdir.")
+  out.mkdir(parents=True, exist_ok=True)
+  (out / RUN_MARKER).touch()
   results = {}
   for i, point in enumerate(sweep, 1):
     folder = out / "points" / point.name

@@ -9,6 +9,9 @@ import json
 import math
 import os
 import pathlib
+import signal
+import sys
+import threading
 import time
 from typing import Any, NamedTuple
 
@@ -19,11 +22,12 @@ import numpy as np
 import optax
 import tqdm
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 
 from cgpt_jax import (analysis, checkpoint, comm, config as config_lib, data, distributed, hf,
                       mesh as mesh_lib, model as model_lib, optim, pipeline, spmd, wafer)
-from cgpt_jax.errors import InputError
+from cgpt_jax.errors import Diverged, InputError, Stopped
 
 
 
@@ -36,24 +40,49 @@ class TrainState(NamedTuple):
 # ----------------------------------------------------------------------------------------------
 # Input checks (all before anything compiles)
 # ----------------------------------------------------------------------------------------------
-def check_workdir(workdir: str, markers) -> pathlib.Path:
-  """Creates `workdir`, or refuses one that is unwritable or already holds a run."""
+RUN_MARKER = ".cgpt_run"  # written into every workdir this project creates
+
+
+def is_run_dir(path: pathlib.Path) -> bool:
+  """A workdir of this project: its marker, or (runs from before the marker) its own files."""
+  return any((path / name).exists() for name in (RUN_MARKER, "checkpoints", "metrics.jsonl"))
+
+
+def check_workdir(workdir: str, markers=()) -> pathlib.Path:
+  """Refuses a workdir this run may not write into: a file, an unwritable place, a folder of files
+  that are not a run of this project (an exported model, a dataset), or one holding `markers`.
+  Creates nothing: create_workdir does, once every input is checked."""
+  if not workdir:
+    raise InputError("--workdir is empty. Give the run's folder, e.g. --workdir=runs/shakespeare.")
   path = pathlib.Path(workdir)
   if path.exists() and not path.is_dir():
     raise InputError(f"--workdir {path} exists and is not a directory. Choose another path.")
+  if path.is_dir() and not is_run_dir(path):
+    others = sorted(p.name for p in path.iterdir())
+    if others:
+      raise InputError(f"--workdir {path} holds files that no run of this project wrote "
+                       f"({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}); refusing to "
+                       "write into it. Choose a new or empty --workdir.")
   found = [m for m in markers if (path / m).exists()]
   if found:
     raise InputError(f"--workdir {path} already holds a run ({', '.join(found)} exist); refusing to "
                      "overwrite it. Choose a new --workdir or delete the old one.")
+  ancestor = next(p for p in (path, *path.absolute().parents) if p.exists())
+  if not (ancestor.is_dir() and os.access(ancestor, os.W_OK | os.X_OK)):
+    raise InputError(f"--workdir {path} is not writable ({ancestor} is "
+                     f"{'read-only' if ancestor.is_dir() else 'a file'}). "
+                     "Choose a directory you can write to.")
+  return path
+
+
+def create_workdir(path: pathlib.Path) -> None:
+  """The workdir and its marker, once every input has been checked (a refused run leaves none)."""
   try:
     path.mkdir(parents=True, exist_ok=True)
-    probe = path / f".write-test-{os.getpid()}"
-    probe.write_bytes(b"")
-    probe.unlink()
+    (path / RUN_MARKER).touch()
   except OSError as e:
-    raise InputError(f"--workdir {path} is not writable ({e.strerror}). "
+    raise InputError(f"--workdir {path} cannot be created ({e.strerror}). "
                      "Choose a directory you can write to.") from None
-  return path
 
 
 def check_resumable(out: pathlib.Path) -> None:
@@ -70,7 +99,8 @@ def data_dir(cfg: ml_collections.ConfigDict) -> str:
 
 
 def load_data(cfg: ml_collections.ConfigDict) -> data.Corpus:
-  return data.load_corpus(cfg.data.source, data_dir(cfg), cfg.data.tokenizer, cfg.data.tokenizer_path)
+  return data.load_corpus(cfg.data.source, data_dir(cfg), cfg.data.tokenizer, cfg.data.tokenizer_path,
+                          allow_binary=cfg.data.allow_binary)
 
 
 def check_batches(cfg: ml_collections.ConfigDict, layout: mesh_lib.Layout) -> None:
@@ -289,6 +319,18 @@ def make_gradients(s: Setup, bubble_fill: float = 0.0):
   return _shard_map(s, body, (P(), specs.states))
 
 
+def keep_finite(old: TrainState, new: TrainState, metrics: dict):
+  """`new`, unless the step's loss, gradient norm or new parameters are not all finite: then the
+  parameters and optimizer state stay `old`'s (the step count still advances, as the data does), so
+  a non-finite state is never produced and so never saved. metrics["finite"] says which it was."""
+  finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+  finite &= jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(new.params)]))
+  keep = lambda n, o: jnp.where(finite, n, o)
+  state = TrainState(new.step, jax.tree.map(keep, new.params, old.params),
+                     jax.tree.map(keep, new.opt_state, old.opt_state))
+  return state, {**metrics, "finite": finite}
+
+
 def make_train_step(s: Setup):
   # A fresh closure per layout: a jitted function reused across layouts keeps its old trace.
   gradients = make_gradients(s)
@@ -302,7 +344,7 @@ def make_train_step(s: Setup):
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
                "learning_rate": s.lr_schedule(state.step)}
-    return TrainState(state.step + 1, params, opt_state), metrics
+    return keep_finite(state, TrainState(state.step + 1, params, opt_state), metrics)
 
   return jax.jit(train_step, in_shardings=(shardings, s.batch_sharding),
                  out_shardings=(shardings, s.layout.replicated), donate_argnums=0)
@@ -389,10 +431,10 @@ def describe(s: Setup) -> dict:
   }
 
 
-def restore(s: Setup, ckpt: checkpoint.Checkpointer, step: int) -> TrainState:
+def restore(s: Setup, ckpt: checkpoint.Checkpointer, step: int, resume: bool) -> TrainState:
   """The checkpoint at `step`, placed in this run's layout (whatever layout wrote it); one from
-  another model is refused first."""
-  ckpt.check(step)
+  another model or tokenizer (or, to `resume` training, another data order) is refused first."""
+  ckpt.check(step, resume)
   like = abstract_state(s)
   split = jax.jit(lambda tree: checkpoint.from_layer_order(tree, s.schedule, like),
                   out_shardings=s.shardings)
@@ -440,6 +482,7 @@ def plan(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
       **({"cs2_streaming": wafer.cs2_streaming_table()} if s.layout.streams_weights else {}),
       "config": s.cfg.to_dict(),
   }
+  create_workdir(out)
   (out / "plan.json").write_text(json.dumps(result, indent=2))
   return result
 
@@ -449,20 +492,24 @@ def plan(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
 # ----------------------------------------------------------------------------------------------
 class Logger:
   """metrics.jsonl + TensorBoard events; one line per logged step. Resuming at step k keeps the
-  lines up to k (those after it are logged again, identically) and purges later TensorBoard points."""
+  lines up to k (those after it are logged again, identically) and purges later TensorBoard points.
+  A last line cut short by a kill is dropped."""
 
   def __init__(self, workdir: pathlib.Path, start: int):
     from tensorboardX import SummaryWriter  # imported here: it is slow to import and plan needs none
     path = workdir / "metrics.jsonl"
-    lines = path.read_text().splitlines() if start and path.exists() else []
-    kept = [l for l in lines if json.loads(l)["step"] <= start]
-    path.write_text("".join(l + "\n" for l in kept))
+    self.records = read_metrics(path, start) if start else []
+    path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
     self.jsonl = open(path, "a")
     self.tb = SummaryWriter(str(workdir), purge_step=start + 1 if start else None)
 
   def write(self, step: int, metrics: dict) -> None:
-    self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
-    self.jsonl.flush()
+    try:
+      self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+      self.jsonl.flush()
+    except OSError as e:  # a full disk: the checkpoints written so far are whole
+      raise InputError(f"cannot write {self.jsonl.name} at step {step} ({e.strerror}). Free space, "
+                       "then rerun the same command to resume from the last checkpoint.") from None
     for key, value in metrics.items():
       self.tb.add_scalar(key, value, step)
 
@@ -474,11 +521,33 @@ class Logger:
 class NoLogger:
   """What processes other than 0 log: nothing (process 0 writes the run's files)."""
 
+  records = []
+
   def write(self, step: int, metrics: dict) -> None:
     pass
 
   def close(self) -> None:
     pass
+
+
+def read_metrics(path: pathlib.Path, upto: int) -> list[dict]:
+  """metrics.jsonl's records up to step `upto`. Only the last line may be damaged (a write cut
+  short by a kill): it is dropped; a damaged line before it is an InputError."""
+  lines = path.read_text().splitlines() if path.exists() else []
+  records = []
+  for i, line in enumerate(lines):
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError:
+      if i < len(lines) - 1:
+        raise InputError(f"{path}: line {i + 1} is not JSON, and it is not the last line (which a "
+                         "kill can cut short). Repair or delete that line, or use a new "
+                         "--workdir.") from None
+  return [r for r in records if r["step"] <= upto]
+
+
+def perplexity(loss: float) -> float:
+  return math.exp(loss) if loss < math.log(np.finfo(np.float64).max) else math.inf
 
 
 def evaluate(eval_step, params, batches, sharding) -> dict:
@@ -487,12 +556,75 @@ def evaluate(eval_step, params, batches, sharding) -> dict:
   losses = [eval_step(params, jax.make_array_from_process_local_data(sharding, b, b.shape))
             for b in batches]
   loss = float(np.mean(jax.device_get(losses)))
-  return {"eval_loss": loss, "eval_perplexity": math.exp(loss)}
+  return {"eval_loss": loss, "eval_perplexity": perplexity(loss)}
 
 
-def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
-  # ---- inputs ---------------------------------------------------------------------------------
-  out = check_workdir(workdir, ())
+class StopSignals:
+  """SIGTERM (what SLURM and Kubernetes send before a kill) and SIGINT (Ctrl-C) during training
+  are noted and acted on after the current step; a second one acts at once (its default action).
+
+  Joined processes must all stop after the same step (saving is collective): there jax.distributed
+  takes SIGTERM as a preemption notice and agrees on that step (reached_preemption_sync_point), and
+  a --processes parent turns its own SIGINT or SIGTERM into SIGTERM for its children."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self):
+    self.signum = None
+    self.joined = jax.process_count() > 1
+    self.previous = {}
+    if not self.joined and threading.current_thread() is threading.main_thread():
+      self.previous = {sig: signal.signal(sig, self._note) for sig in self.SIGNALS}
+
+  def _note(self, signum, frame):
+    del frame
+    self.signum = signum
+    signal.signal(signum, signal.SIG_DFL)
+
+  def received(self, step: int) -> int | None:
+    """The signal to stop for after `step` (every process calls this after every step)."""
+    if self.joined:
+      return signal.SIGTERM if multihost_utils.reached_preemption_sync_point(step) else None
+    return self.signum
+
+  def close(self) -> None:
+    for sig, handler in self.previous.items():
+      signal.signal(sig, handler)
+
+
+class NonFinite:
+  """What the loop does after a step that keep_finite refused (train.on_nonfinite)."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, skipped_before: int):
+    self.policy, self.max_skips, self.lr = cfg.train.on_nonfinite, cfg.train.max_skips, cfg.optim.lr
+    self.skipped, self.in_a_row = skipped_before, 0
+
+  def stops(self, step: int, metrics: dict) -> str | None:
+    """None to go on, or why the run stops (after `step`, whose update was dropped)."""
+    what = (f"loss {float(metrics['loss'])}, gradient norm {float(metrics['grad_norm'])}"
+            if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"]))
+            else "the update made the parameters non-finite")
+    self.skipped += 1
+    self.in_a_row += 1
+    if self.policy == "skip" and self.in_a_row <= self.max_skips:
+      tqdm.tqdm.write(f"warning: step {step}: {what}; update skipped ({self.in_a_row} in a row, "
+                      f"train.max_skips={self.max_skips})", file=sys.stderr)
+      return None
+    if self.policy == "skip":
+      return (f"steps {step - self.in_a_row + 1}..{step} were all non-finite (last: {what}), more "
+              f"than train.max_skips={self.max_skips} in a row")
+    return f"step {step}: non-finite ({what}), train.on_nonfinite=stop"
+
+  def advice(self) -> str:
+    return (f"Lower --config.optim.lr (now {self.lr}) or raise warm-up"
+            + ("." if self.policy == "skip" else
+               ", or rerun with --config.train.on_nonfinite=skip to drop such updates."))
+
+
+def prepare_run(cfg: ml_collections.ConfigDict, workdir: str):
+  """Every input checked, nothing written: (Setup, workdir, corpus, checkpointer or None, start
+  step, starting state or None)."""
+  out = check_workdir(workdir)
   check_resumable(out)
   if cfg.init.from_hf:  # the imported checkpoint defines the model's shape
     cfg.model.update(hf.read_config(cfg.init.from_hf))
@@ -500,23 +632,37 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     corpus = load_data(cfg)
   s = build(cfg, corpus.tokenizer.vocab_size)
   cfg = s.cfg
-  d = cfg.data
-  ckpt = checkpoint.Checkpointer(out / "checkpoints", cfg) if cfg.checkpoint.every else None
-  start = (ckpt.latest_step() or 0) if ckpt else 0
+  tokenizer = data.tokenizer_identity(corpus.tokenizer)
+  ckpt, start, state = None, 0, None
+  if cfg.checkpoint.every and (out / "checkpoints").is_dir():  # else created once all is checked
+    ckpt = checkpoint.Checkpointer(out / "checkpoints", cfg, tokenizer)
+    start = ckpt.latest_step() or 0
   if not start and (out / "metrics.jsonl").exists():
     raise InputError(f"--workdir {out} already holds a run with no complete checkpoint to resume "
                      "from; refusing to overwrite it. Choose a new --workdir or delete the old one.")
-  if start >= cfg.train.steps:
-    raise InputError(f"--workdir {out} has a checkpoint at step {start}, at or past "
+  if start > cfg.train.steps:
+    raise InputError(f"--workdir {out} has a checkpoint at step {start}, past "
                      f"train.steps={cfg.train.steps}. Raise --config.train.steps to train further.")
-  # Starting state read now, so that a damaged or mismatched checkpoint (or imported folder) is
-  # refused before anything is written.
-  state, t0 = None, time.perf_counter()
+  # The starting state is read now, so that a damaged or mismatched checkpoint (or imported folder)
+  # is refused before anything is written.
   if start:
-    state = restore(s, ckpt, start)
+    state = restore(s, ckpt, start, resume=True)
   elif cfg.init.from_hf:
-    state = make_init_from(s)(hf.import_params(cfg.init.from_hf, cfg.model))
+    state = make_init_from(s)(hf.import_params(cfg.init.from_hf, cfg.model, tokenizer))
+  return s, out, corpus, tokenizer, ckpt, start, state
+
+
+def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains (or resumes) the run in `workdir` -> summary.json. Raises InputError for bad input
+  (nothing written), Diverged for a non-finite step and Stopped for SIGTERM/SIGINT (each after
+  saving the last finite state)."""
+  # ---- inputs ---------------------------------------------------------------------------------
+  t0 = time.perf_counter()
+  s, out, corpus, tokenizer, ckpt, start, state = prepare_run(cfg, workdir)
   init_s = time.perf_counter() - t0
+  cfg, d = s.cfg, s.cfg.data
+  # A run killed after its last checkpoint but before its summary is finished, not retrained.
+  finishing = start == cfg.train.steps
   eval_batches = data.eval_batches(corpus.tokens["validation"], seq_len=d.seq_len, batch=d.eval_batch,
                                    max_batches=d.eval_batches or None)
   batch_shape = (d.global_batch, d.seq_len + 1)
@@ -528,8 +674,13 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   distributed.barrier("inputs checked")
   main = distributed.is_main()
   if main:
-    name = f"config.resumed_at_{start}.json" if start else "config.json"
-    (out / name).write_text(json.dumps(cfg.to_dict(), indent=2))
+    create_workdir(out)
+    if not finishing:
+      name = f"config.resumed_at_{start}.json" if start else "config.json"
+      (out / name).write_text(json.dumps(cfg.to_dict(), indent=2))
+  distributed.barrier("workdir created")
+  if cfg.checkpoint.every and ckpt is None:
+    ckpt = checkpoint.Checkpointer(out / "checkpoints", cfg, tokenizer)
 
   # ---- compile --------------------------------------------------------------------------------
   peak = analysis.measure_matmul_peak()
@@ -546,44 +697,69 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
 
   # ---- train ----------------------------------------------------------------------------------
   logger = Logger(out, start) if main else NoLogger()
+  logged = logger.records
+  nonfinite = NonFinite(cfg, logged[-1].get("skipped_steps", 0) if logged else 0)
   tokens_per_step = d.global_batch * d.seq_len
   flops_per_token = analysis.flops_per_token(cfg.model, d.seq_len)
-  train_time, last_log, last_log_step = 0.0, time.perf_counter(), start
+  train_time, last_log, last_log_step, saved = 0.0, time.perf_counter(), start, start
   last, eval_metrics = {}, {}
   bar = tqdm.tqdm(initial=start, total=cfg.train.steps, disable=not (cfg.train.progress and main),
                   mininterval=1.0, dynamic_ncols=True)
+  signals = StopSignals()
   run_start = time.perf_counter()
-  for step in range(start + 1, cfg.train.steps + 1):
-    batch = jax.make_array_from_process_local_data(s.batch_sharding, next(batches), batch_shape)
-    state, metrics = train_step(state, batch)
-    # Asynchronous: the state is copied to host before this returns, then written in the background.
+  try:
+    for step in range(start + 1, cfg.train.steps + 1):
+      batch = jax.make_array_from_process_local_data(s.batch_sharding, next(batches), batch_shape)
+      state, metrics = train_step(state, batch)
+      # Waits for the step: a refused step is known before anything is saved or logged.
+      if not bool(metrics.pop("finite")):
+        why = nonfinite.stops(step, metrics)
+        if why:
+          kept = save_last_finite(ckpt, s, state, step - 1, saved)
+          raise Diverged(f"{why}. {kept} {nonfinite.advice()}")
+      else:
+        nonfinite.in_a_row = 0
+      # Asynchronous: the state is copied to host before this returns, then written in the
+      # background.
+      if ckpt and ckpt.save(step, state, s.schedule, force=step == cfg.train.steps):
+        saved = step
+      bar.update()
+      is_eval = step % cfg.train.eval_every == 0 or step == cfg.train.steps
+      if step % cfg.train.log_every == 0 or is_eval:
+        last = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        now = time.perf_counter()
+        interval = now - last_log
+        train_time += interval
+        last["step_s"] = interval / (step - last_log_step)
+        last["tokens_per_s"] = tokens_per_step * (step - last_log_step) / interval
+        last["skipped_steps"] = nonfinite.skipped
+        record = dict(last)
+        if is_eval:
+          eval_metrics = evaluate(eval_step, state.params, eval_batches, s.batch_sharding)
+          record.update(eval_metrics)
+        logger.write(step, record)
+        bar.set_postfix(loss=f"{last['loss']:.4f}", **({"val": f"{eval_metrics['eval_loss']:.4f}"}
+                                                        if is_eval else {}))
+        last_log, last_log_step = time.perf_counter(), step
+      signum = signals.received(step)
+      if signum and step < cfg.train.steps:
+        raise Stopped(stopped_message(ckpt, s, state, step, saved, signum, out), signum)
+  finally:
+    signals.close()
+    bar.close()
+    logger.close()
     if ckpt:
-      ckpt.save(step, state, s.schedule, force=step == cfg.train.steps)
-    bar.update()
-    is_eval = step % cfg.train.eval_every == 0 or step == cfg.train.steps
-    if step % cfg.train.log_every == 0 or is_eval:
-      last = {k: float(v) for k, v in jax.device_get(metrics).items()}  # waits for the step
-      now = time.perf_counter()
-      interval = now - last_log
-      train_time += interval
-      last["step_s"] = interval / (step - last_log_step)
-      last["tokens_per_s"] = tokens_per_step * (step - last_log_step) / interval
-      record = dict(last)
-      if is_eval:
-        eval_metrics = evaluate(eval_step, state.params, eval_batches, s.batch_sharding)
-        record.update(eval_metrics)
-      logger.write(step, record)
-      bar.set_postfix(loss=f"{last['loss']:.4f}", **({"val": f"{eval_metrics['eval_loss']:.4f}"}
-                                                      if is_eval else {}))
-      last_log, last_log_step = time.perf_counter(), step
-  bar.close()
-  logger.close()
-  if ckpt:
-    ckpt.close()  # waits for the last save
+      ckpt.close()  # waits for the last save
   wall_s = time.perf_counter() - run_start
 
   # ---- summary --------------------------------------------------------------------------------
   trained = cfg.train.steps - start
+  if finishing:  # the numbers of the run as it was logged
+    eval_metrics = evaluate(eval_step, state.params, eval_batches, s.batch_sharding)
+    if not main:
+      return {}
+    last, train_time = logged_finish(out, logged, cfg.train.steps)
+    wall_s, trained = train_time, cfg.train.steps
   tokens_per_s = tokens_per_step * trained / train_time
   summary = {
       **describe(s),
@@ -593,6 +769,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
       "final_loss": last["loss"],
       "final_eval_loss": eval_metrics["eval_loss"],
       "final_eval_perplexity": eval_metrics["eval_perplexity"],
+      "skipped_steps": nonfinite.skipped,
       "tokens_per_s": tokens_per_s,
       "step_ms": 1000 * train_time / trained,
       "mfu": tokens_per_s * flops_per_token / peak,
@@ -607,3 +784,39 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   if main:
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
   return summary
+
+
+def save_last_finite(ckpt, s: Setup, state: TrainState, step: int, saved: int) -> str:
+  """Saves `state` (keep_finite kept its parameters: those after `step`) as checkpoint `step`
+  unless it is saved already; says where the last finite checkpoint is."""
+  if ckpt and step > saved:
+    ckpt.save(step, state._replace(step=state.step - 1), s.schedule, force=True)
+    saved = step
+  if not (ckpt and saved):
+    return "No checkpoint was saved (none was due yet)."
+  return (f"The last finite state is checkpoint {saved} in {ckpt.directory} (--mode=eval and "
+          "--mode=generate read it).")
+
+
+def stopped_message(ckpt, s: Setup, state: TrainState, step: int, saved: int, signum: int,
+                    out: pathlib.Path) -> str:
+  name = signal.Signals(signum).name
+  if not ckpt:
+    return (f"stopped by {name} after step {step}; checkpoint.every=0, so nothing was saved to "
+            "resume from.")
+  if step > saved:
+    ckpt.save(step, state, s.schedule, force=True)
+  return (f"stopped by {name} after step {step}; saved checkpoint {step} in {ckpt.directory}. "
+          f"Rerun the same command to resume (--workdir={out}).")
+
+
+def logged_finish(out: pathlib.Path, logged: list[dict], steps: int) -> tuple[dict, float]:
+  """(last train metrics, training time) of a run whose final checkpoint was saved but whose
+  summary was not, from its metrics.jsonl."""
+  final = [r for r in logged if r["step"] == steps]
+  if not final:
+    raise InputError(f"{out / 'metrics.jsonl'} has no record of the final step {steps}, so the run "
+                     "cannot be summarised. Delete the last checkpoint directory "
+                     f"({out / 'checkpoints' / str(steps)}) to redo the last steps.")
+  steps_between = np.diff([0] + [r["step"] for r in logged])
+  return final[0], float(sum(r["step_s"] * n for r, n in zip(logged, steps_between)))

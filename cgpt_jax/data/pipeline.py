@@ -30,28 +30,41 @@ class Corpus:
 
 
 def load_corpus(source: str, data_dir: str, tokenizer_kind: str, tokenizer_path: str | None = None, *,
-                text_key: str = "text") -> Corpus:
+                text_key: str = "text", allow_binary: bool = False) -> Corpus:
   """Tokenize the 'train' and 'validation' splits of `source`.
 
   `source` is a local text file, folder or glob (prepared into `data_dir` on first use, see
   text_builder.py), or 'tfds:NAME[/CONFIG][:VERSION]' for a catalogue dataset already prepared in
   `data_dir`, whose records are taken as documents and whose feature `text_key` holds the text.
+  Local files that look binary are refused unless `allow_binary`.
   """
   # Fixed-vocabulary tokenizers are built first so that a bad kind or path fails before any preparing.
   tokenizer = None if tokenizer_kind == "char" else make_tokenizer(tokenizer_kind, path=tokenizer_path)
   if catalogue.is_catalogue_source(source):
     builder = catalogue.load_prepared_builder(source, data_dir)
   else:
-    builder = prepare_text_dataset(source, data_dir)
+    builder = prepare_text_dataset(source, data_dir, allow_binary=allow_binary)
   _check_layout(builder, source, text_key)
-  data_sources = builder.as_data_source()
-  documents = {split: grain.MapDataset.source(data_sources[split]).map(functools.partial(_text, key=text_key))
-               for split in SPLITS}
+  documents = _read_documents(builder, text_key)
   if tokenizer is None:
     # Like nanoGPT's shakespeare_char: the vocabulary is every character of train AND validation.
     tokenizer = make_tokenizer("char", corpus_text="".join(itertools.chain(*documents.values())))
-  tokens = {split: _join(list(documents[split].map(tokenizer.encode)), tokenizer.eot_id) for split in SPLITS}
+  tokens = {split: _join([tokenizer.encode(d) for d in documents[split]], tokenizer.eot_id)
+            for split in SPLITS}
   return Corpus(tokenizer=tokenizer, tokens=tokens)
+
+
+def _read_documents(builder: tfds.core.DatasetBuilder, text_key: str) -> dict[str, list[str]]:
+  """Every record's text, by split; a prepared copy that cannot be read names the folder to delete
+  (it is prepared again on the next run, or is to be prepared again with `tfds build`)."""
+  try:
+    data_sources = builder.as_data_source()
+    return {split: list(grain.MapDataset.source(data_sources[split])
+                        .map(functools.partial(_text, key=text_key))) for split in SPLITS}
+  except Exception as e:  # array_record, protobuf and TFDS raise many kinds for damaged files
+    message = str(e).splitlines()[0] if str(e) else ""
+    raise InputError(f"the prepared dataset in {builder.data_dir} cannot be read ({type(e).__name__}: "
+                     f"{message[:200]}). Delete that folder to prepare it again.") from None
 
 
 def train_batches(tokens: np.ndarray, *, seq_len: int, global_batch: int, seed: int, start_step: int = 0,
@@ -74,7 +87,7 @@ def train_batches(tokens: np.ndarray, *, seq_len: int, global_batch: int, seed: 
   window = seq_len + 1
   if len(tokens) < window:
     raise InputError(f"the train split has {len(tokens)} tokens, fewer than one window of seq_len + 1 = "
-                     f"{window}; lower seq_len or use a larger corpus")
+                     f"{window}; lower --config.data.seq_len or use a larger corpus")
   if global_batch % process_count:
     raise InputError(f"global batch {global_batch} is not divisible by the {process_count} processes; "
                      "make it a multiple of the process count")
@@ -100,10 +113,11 @@ def train_batches(tokens: np.ndarray, *, seq_len: int, global_batch: int, seed: 
   rows = global_batch // process_count
   # repeat() after shuffle() gives every epoch its own permutation; map_with_index sees the position
   # in the endless stream, hence the epoch. Batching per process and then taking every P-th batch
-  # starting at p makes batch k of process p rows p * rows ... of global batch k.
+  # starting at p makes batch k of process p rows p * rows ... of global batch k. The P-th batch is
+  # taken by index: grain's slice of an endless dataset of single-row batches overflows its length.
   batches = (grain.MapDataset.range(windows_per_epoch).shuffle(seed=shuffle_seed).repeat()
-             .map_with_index(cut).batch(rows)[process_index::process_count])
-  return (batches[step] for step in itertools.count(start_step))
+             .map_with_index(cut).batch(rows))
+  return (batches[step * process_count + process_index] for step in itertools.count(start_step))
 
 
 def eval_batches(tokens: np.ndarray, *, seq_len: int, batch: int,
@@ -122,7 +136,8 @@ def eval_batches(tokens: np.ndarray, *, seq_len: int, batch: int,
   num_batches = len(tokens) // window // batch
   if not num_batches:
     raise InputError(f"the evaluation split has {len(tokens)} tokens, fewer than one eval batch of "
-                     f"{batch} windows of seq_len + 1 = {window}; lower the eval batch size or seq_len")
+                     f"{batch} windows of seq_len + 1 = {window}; lower --config.data.eval_batch or "
+                     "--config.data.seq_len, or use a larger corpus")
   if max_batches is not None:
     num_batches = min(num_batches, max_batches)
   return list(tokens[:num_batches * batch * window].reshape(num_batches, batch, window))

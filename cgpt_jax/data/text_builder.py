@@ -67,7 +67,7 @@ class LocalText(tfds.core.GeneratorBasedBuilder):
         yield index, {"text": piece, "source": path}
 
 
-def prepare_text_dataset(source: str, data_dir: str) -> LocalText:
+def prepare_text_dataset(source: str, data_dir: str, allow_binary: bool = False) -> LocalText:
   """The prepared LocalText dataset of `source` (a file, a glob or a folder) inside `data_dir`.
 
   Every file is read and checked before anything is written. The config name is a sha256 over each
@@ -84,6 +84,10 @@ def prepare_text_dataset(source: str, data_dir: str) -> LocalText:
     text, encoding = decode_text(raw)
     if not text:
       raise InputError(f"data file {path} is empty; remove it or point the data source elsewhere")
+    if not allow_binary and looks_binary(raw):
+      raise InputError(f"data file {path} looks binary, not text (NUL or other control bytes in its "
+                       "first 64 KiB); point the data source at text files, or set "
+                       "--config.data.allow_binary=True to train on its bytes anyway")
     if encoding != "utf-8":
       log.warning("data file %s is not valid UTF-8; read it as %s", path, encoding)
     train_chars += len(split_text(text)[0])
@@ -97,8 +101,15 @@ def prepare_text_dataset(source: str, data_dir: str) -> LocalText:
       description=f"{len(files)} file(s) from {source}",
       files=tuple(files),
   )
-  builder = LocalText(config=config, data_dir=data_dir, file_format="array_record")
-  if not builder.is_prepared():
+  try:
+    builder = LocalText(config=config, data_dir=data_dir, file_format="array_record")
+    prepared = builder.is_prepared()
+  except Exception as e:  # a damaged dataset_info.json or features.json: TFDS raises many kinds
+    folder = os.path.join(data_dir, LocalText.name, config.name)
+    raise InputError(f"the prepared dataset in {folder} cannot be read ({type(e).__name__}: "
+                     f"{str(e).splitlines()[0][:200] if str(e) else ''}). Delete that folder to "
+                     "prepare it again.") from None
+  if not prepared:
     _check_writable(data_dir)
     builder.download_and_prepare()
   return builder
@@ -127,6 +138,9 @@ def resolve_files(source: str) -> list[str]:
                        "skipped, subfolders are not searched); point it at a folder of .txt files")
   elif os.path.isfile(expanded):
     files = [expanded]
+  elif os.path.exists(expanded):
+    raise InputError(f"data source {source} is not a regular file or folder (a device, pipe or "
+                     "socket); give a text file, a folder of text files, or a glob")
   else:
     raise InputError(f"data source {source} does not exist; give a text file, a folder of text files, "
                      "a glob such as 'corpus/*.txt', or 'tfds:NAME' for a prepared TFDS dataset")
@@ -150,6 +164,14 @@ def decode_text(raw: bytes) -> tuple[str, str]:
   except UnicodeDecodeError:
     text, encoding = raw.decode("latin-1"), "latin-1"
   return text.replace("\r\n", "\n"), encoding
+
+
+def looks_binary(raw: bytes) -> bool:
+  """A NUL byte, or more than 1% of control bytes other than whitespace, in the first 64 KiB: text
+  in any 8-bit encoding has almost none; executables, archives and arrays are full of them."""
+  head = raw[:65536]
+  controls = sum(head.count(bytes([c])) for c in range(32) if chr(c) not in "\t\n\r\f\v")
+  return b"\0" in head or controls > 0.01 * len(head)
 
 
 def split_text(text: str) -> tuple[str, str]:

@@ -5,6 +5,7 @@ branch on the kind. `encode` returns int32 numpy arrays because that is what the
 and what the model consumes; `eot_id` is the id put between documents (None for tokenizers without
 one, whose documents are then simply concatenated, as nanoGPT does for its char-level runs).
 """
+import hashlib
 import pathlib
 from typing import Protocol, Sequence, runtime_checkable
 
@@ -25,6 +26,7 @@ class Tokenizer(Protocol):
   name: str
   vocab_size: int
   eot_id: int | None
+  vocabulary: bytes  # what defines the ids: two tokenizers with the same are the same function
 
   def encode(self, text: str) -> np.ndarray:
     """Token ids of `text`, int32, shape [n]."""
@@ -48,6 +50,7 @@ class CharTokenizer:
                        "point the data source at non-empty text files")
     self.chars = "".join(sorted(set(corpus_text)))
     self.vocab_size = len(self.chars)
+    self.vocabulary = self.chars.encode("utf-8")
     # Sorted code points let encode() map a whole text with one searchsorted instead of a Python
     # dict lookup per character (tiny shakespeare is a million characters).
     self._codes = _code_points(self.chars)
@@ -73,6 +76,7 @@ class ByteTokenizer:
   name = "bytes"
   vocab_size = 256
   eot_id = None
+  vocabulary = bytes(range(256))
 
   def encode(self, text: str) -> np.ndarray:
     return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int32)
@@ -106,6 +110,7 @@ class Gpt2Tokenizer:
         raise InputError(f"gpt2 tokenizer: {root / file_name} is missing; the folder must hold both "
                          f"{' and '.join(GPT2_FILES)} as OpenAI ships them")
     vocab, merges = (str(root / file_name) for file_name in GPT2_FILES)
+    self.vocabulary = b"\0".join((root / file_name).read_bytes() for file_name in GPT2_FILES)
     try:
       self._bpe = tokenizers.ByteLevelBPETokenizer(vocab, merges)
     except Exception as e:  # tokenizers raises a bare Exception for unreadable or malformed files.
@@ -122,6 +127,12 @@ class Gpt2Tokenizer:
 
   def decode(self, ids: Sequence[int] | np.ndarray) -> str:
     return self._bpe.decode(np.asarray(ids, dtype=np.int64).reshape(-1).tolist())
+
+
+def tokenizer_identity(tokenizer: Tokenizer) -> dict:
+  """What checkpoints and exported models record of their tokenizer, and compare on reuse."""
+  return {"kind": tokenizer.name, "vocab_size": int(tokenizer.vocab_size),
+          "sha256": hashlib.sha256(tokenizer.vocabulary).hexdigest()[:16]}
 
 
 def make_tokenizer(kind: str, *, path: str | None = None, corpus_text: str | None = None) -> Tokenizer:
