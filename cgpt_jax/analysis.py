@@ -209,7 +209,7 @@ def expected_matmul_flops(m: ml_collections.ConfigDict, seq_len: int, tokens: in
 def analytic_state_bytes(sizes: dict, m: ml_collections.ConfigDict, params_held: int,
                          padded_vocab: int, zero1: bool) -> int:
   """Per-device bytes of float32 parameters (4) and Adam moments (8) by REFERENCE.md §2: FSDP
-  divides everything by its axis; TP divides the matrices (the layers' and the vocab-parallel
+  divides everything by its axis but the MLP biases (mlp is never on fsdp, mesh.RULES); TP divides the matrices (the layers' and the vocab-parallel
   embedding) by its axis and replicates the rest (positions, norms, biases); PP divides the layers
   by its stages; ZeRO-1 further divides the moments by the data axis. `params_held` counts what is
   stored, embedding padding included."""
@@ -218,6 +218,7 @@ def analytic_state_bytes(sizes: dict, m: ml_collections.ConfigDict, params_held:
   layers_held = (layer_matrices / sizes["tensor"] + layers - layer_matrices) / sizes["pipe"]
   embedding = padded_vocab * m.d_model
   rest_held = embedding / sizes["tensor"] + (params_held - layers - embedding)
-  per_device = (layers_held + rest_held) / sizes["fsdp"]
+  mlp_biases = m.n_layers * m.d_ff / sizes["tensor"] / sizes["pipe"]
+  per_device = (layers_held + rest_held - mlp_biases) / sizes["fsdp"] + mlp_biases
   moment_ways = sizes["data"] if zero1 else 1
   return int(round(4 * per_device + 8 * per_device / moment_ways))

@@ -34,7 +34,7 @@ Activations:
   transpose in the backward); the vocab-parallel lookup is left with a reduce-scatter and the head
   entered with an all-gather. With the residual stream split along the sequence, the gradients of
   the layer norms and output biases (6 d per layer, 2 d for the final norm) are partial sums over
-  tensor, all-reduced (sequence_norm_grads), and the positions' gradient comes out split along the
+  tensor, all-reduced in every micro-step (sequence_norm_grads), and the positions' gradient comes out split along the
   sequence: reduced over the batch axes in that form and then all-gathered
   (sequence_positions_grad).
 - pipeline_hops: one [mb, T, d] collective-permute per iteration forward and one backward.
@@ -145,7 +145,7 @@ def parameter_terms(layout: Layout, abstract_params, m: ml_collections.ConfigDic
 
 
 def activation_terms(layout: Layout, m: ml_collections.ConfigDict, global_batch: int,
-                     seq_len: int, schedule) -> dict[str, float]:
+                     seq_len: int, schedule, grad_accum: int) -> dict[str, float]:
   """The activation causes (module docstring). Per device the step's tokens are B T / X (whole
   sequences of its rows, X = data x fsdp), each micro-step 1/k of them."""
   sizes = layout.axis_sizes
@@ -166,7 +166,8 @@ def activation_terms(layout: Layout, m: ml_collections.ConfigDict, global_batch:
       terms["sequence_embedding_head_gather"] = embedding_head / 2
       terms["sequence_embedding_head_scatter"] = embedding_head / 2
       vectors = 6 * d * m.n_layers + 2 * d
-      terms["sequence_norm_grads"] = 2 * vectors * b * _share(y_ways)
+      # Reduced by the partitioner (tensor is its axis) inside every micro-step.
+      terms["sequence_norm_grads"] = grad_accum * 2 * vectors * b * _share(y_ways)
       terms["sequence_positions_grad"] = m.n_positions * d * b * _share(y_ways)
     else:
       terms["tensor_layers"], terms["tensor_embedding_head"] = layers, embedding_head
@@ -183,7 +184,7 @@ def analytic_terms(layout: Layout, abstract_params, m: ml_collections.ConfigDict
   """Bytes per step and device of every cause that moves any (CAUSES), rounded to whole bytes."""
   remat = "full" if layout.streams_weights else m.remat
   terms = {**parameter_terms(layout, abstract_params, m, schedule, grad_accum, remat),
-           **activation_terms(layout, m, global_batch, seq_len, schedule)}
+           **activation_terms(layout, m, global_batch, seq_len, schedule, grad_accum)}
   return {k: int(round(v)) for k, v in terms.items() if round(v)}
 
 
