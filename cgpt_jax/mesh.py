@@ -18,6 +18,7 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from cgpt_jax.errors import InputError
+from cgpt_jax.spmd import axes_of
 
 AXES = ("data", "pipe", "fsdp", "tensor")
 TENSOR = "tensor"
@@ -75,8 +76,8 @@ LAYOUT_PRESETS: dict[str, LayoutPreset] = {
     "tp": LayoutPreset({"tensor": -1}),
     # tp + sequence parallelism: the residual stream (layer norms, residual adds) is also split along
     # the sequence between the tensor-parallel regions, 1/Y of its activation memory. Megatron-SP
-    # turns each all-reduce into an all-gather + reduce-scatter pair of the same bytes; GSPMD here
-    # keeps tp's all-reduces and adds gathers for the transitions (measured in README.md).
+    # turns each all-reduce into an all-gather + reduce-scatter pair of the same bytes, written out
+    # in tensor_region (the CPU partitioner would keep the all-reduces and add gathers).
     "sp": LayoutPreset({"tensor": -1}, extra_rules={"residual_seq": ("tensor",)}),
     # Pipeline: the stacked layers split into stages over pipe, microbatches handed on with ppermute
     # (pipeline.py). Per step each device sends one [microbatch, seq, d_model] activation per
@@ -196,7 +197,7 @@ def tensor_region(module: nnx.Module, x: jax.Array) -> jax.Array:
 
   def tensor_spec(v):  # a stacked layer's slice still carries the leading `layers` names
     names = tuple(v.get_metadata()["out_sharding"])[-v.ndim:] if v.ndim else ()
-    return P(*(TENSOR if TENSOR in _axes(e) else None for e in layout.spec(names)))
+    return P(*(TENSOR if TENSOR in axes_of(e) else None for e in layout.spec(names)))
 
   specs = jax.tree.map(tensor_spec, state, is_leaf=lambda v: isinstance(v, nnx.Variable))
 
@@ -247,10 +248,6 @@ def vocab_logits(x: jax.Array, table: jax.Array) -> jax.Array:
     return logits(x, table)
   return _over_tensor(lambda x, rows: logits(jax.lax.all_gather(x, TENSOR, axis=1, tiled=True), rows),
                       (SEQ_SPLIT, P(TENSOR, None)), P(None, None, TENSOR))(x, table)
-
-
-def _axes(entry) -> tuple[str, ...]:
-  return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
 
 
 def make_layout(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Layout:
@@ -305,7 +302,7 @@ def check_divisible(layout: Layout, abstract_params) -> None:
                                  jax.tree.leaves(abstract_params)):
     for rules in (layout.rules, layout.state_rules):
       for dim, (size, axes) in enumerate(zip(leaf.shape, layout.spec(tuple(names), rules))):
-        axes = (axes,) if isinstance(axes, str) else axes or ()
+        axes = axes_of(axes)
         n = math.prod(layout.mesh.shape[a] for a in axes)
         if size % n:
           raise InputError(

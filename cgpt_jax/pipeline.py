@@ -1,10 +1,10 @@
-"""Pipeline parallelism over the `pipe` mesh axis: GPipe and circular schedules in one shard_map.
+"""Pipeline parallelism over the `pipe` mesh axis: GPipe and circular schedules in the step's shard_map.
 
 Stages. The L stacked layers are stored as [R, S, K, ...] (repeats x stages x layers per stage): a
 free reshape of [L, ...] that keeps layer order, layer (r S + s) K + k at [r, s, k]. The `stage`
 dimension is split over `pipe`, so device s holds layers sK .. sK+K-1 of every repeat: GPipe when
-R = 1, the circular (interleaved) schedule when R > 1. In the shard_map `pipe` and `data` are manual;
-fsdp and tensor stay under the compiler's automatic partitioning inside each stage.
+R = 1, the circular (interleaved) schedule when R > 1. The schedule runs inside the step's shard_map
+(spmd.py), where `pipe`, `data` and `fsdp` are manual; tensor stays with the partitioner.
 
 Schedule (SPMD: every stage runs every iteration). M microbatches, M R + S - 1 iterations. At
 iteration t stage s works on j = t - s (microbatch j mod M, repeat j div M) when 0 <= j < M R and
@@ -18,13 +18,12 @@ whatever the carries hold there (the tests fill them with NaN) never reaches the
 gradients. The bubble's FLOPs are still spent: the layers' compiled FLOPs are (M R + S - 1) / (M R)
 times the useful ones, idle fraction (S - 1) / (M R + S - 1).
 
-Embedding and head stay outside the shard_map, replicated over `pipe`, with the sequence split over
-`pipe` (mesh.RULES: seq -> pipe). Their work is per token, so the S stages share it evenly, instead
+Embedding and head stay outside the schedule, replicated over `pipe`, each device taking 1/S of the
+sequence (train.make_local_loss). Their work is per token, so the S stages share it evenly, instead
 of the first and last stage doing all of it (for small models the head over 50k words is the
 biggest matmul and would be a bubble of its own). The price shows in the collective bytes: stage
 inputs all-gathered over `pipe` on entry, outputs reduce-scattered on exit (transposed in the
-backward), and the replicated embedding, positions and final norm all-reduce their gradients over
-`pipe`.
+backward); the replicated embedding, positions and final norm are reduced once over data x pipe.
 
 Memory. model.remat applies to each iteration: with "full" the backward keeps one stage input
 [mb, T, D] per iteration. 1F1B (at most S microbatches alive) needs the backward written by

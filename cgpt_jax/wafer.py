@@ -7,12 +7,12 @@ parallelism: weights broadcast, gradients reduced.
 
 Here every device of the `fsdp` axis is a part of one wafer: activations are split over them by
 batch, and the state lives sharded across them (the off-wafer store; the optimizer updates each
-shard where it lives). Inside one shard_map over the whole mesh, the layer scan streams each
-layer's weights in with an all-gather from the shards, runs the block, and, being rematerialised,
-streams the same layer in again in the backward; the all-gather's transpose reduce-scatters the
-layer's gradient back to its shards. Streamed bytes per device per step: 3 P_layers b (n-1)/n.
-With `data` > 1 (swarm) the shards are replicated across wafers and the gradients summed across
-them once per step (the shard_map's transpose: a psum over `data`).
+shard where it lives). In the step's shard_map (spmd.py) the layer scan streams each layer's weights
+in with an all-gather from the shards, runs the block, and, being rematerialised, streams the same
+layer in again in the backward; the all-gather's transpose reduce-scatters the layer's gradient
+back to its shards. Streamed bytes per device per step: 3 P_layers b (n-1)/n (comm.py). With
+`data` > 1 (swarm) the shards are replicated across wafers and the gradients summed across them
+once per step.
 
 The mode that runs is this per-layer gather. A host-memory mode (the store in `pinned_host` memory,
 one device_put per layer) is not built: XLA's CPU compiler ignores memory kinds (the compiled
