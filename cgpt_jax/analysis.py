@@ -88,11 +88,6 @@ _WHILE = re.compile(r"\bwhile\(.*\bbody=%?([\w.\-]+).*?\"known_trip_count\":\{\"
 _CALLEE = re.compile(r"\b(?:to_apply|calls|body|condition)=%?([\w.\-]+)")
 
 
-def _array_bytes(type_str: str) -> int:
-  return sum(_DTYPE_BYTES[d] * math.prod(int(n) for n in dims.split(",") if n)
-             for d, dims in _ARRAY.findall(type_str))
-
-
 def _group_size(line: str) -> int:
   """Devices per replica group, from any of the forms XLA prints."""
   if m := re.search(r"replica_groups=mesh\[([^\]]*)\] \{([^}]*)\}", line):  # mesh['a'=2,'b'=4] {'b'}
@@ -142,20 +137,32 @@ def _walk(hlo_text: str):
     yield from visit(entry, 1, False)
 
 
-def collective_bytes(hlo_text: str, loops_only: bool = False) -> dict[str, int]:
-  """Bytes each device sends per call of the program, by collective kind (REFERENCE.md §2 formulas:
-  all-reduce 2V(n-1)/n, all-gather V_out(n-1)/n, reduce-scatter V_in(n-1)/n, all-to-all V(n-1)/n,
-  collective-permute V). Ops inside while bodies count once per known trip; `loops_only` counts
-  only those (e.g. the per-layer weight streaming inside the layer scan)."""
-  totals: dict[str, float] = {}
+def collective_bytes_by_dtype(hlo_text: str, loops_only: bool = False) -> dict[str, dict[str, int]]:
+  """Bytes each device sends per call of the program, by collective kind and the element type it
+  moves, e.g. {"all-gather": {"f32": ...}} (formulas: all-reduce 2V(n-1)/n, all-gather
+  V_out(n-1)/n, reduce-scatter V_in(n-1)/n, all-to-all V(n-1)/n, collective-permute V). Ops inside
+  while bodies count once per known trip; `loops_only` counts only those (e.g. the per-layer weight
+  streaming inside the layer scan)."""
+  totals: dict[tuple[str, str], float] = {}
   for line, _, times, in_loop in _walk(hlo_text):
     if (m := _OP.match(line)) and (in_loop or not loops_only):
-      kind, out, n = m.group(2), _array_bytes(m.group(1)), _group_size(line)
-      sent = {"all-reduce": 2 * out * (n - 1) / n, "all-gather": out * (n - 1) / n,
-              "reduce-scatter": out * (n - 1), "all-to-all": out * (n - 1) / n,
-              "collective-permute": out}[kind]
-      totals[kind] = totals.get(kind, 0) + sent * times
-  return {k: int(round(v)) for k, v in sorted(totals.items())}
+      kind, n = m.group(2), _group_size(line)
+      share = {"all-reduce": 2 * (n - 1) / n, "all-gather": (n - 1) / n, "reduce-scatter": n - 1,
+               "all-to-all": (n - 1) / n, "collective-permute": 1}[kind]
+      for dtype, dims in _ARRAY.findall(m.group(1)):
+        out = _DTYPE_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
+        totals[kind, dtype] = totals.get((kind, dtype), 0) + out * share * times
+  result: dict[str, dict[str, int]] = {}
+  for (kind, dtype), value in sorted(totals.items()):
+    result.setdefault(kind, {})[dtype] = int(round(value))
+  return result
+
+
+def collective_bytes(hlo_text: str, loops_only: bool = False) -> dict[str, int]:
+  """Bytes each device sends per call of the program, by collective kind, whatever they move
+  (collective_bytes_by_dtype)."""
+  return {kind: sum(by_dtype.values())
+          for kind, by_dtype in collective_bytes_by_dtype(hlo_text, loops_only).items()}
 
 
 def dot_flops(hlo_text: str) -> int:
@@ -181,6 +188,19 @@ def layer_matmul_flops_per_token(m: ml_collections.ConfigDict, seq_len: int) -> 
   return 6 * layer_matmul_params(m) + 12 * m.n_layers * seq_len * m.d_model
 
 
+def remat_unit(m: ml_collections.ConfigDict, schedule=None) -> int:
+  """Blocks in one rematerialised unit: a block, or under a pipeline a stage iteration's K blocks."""
+  return m.n_layers // (schedule.stages * schedule.repeats) if schedule else 1
+
+
+def rerun_drops_last(m: ml_collections.ConfigDict, schedule=None) -> int:
+  """1 if the backward's rerun of a unit skips the unit's last MLP-out (its matmul and its tensor
+  collective), else 0. The backward never needs the unit's output, so XLA drops that dead work
+  from straight-line code, but not from the body of a rolled loop (K blocks > scan_unroll), which
+  runs every trip."""
+  return int(remat_unit(m, schedule) <= m.scan_unroll)
+
+
 def expected_matmul_flops(m: ml_collections.ConfigDict, seq_len: int, tokens: int, padded_vocab: int,
                           schedule=None, remat: str | None = None) -> int:
   """Matmul FLOPs the compiled step should run on all devices together.
@@ -196,9 +216,9 @@ def expected_matmul_flops(m: ml_collections.ConfigDict, seq_len: int, tokens: in
   d, f = m.d_model, m.d_ff
   layers = layer_matmul_flops_per_token(m, seq_len)
   if (m.remat if remat is None else remat) == "full":
-    per_unit = m.n_layers // (schedule.stages * schedule.repeats) if schedule else 1
+    per_unit = remat_unit(m, schedule)
     forward = 2 * (4 * d * d + 2 * d * f) + 4 * seq_len * d
-    skipped = 2 * d * f if per_unit <= m.scan_unroll else 0
+    skipped = 2 * d * f * rerun_drops_last(m, schedule)
     layers += (m.n_layers // per_unit) * (per_unit * forward - skipped)
   layers *= tokens
   if schedule is not None:

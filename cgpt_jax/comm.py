@@ -1,7 +1,7 @@
 """The bytes each layout's algorithm moves per step and device, by cause: the formula beside the HLO.
 
 Every term is the algorithm spmd.py and the layouts' tables define, counted from shapes: nothing
-here reads the compiled program. Conventions (docs/formulas.md): per device and per optimizer step;
+here reads the compiled program. Conventions: per device and per optimizer step;
 an all-reduce of V bytes over n devices sends 2 V (n-1)/n, an all-gather or reduce-scatter whose
 whole result is V sends V (n-1)/n, a collective-permute V. k = train.grad_accum micro-steps.
 
@@ -15,15 +15,22 @@ and where its optimizer state is (its state spec):
 - layer_weight_gather, layer_grad_scatter (ZeRO-3, the wafer): a layer weight split over fsdp is
   gathered, in the compute dtype, every time a layer runs, and its gradient reduce-scattered in
   float32 once per run. The backward gathers again the weights it multiplies by (the four
-  matrices); under full remat it reruns the layer and gathers every weight again but the MLP-out
-  bias, the rerun's last op, whose result the backward never needs (XLA drops it).
+  matrices); under a remat policy ("full", and "dots", which keeps matmul outputs but not the
+  layer norms and bias adds between them) it reruns the layer and gathers every weight again but
+  the MLP-out bias, the rerun's last op, whose result the backward never needs (XLA drops it).
+  In a pipeline a stage runs the same layers at every iteration, so its weights are gathered once
+  per micro-step and their gradient scattered once (pipeline.make_run_blocks).
 - head_weight_gather, head_grad_scatter: the embedding, positions and final norm, split over fsdp,
   gathered once per micro-step and kept for the head and the backward; gradient scattered once.
-- scalars: the loss, summed over the devices that share the tokens, and two partial sums of
-  squares (gradient clipping, the logged norm) per gradient split over any axis.
-Activations:
+- scalars: the loss, summed over the devices that share the tokens; per parameter whose update
+  runs split over any axis, two partial sums of squares of its gradient (gradient clipping, the
+  logged norm) and one boolean: is its new value finite (train.keep_finite).
+Activations, in the wire dtype: the compute dtype, but float32 on this CPU backend, whose compiler
+moves 16-bit collectives as float32 (spmd.wire_dtype). `backend` picks which.
 - tensor_layers: Megatron's all-reduce of the [tokens, d] activation after attention and after the
-  MLP, and of their input gradients in the backward: 4 per layer run, each 2 V (Y-1)/Y.
+  MLP, and of their input gradients in the backward: 4 per layer run, each 2 V (Y-1)/Y. Full remat
+  reruns the forward's two in the backward, less the unit's last (its result is dead:
+  analysis.rerun_drops_last); "dots" keeps the matmul outputs, which the partitioner all-reduced.
 - tensor_embedding_head: the vocab-parallel lookup (forward) and the head's input gradient
   (backward) on the device's tokens.
 - tensor_cross_entropy: the vocab-parallel loss reduces three [tokens] partials over tensor (the
@@ -31,12 +38,13 @@ Activations:
 - Sequence parallelism (Megatron-SP, mesh.tensor_region) moves tp's tensor_layers and
   tensor_embedding_head bytes as all-gathers and reduce-scatters, half each: a region is entered
   with an all-gather of the sequence and left with a reduce-scatter (and each is the other's
-  transpose in the backward); the vocab-parallel lookup is left with a reduce-scatter and the head
-  entered with an all-gather. With the residual stream split along the sequence, the gradients of
-  the layer norms and output biases (6 d per layer, 2 d for the final norm) are partial sums over
-  tensor, all-reduced in every micro-step (sequence_norm_grads), and the positions' gradient comes out split along the
-  sequence: reduced over the batch axes in that form and then all-gathered
-  (sequence_positions_grad).
+  transpose in the backward), and under any remat policy the backward's rerun enters both regions
+  and leaves them, less the unit's last exit; the vocab-parallel lookup is left with a
+  reduce-scatter and the head entered with an all-gather. With the residual stream split along the
+  sequence, the gradients of the layer norms and output biases (6 d per layer, 2 d for the final
+  norm) are partial sums over tensor, all-reduced in every micro-step (sequence_norm_grads), and
+  the gradient of the T positions' rows comes out split along the sequence and is all-gathered
+  before it joins the table (sequence_positions_grad, model.GPT.embed).
 - pipeline_hops: one [mb, T, d] collective-permute per iteration forward and one backward.
 - pipeline_entry, pipeline_exit: stage inputs all-gathered over pipe (whole sequences), outputs
   reduce-scattered back to sequence parts, and each one's transpose in the backward.
@@ -45,11 +53,10 @@ import math
 
 import jax
 import ml_collections
-import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from cgpt_jax import model as model_lib, spmd
+from cgpt_jax import analysis, model as model_lib, spmd
 from cgpt_jax.mesh import Layout, is_spec
 
 # Each cause: the collective kind it compiles to, and the mesh axes it runs over (the roofline
@@ -76,7 +83,7 @@ CAUSES = {
     "pipeline_entry": ("all-gather", ("pipe",)),
     "pipeline_exit": ("reduce-scatter", ("pipe",)),
 }
-F32 = 4
+F32, PRED = 4, 1
 
 
 def _devices(sizes, spec) -> int:
@@ -96,7 +103,7 @@ def layers_run(m: ml_collections.ConfigDict, schedule) -> int:
 
 
 def parameter_terms(layout: Layout, abstract_params, m: ml_collections.ConfigDict, schedule,
-                    grad_accum: int, streams_remat: str) -> dict[str, float]:
+                    grad_accum: int, remat: str, backend: str | None = None) -> dict[str, float]:
   """The parameter causes (module docstring), summed over the parameter tensors."""
   sizes = layout.axis_sizes
   lead = 3 if schedule else 1
@@ -110,25 +117,22 @@ def parameter_terms(layout: Layout, abstract_params, m: ml_collections.ConfigDic
     p, q = layout.spec(names), layout.spec(names, layout.state_rules)
     local = leaf.size / _devices(sizes, p)  # elements of this device's shard
     keys = [k for k in (getattr(k, "key", None) for k in path) if isinstance(k, str)]
-    if layout.sequence_parallel and keys == ["wpe"]:
-      local /= sizes["tensor"]  # its gradient is split along the sequence (module docstring)
     in_blocks = "blocks" in keys
     gathered = spmd.manual_part(P(*p[lead:]) if in_blocks else p)
     g = _devices(sizes, gathered)
     if g > 1:
       whole = local * g  # what one gather makes, per stored layer slice times the layers held
-      dtype_bytes = np.dtype(model_lib.compute_dtype(keys, m.dtype)).itemsize
-      if in_blocks:
-        slices = math.prod(leaf.shape[:lead]) // _devices(sizes, p[:lead])
-        per_layer = whole / slices
-        regather = keys[-1].endswith("_kernel") or (streams_remat == "full"
-                                                     and keys[-1] != "proj_bias")
-        runs = grad_accum * layers_run(m, schedule)
-        terms["layer_weight_gather"] += runs * (1 + regather) * per_layer * dtype_bytes * _share(g)
-        terms["layer_grad_scatter"] += runs * per_layer * F32 * _share(g)
-      else:
-        terms["head_weight_gather"] += grad_accum * whole * dtype_bytes * _share(g)
-        terms["head_grad_scatter"] += grad_accum * whole * F32 * _share(g)
+      wire = spmd.wire_dtype(model_lib.compute_dtype(keys, m.dtype), backend).itemsize
+      if in_blocks and schedule is None:
+        regather = keys[-1].endswith("_kernel") or (remat != "none" and keys[-1] != "proj_bias")
+        gathers, scatters = grad_accum * m.n_layers * (1 + regather), grad_accum * m.n_layers
+        per_layer = whole / m.n_layers
+        terms["layer_weight_gather"] += gathers * per_layer * wire * _share(g)
+        terms["layer_grad_scatter"] += scatters * per_layer * F32 * _share(g)
+      else:  # the head's tensors, or a pipeline stage's layers: once per micro-step
+        kind = "layer" if in_blocks else "head"
+        terms[f"{kind}_weight_gather"] += grad_accum * whole * wire * _share(g)
+        terms[f"{kind}_grad_scatter"] += grad_accum * whole * F32 * _share(g)
     mp, mq = spmd.manual_part(p), spmd.manual_part(q)
     scatter = math.prod(sizes[a] for e_p, e_q in zip(mp, mq) for a in spmd.axes_of(e_q)
                         if a not in spmd.axes_of(e_p))
@@ -138,40 +142,49 @@ def parameter_terms(layout: Layout, abstract_params, m: ml_collections.ConfigDic
     held = {a for e in (*mp, *mq) for a in spmd.axes_of(e)}
     rest = math.prod(sizes[a] for a in spmd.MANUAL if a not in held)
     terms["gradient_all_reduce"] += 2 * local / scatter * F32 * _share(rest)
-    split = _devices(sizes, q)
-    terms["scalars"] += 2 * 2 * F32 * _share(split)
+    split = _devices(sizes, q)  # where its update runs
+    terms["scalars"] += (2 * 2 * F32 + 2 * PRED) * _share(split)
   terms["scalars"] += 2 * F32 * _share(spmd.shares(sizes))  # the loss
   return terms
 
 
 def activation_terms(layout: Layout, m: ml_collections.ConfigDict, global_batch: int,
-                     seq_len: int, schedule, grad_accum: int) -> dict[str, float]:
+                     seq_len: int, schedule, grad_accum: int, remat: str,
+                     backend: str | None = None) -> dict[str, float]:
   """The activation causes (module docstring). Per device the step's tokens are B T / X (whole
-  sequences of its rows, X = data x fsdp), each micro-step 1/k of them."""
+  sequences of its rows, X = data x fsdp), each micro-step 1/k of them. Activations cross in the
+  backend's wire dtype (spmd.wire_dtype), the loss's partials and the gradients in float32."""
   sizes = layout.axis_sizes
   x_ways, y_ways, stages = sizes["data"] * sizes["fsdp"], sizes["tensor"], sizes["pipe"]
-  d, b = m.d_model, F32
+  d, b = m.d_model, spmd.wire_dtype(m.dtype, backend).itemsize
   tokens = global_batch * seq_len / x_ways
   terms = {}
   if y_ways > 1:
-    if schedule is None:
-      layer_tokens = m.n_layers * tokens
-    else:
-      per_stage = m.n_layers // (schedule.stages * schedule.repeats)
-      layer_tokens = per_stage * schedule.iterations * tokens / schedule.microbatches
-    layers = 4 * 2 * layer_tokens * d * b * _share(y_ways)
+    layer_tokens = layers_run(m, schedule) * tokens / (schedule.microbatches if schedule else 1)
+    # One [tokens, d] all-gather or reduce-scatter over tensor in every layer run.
+    unit = layer_tokens * d * b * _share(y_ways)
+    # Regions a layer's rerun leaves again in the backward: both, but the unit's last
+    # (analysis.rerun_drops_last), averaged over the unit's layers.
+    rerun_exits = 2 - analysis.rerun_drops_last(m, schedule) / analysis.remat_unit(m, schedule)
     embedding_head = 2 * 2 * tokens / stages * d * b * _share(y_ways)
     if layout.sequence_parallel:
-      terms["sequence_layer_gather"] = terms["sequence_layer_scatter"] = layers / 2
+      # Entries and exits are written in the model (mesh.tensor_region), so any remat policy
+      # reruns them: "dots" keeps matmul outputs, not what a collective made of them.
+      rerun = remat != "none"
+      terms["sequence_layer_gather"] = unit * (4 + 2 * rerun)
+      terms["sequence_layer_scatter"] = unit * (4 + rerun_exits * rerun)
       terms["sequence_embedding_head_gather"] = embedding_head / 2
       terms["sequence_embedding_head_scatter"] = embedding_head / 2
       vectors = 6 * d * m.n_layers + 2 * d
       # Reduced by the partitioner (tensor is its axis) inside every micro-step.
-      terms["sequence_norm_grads"] = grad_accum * 2 * vectors * b * _share(y_ways)
-      terms["sequence_positions_grad"] = m.n_positions * d * b * _share(y_ways)
+      terms["sequence_norm_grads"] = grad_accum * 2 * vectors * F32 * _share(y_ways)
+      terms["sequence_positions_grad"] = seq_len / stages * d * F32 * _share(y_ways)
     else:
-      terms["tensor_layers"], terms["tensor_embedding_head"] = layers, embedding_head
-    terms["tensor_cross_entropy"] = 3 * 2 * tokens / stages * b * _share(y_ways)
+      # The partitioner places tp's all-reduces after the matmuls: "dots" keeps the reduced
+      # outputs, "full" reruns the matmuls and their all-reduces.
+      terms["tensor_layers"] = 2 * unit * (4 + rerun_exits * (remat == "full"))
+      terms["tensor_embedding_head"] = embedding_head
+    terms["tensor_cross_entropy"] = 3 * 2 * tokens / stages * F32 * _share(y_ways)
   if schedule is not None:
     terms["pipeline_hops"] = 2 * schedule.iterations * tokens / schedule.microbatches * d * b
     terms["pipeline_entry"] = 2 * tokens * d * b * _share(stages)
@@ -180,11 +193,14 @@ def activation_terms(layout: Layout, m: ml_collections.ConfigDict, global_batch:
 
 
 def analytic_terms(layout: Layout, abstract_params, m: ml_collections.ConfigDict, global_batch: int,
-                   seq_len: int, schedule=None, grad_accum: int = 1) -> dict[str, int]:
-  """Bytes per step and device of every cause that moves any (CAUSES), rounded to whole bytes."""
+                   seq_len: int, schedule=None, grad_accum: int = 1,
+                   backend: str | None = None) -> dict[str, int]:
+  """Bytes per step and device of every cause that moves any (CAUSES), rounded to whole bytes, on
+  `backend` (its wire dtype, spmd.wire_dtype; default this process's)."""
   remat = "full" if layout.streams_weights else m.remat
-  terms = {**parameter_terms(layout, abstract_params, m, schedule, grad_accum, remat),
-           **activation_terms(layout, m, global_batch, seq_len, schedule, grad_accum)}
+  terms = {**parameter_terms(layout, abstract_params, m, schedule, grad_accum, remat, backend),
+           **activation_terms(layout, m, global_batch, seq_len, schedule, grad_accum, remat,
+                              backend)}
   return {k: int(round(v)) for k, v in terms.items() if round(v)}
 
 

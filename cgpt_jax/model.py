@@ -234,6 +234,10 @@ class GPT(nnx.Module):
   def embed(self, tokens: jax.Array, start: jax.Array | int = 0) -> jax.Array:
     """tokens [batch, seq] at positions start, start + 1, ... (a traced start when decoding)."""
     positions = jax.lax.dynamic_slice_in_dim(self.wpe[...], start, tokens.shape[1])
+    # Whole on every device, as the table is: under sequence parallelism the rows' gradient, which
+    # arrives split along the sequence, is then all-gathered before it is padded back to the table
+    # (left to it, the partitioner reshards the padded table with collective-permutes as well).
+    positions = constrain(positions, (None, "embed"))
     x = vocab_lookup(self.wte[...], tokens) + positions
     if self.cfg.embed_multiplier != 1:  # muP: 10
       x = x * jnp.asarray(self.cfg.embed_multiplier, x.dtype)

@@ -52,7 +52,7 @@ def mesh_text(s: dict) -> str:
 
 def layouts_table(results: dict, reference: str = "single") -> list[str]:
   """Per layout: mesh, speed and memory against the reference, collective bytes measured in the
-  compiled HLO against REFERENCE.md §2's value, the pipeline bubble, and the loss against the
+  compiled HLO against comm.py's formula, the pipeline bubble, and the loss against the
   reference's at every logged step."""
   ref = results[reference]
   lines = ["| layout | mesh (data x pipe x fsdp x tensor) | tokens/s | vs single | memory/device GiB "
@@ -71,7 +71,7 @@ def layouts_table(results: dict, reference: str = "single") -> list[str]:
         f"| {name} | {mesh_text(s)} | {s['tokens_per_s']:,.0f} | "
         f"{s['tokens_per_s'] / ref['tokens_per_s']:.2f} | {memory / 2**30:.2f} | "
         f"{memory / ref['memory_per_device_bytes']['total_bytes']:.2f} | {measured / 1e6:.1f} | "
-        f"{analytic / 1e6:.1f} | {measured / analytic if analytic else float('nan'):.2f} | "
+        f"{analytic / 1e6:.1f} | {measured / analytic if analytic else float('nan'):.3f} | "
         f"{bubble(s):.3f} | {s['final_loss']:.6f} | {s['final_loss'] - ref['final_loss']:+.1e} | "
         f"{rdiff:.1e} | {'yes' if rdiff <= LOSS_RTOL else '**no**'} |")
   return lines
@@ -139,7 +139,7 @@ def layouts_plot(results: dict, path: pathlib.Path, reference: str = "single") -
   ax[1, 0].barh(y - 0.2, [sum(s["collective_bytes_per_step"].values()) / 1e6 for s in ok.values()],
                 height=0.4, label="measured (HLO)")
   ax[1, 0].barh(y + 0.2, [s["analytic_collective_bytes_per_step"] / 1e6 for s in ok.values()],
-                height=0.4, label="analytic (REFERENCE.md §2)")
+                height=0.4, label="analytic (comm.py)")
   ax[1, 0].set_xlabel("collective MB per device per step")
   ax[1, 0].legend(loc="lower right")
   for a in (ax[0, 0], ax[0, 1], ax[1, 0]):

@@ -5,9 +5,13 @@ Pure functions of a plan.json dict (train.plan) and a hardware spec. Two views:
   batch shard processes per pass of the weights exceed C/W (peak FLOP/s over the bandwidth of the
   batch axes); tensor parallelism when Y < F W / C (F = d_ff, W the tensor axis' bandwidth).
 - A direct comparison per step and device: compute time = the compiled matmul FLOPs / peak against
-  communication time = collective bytes / bandwidth. Each analytic term is timed on the links its
-  mesh axes use; the measured bytes (by collective kind, not axis) at the same effective bandwidth,
-  halved from the CPU's float32 to the bf16 a GPU or TPU would send (BF16_WIRE).
+  communication time = collective bytes / bandwidth. The verdict times the compiled program's
+  bytes, as its HLO moves them (plan["collective_bytes_by_dtype"]), at the byte-weighted bandwidth
+  of the links the formula's terms use (plan.json counts bytes by collective kind, not axis).
+  Beside it, the formula's terms for an accelerator's compile (comm.analytic_terms with the
+  compute dtype on the wire, spmd.wire_dtype), each on its own axes' links: where the plan was
+  compiled on a CPU, whose compiler moves 16-bit collectives as float32, that is what a GPU or TPU
+  would move; activations and gathered weights halve in bf16, float32 gradients do not.
 Both assume perfect overlap of compute and communication: the step takes at least the larger.
 """
 import dataclasses
@@ -48,11 +52,6 @@ TPU_V5P = Hardware(
            "How to Scale Your Model, part 2 (9e10 B/s per ICI link each way, 2 links per axis)")
 HARDWARE = (H100, TPU_V5P)
 
-# XLA's CPU compiler computes bf16 in float32, so every collective of these plans is float32 (seen
-# in their HLO) as is the analytic model (4 bytes per element). A GPU or TPU running the bf16
-# program sends 2-byte activations and, with weights cast before they are gathered, 2-byte
-# weights: half the bytes. The verdict uses that; the float32 time is reported beside it.
-BF16_WIRE = 0.5
 
 def critical_tokens(hw: Hardware, bandwidth: float) -> float:
   """C / W: tokens a batch shard must process per pass of the weights to hide their traffic."""
@@ -84,17 +83,20 @@ def compute_seconds(plan: dict, hw: Hardware) -> float:
   return plan["compiled_matmul_flops_per_step"] / plan["devices"] / hw.peak_flops
 
 
-def comm_seconds(plan: dict, hw: Hardware) -> tuple[float, float]:
-  """(analytic, measured) seconds of collectives per step and device. Each analytic term runs at
-  its axes' bandwidth; the measured bytes at the analytic bytes' effective (byte-weighted)
-  bandwidth, since plan.json counts them by collective kind, not by axis."""
+def terms_seconds(plan: dict, hw: Hardware, terms: dict[str, int]) -> float:
+  """Seconds per step and device of analytic byte terms (comm.CAUSES), each at its axes' links."""
+  return sum(v / axes_bandwidth(hw, plan["mesh"], comm.CAUSES[k][1]) for k, v in terms.items())
+
+
+def comm_seconds(plan: dict, hw: Hardware) -> float:
+  """Seconds per step and device of the compiled program's collectives, at the byte-weighted
+  bandwidth of the analytic terms' axes (all on the fast links when nothing was expected)."""
   terms = plan["analytic_collective_terms"]
-  analytic = sum(v / axes_bandwidth(hw, plan["mesh"], comm.CAUSES[k][1]) for k, v in terms.items())
   total = sum(terms.values())
   measured = measured_bytes(plan)
-  if not total:  # nothing expected: time what was measured on the fast links
-    return 0.0, measured / hw.link_bytes_per_s
-  return analytic, measured * analytic / total
+  if not total:
+    return measured / hw.link_bytes_per_s
+  return measured * terms_seconds(plan, hw, terms) / total
 
 
 def weight_passes(plan: dict) -> int:
@@ -127,8 +129,8 @@ def tensor_condition(plan: dict, hw: Hardware) -> dict | None:
 def analyse(plan: dict, hw: Hardware) -> dict:
   """Everything the report shows for one plan on one accelerator."""
   compute = compute_seconds(plan, hw)
-  comm_analytic, comm_f32 = comm_seconds(plan, hw)
-  comm = comm_f32 * BF16_WIRE
+  comm = comm_seconds(plan, hw)
+  comm_accelerator = terms_seconds(plan, hw, plan["accelerator_collective_terms"])
   memory = plan["memory_per_device_bytes"]["total_bytes"]
   return {
       "hardware": hw.name,
@@ -136,9 +138,10 @@ def analyse(plan: dict, hw: Hardware) -> dict:
       "fits": memory <= hw.hbm_bytes,
       "compute_s": compute,
       "comm_s": comm,
-      "comm_s_f32": comm_f32,
-      "comm_s_analytic_f32": comm_analytic,
+      "comm_s_analytic": terms_seconds(plan, hw, plan["analytic_collective_terms"]),
+      "comm_s_accelerator_wire": comm_accelerator,
       "bound": "compute" if compute >= comm else "communication",
+      "bound_accelerator_wire": "compute" if compute >= comm_accelerator else "communication",
       # Model FLOPs over peak for the step time max(compute, comm): what MFU could reach at best.
       "mfu_bound": plan["model_flops_per_step"] / plan["devices"] / hw.peak_flops
                    / max(compute, comm),

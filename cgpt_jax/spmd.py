@@ -137,6 +137,19 @@ def reduce_gradient(g: jax.Array, param: P, state: P, sizes: dict[str, int]) -> 
   return jax.lax.psum(g, rest) if rest else g
 
 
+def wire_dtype(dtype, backend: str | None = None):
+  """The dtype a collective of `dtype` values moves on `backend` (default: this process's).
+
+  XLA's CPU compiler moves every 16-bit collective as float32: it converts bf16 all-gathers,
+  all-reduces, reduce-scatters and collective-permutes to f32 (seen in the compiled HLO), and aborts
+  ("Invalid binary instruction opcode copy") on a bf16 collective-permute in the pipeline's loop
+  unless the program casts first. Other backends move the compute dtype.
+  """
+  if (backend or jax.default_backend()) == "cpu" and jnp.dtype(dtype).itemsize < 4:
+    return jnp.dtype(jnp.float32)
+  return jnp.dtype(dtype)
+
+
 def shares(sizes: dict[str, int]) -> int:
   """Devices among which the step's tokens are divided: data x fsdp rows, x pipe sequence parts."""
   return math.prod(sizes[a] for a in MANUAL)

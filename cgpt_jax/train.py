@@ -230,14 +230,17 @@ def make_local_loss(s: Setup, bubble_fill: float = 0.0, per_token: bool = False)
   streams = any(spmd.is_split(p) for p in jax.tree.leaves(specs.params["blocks"],
                                                             is_leaf=mesh_lib.is_spec))
 
-  def load(layer):  # one layer's weights, gathered where a manual axis splits them
+  def load(blocks, stacked: int = 0):
+    """Block weights as the forward uses them, gathered where a manual axis splits them: one
+    layer's, or with `stacked` leading dimensions of layers (none of them gathered)."""
+    whole = (None,) * stacked
     return jax.tree.map(
-        lambda x, spec, tensor, dtype: spmd.materialise(x, P(*spec[lead:]), P(*tensor[lead:]),
-                                                        dtype),
-        layer, specs.params["blocks"], specs.tensor["blocks"], specs.dtypes["blocks"])
+        lambda x, spec, tensor, dtype: spmd.materialise(x, P(*whole, *spec[lead:]),
+                                                        P(*whole, *tensor[lead:]), dtype),
+        blocks, specs.params["blocks"], specs.tensor["blocks"], specs.dtypes["blocks"])
 
   if s.schedule:
-    run_blocks = pipeline.make_run_blocks(cfg, s.schedule, load, streams, bubble_fill)
+    run_blocks = pipeline.make_run_blocks(cfg, s.schedule, load, bubble_fill)
   else:  # the wafer recomputes each layer in the backward (wafer.py)
     run_blocks = functools.partial(model_lib.scan_blocks, cfg, load=load, streams=streams,
                                    remat="full" if layout.streams_weights else None)
@@ -387,6 +390,10 @@ def compiled_costs(s: Setup, compiled) -> dict:
   streams = s.layout.streams_weights
   terms = comm.analytic_terms(s.layout, s.abstract_params, m, d.global_batch, d.seq_len, s.schedule,
                              s.cfg.train.grad_accum)
+  # The same step compiled for a GPU or TPU, which move the compute dtype (spmd.wire_dtype).
+  accelerator_terms = comm.analytic_terms(s.layout, s.abstract_params, m, d.global_batch, d.seq_len,
+                                          s.schedule, s.cfg.train.grad_accum, backend="gpu")
+  by_dtype = analysis.collective_bytes_by_dtype(hlo)
   opt_state = abstract_state(s).opt_state
   costs = {
       "optimizer_state_bytes": analysis.tree_bytes(opt_state),
@@ -394,10 +401,12 @@ def compiled_costs(s: Setup, compiled) -> dict:
       "compiled_matmul_flops_per_step": analysis.dot_flops(hlo) * s.layout.mesh.size,
       "expected_matmul_flops_per_step": analysis.expected_matmul_flops(
           m, d.seq_len, tokens, vocab, s.schedule, remat="full" if streams else None),
-      "collective_bytes_per_step": analysis.collective_bytes(hlo),
+      "collective_bytes_per_step": {k: sum(v.values()) for k, v in by_dtype.items()},
+      "collective_bytes_by_dtype": by_dtype,
       "analytic_collective_bytes_per_step": sum(terms.values()),
       "analytic_collective_bytes_by_kind": comm.by_kind(terms),
       "analytic_collective_terms": terms,
+      "accelerator_collective_terms": accelerator_terms,
   }
   if s.cfg.optim.name == "adamw":  # REFERENCE.md §2's formula is for Adam's two moments
     costs["analytic_state_bytes_per_device"] = analysis.analytic_state_bytes(

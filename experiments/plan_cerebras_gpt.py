@@ -150,8 +150,9 @@ def _verdict(r: dict) -> str:
   ways = f"{r['tensor']['ways']}/{r['tensor']['limit']:.1f}" if r["tensor"] else "—"
   ok = [c["compute_bound"] for c in (r["data"], r["tensor"]) if c]
   conditions = "compute" if all(ok) else "comm"
-  return (f"{_ms(r['compute_s'])} | {_ms(r['comm_s_f32'])} | {_ms(r['comm_s'])} | "
-          f"**{r['bound']}** | {tokens} | {ways} | {conditions if ok else '—'}")
+  return (f"{_ms(r['compute_s'])} | {_ms(r['comm_s'])} | **{r['bound']}** | "
+          f"{_ms(r['comm_s_accelerator_wire'])} | {r['bound_accelerator_wire']} | {tokens} | "
+          f"{ways} | {conditions if ok else '—'}")
 
 
 def report_rows(rows: list[dict]) -> list[str]:
@@ -170,12 +171,14 @@ def report_rows(rows: list[dict]) -> list[str]:
   for hw in roofline.HARDWARE:
     lines += [
         "", f"**{hw.name}** — compute = compiled matmul FLOPs per device / "
-        f"{hw.peak_flops / 1e12:.0f} TFLOP/s; comm = measured bytes per device at the links "
-        "their axes use, as compiled (f32) and at bf16 (half), the verdict at bf16; §2 "
-        "conditions: tokens per batch shard per weight pass vs C/W, tensor ways Y vs F·W/C.", "",
-        "| point | compute ms | comm ms f32 | comm ms bf16 | bound | tokens / C/W | Y / F·W/C | "
-        "§2 conditions |",
-        "|---|---:|---:|---:|---|---:|---:|---|",
+        f"{hw.peak_flops / 1e12:.0f} TFLOP/s; comm = the compiled program's bytes per device at "
+        "the links their axes use (the verdict); beside it the formula's bytes with the bf16 "
+        "compute dtype on the wire, as a GPU or TPU compile moves activations and gathered "
+        "weights (gradients stay float32); §2 conditions: tokens per batch shard per weight pass "
+        "vs C/W, tensor ways Y vs F·W/C.", "",
+        "| point | compute ms | comm ms compiled | bound | comm ms bf16 wire | bound at bf16 wire | "
+        "tokens / C/W | Y / F·W/C | §2 conditions |",
+        "|---|---:|---:|---|---:|---|---:|---:|---|",
     ]
     lines += [f"| {r['name']} | {_verdict(r['hardware'][hw.name])} |" for r in rows]
   return lines
@@ -205,7 +208,8 @@ def summary_lines(rows: list[dict], size: str = "13b") -> list[str]:
         f"({'fits' if r['fits_80GB'] else 'does not fit'} 80 GB), "
         f"{_gb(r['bytes_measured'])} GB/step per device measured vs {_gb(r['bytes_analytic'])} analytic; "
         + ", ".join(f"{name}: {a['bound']}-bound ({_ms(a['compute_s'])} ms compute, "
-                    f"{_ms(a['comm_s'])} ms comm)" for name, a in hw.items()))
+                    f"{_ms(a['comm_s'])} ms comm as compiled, {_ms(a['comm_s_accelerator_wire'])} "
+                    "ms with bf16 on the wire)" for name, a in hw.items()))
   return out
 
 
@@ -216,9 +220,10 @@ def report(sweep: list[dict], results: dict[str, dict], workdir: pathlib.Path) -
   lines = ["# Planning Cerebras-GPT at scale", "", "## Hardware assumed", "", *hardware_lines(), "",
            "## 13B", "", *summary_lines(rows), "", "## Every plan", "",
            "bf16 compute, full remat; k = gradient-accumulation micro-steps, M = pipeline "
-           "microbatches; bytes are what one device sends per optimizer step. Measured bytes come "
-           "from the CPU compile: activations and gathered weights in float32 (a GPU/TPU would "
-           "send bf16), all-reduce where a GPU/TPU would reduce-scatter.", "", *report_rows(rows)]
+           "microbatches; bytes are what one device sends per optimizer step, measured in the "
+           "compiled HLO beside comm.py's formula for the same backend. The CPU compiler moves "
+           "every collective as float32 (plan.json's collective_bytes_by_dtype), the bf16 "
+           "activations and gathered weights included.", "", *report_rows(rows)]
   if failed:
     lines += ["", "## Failed", "", *failed]
   return lines

@@ -64,6 +64,7 @@ MESHES = [
     ("tp", {"data": 2, "tensor": 4}),  # dp x tp
     ("fsdp", {"fsdp": 2, "tensor": 4}),  # fsdp x tp
     ("pp", {"pipe": 2, "data": 4}),  # GPipe, 4 microbatches, x dp
+    ("pp", {"pipe": 2, "fsdp": 4}),  # a stage's weights gathered once per micro-step
     ("3d", {}),  # data 2 x pipe 2 x tensor 2
     ("wafer", {}),  # weight streaming over 8 devices
     ("swarm", {}),  # 2 wafers of 4
@@ -183,6 +184,43 @@ def test_each_collective_kind_moves_the_formulas_bytes(shared_data, data_dir, la
   assert set(measured) == set(analytic), (measured, analytic)
   for kind, value in analytic.items():
     assert measured[kind] == pytest.approx(value, rel=0.01), (kind, measured, terms)
+
+
+# Where the algorithm runs a collective more than once per layer, or in another dtype: remat reruns
+# tp's all-reduces ("full") and sp's gathers and scatters (any policy) in the backward, and fsdp's
+# gathers of all but the MLP-out bias; a stage of K > scan_unroll layers is a rolled loop whose last
+# MLP-out collective reruns too; a pipeline gathers a stage's fsdp weights once per micro-step;
+# bfloat16 crosses this CPU's wire as float32 (spmd.wire_dtype); sp gathers the gradient of the
+# positions' rows a step uses, not the table's.
+VARIANTS = [
+    ("tp", {"data": 2, "tensor": 4}, {"remat": "full", "dtype": "bfloat16"}),
+    ("tp", {"data": 2, "tensor": 4}, {"remat": "dots"}),
+    ("sp", {"data": 2, "tensor": 4}, {"remat": "dots", "n_positions": 128}),  # T = 64 of 128
+    ("fsdp", {"fsdp": 2, "tensor": 4}, {"remat": "full"}),
+    ("fsdp", {}, {"remat": "dots", "dtype": "bfloat16"}),
+    ("3d", {}, {"remat": "full", "n_layers": 8}),
+    ("pp", {"pipe": 2, "fsdp": 4}, {}),
+    ("pp", {"pipe": 2, "fsdp": 4}, {"remat": "full", "dtype": "bfloat16"}),
+]
+
+
+@pytest.mark.parametrize("layout,sizes,model", VARIANTS, ids=[
+    f"{l}-" + "-".join([f"{a}{n}" for a, n in z.items()] + [f"{v}" for v in m.values()])
+    for l, z, m in VARIANTS])
+def test_remat_pipelines_and_bf16_move_the_formulas_bytes(shared_data, data_dir, layout, sizes,
+                                                          model):
+  c = eight_head_config(shared_data, data_dir, layout, **sizes)
+  c.model.update(model)
+  s = train.build(c, 65)
+  by_dtype = train.analysis.collective_bytes_by_dtype(compiled_step(s).as_text())
+  measured = {kind: sum(v.values()) for kind, v in by_dtype.items()}
+  terms = comm.analytic_terms(s.layout, s.abstract_params, s.cfg.model, c.data.global_batch,
+                              c.data.seq_len, s.schedule)
+  analytic = comm.by_kind(terms)
+  assert set(measured) == set(analytic), (measured, analytic)
+  for kind, value in analytic.items():
+    assert measured[kind] == pytest.approx(value, rel=0.01), (kind, measured, terms)
+  assert {d for v in by_dtype.values() for d in v} <= {"f32", "pred"}  # no bf16 on this wire
 
 
 def test_dp_reduces_each_gradient_once(shared_data, data_dir):
