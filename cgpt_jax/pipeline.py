@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from cgpt_jax import model as model_lib, spmd
+from cgpt_jax import model as model_lib, spmd, timeline
 from cgpt_jax.errors import InputError
 from cgpt_jax.mesh import Layout
 
@@ -57,8 +57,8 @@ class Schedule:
 
   @property
   def bubble_fraction(self) -> float:
-    """Idle share of each stage's iterations: (S - 1) / (M R + S - 1)."""
-    return (self.stages - 1) / self.iterations
+    """Idle share of each stage's iterations: (S - 1) / (M R + S - 1) (timeline.formula_bubble)."""
+    return timeline.formula_bubble(self.name, self.stages, self.microbatches, self.repeats)
 
   @property
   def layer_flops_ratio(self) -> float:
@@ -66,10 +66,22 @@ class Schedule:
     return self.iterations / (self.microbatches * self.repeats)
 
   def describe(self) -> dict:
-    return {"schedule": self.name, "stages": self.stages, "repeats": self.repeats,
-            "microbatches": self.microbatches, "iterations": self.iterations,
-            "bubble_fraction_theory": self.bubble_fraction,
-            "layer_flops_ratio_theory": self.layer_flops_ratio}
+    """The schedule, its formulas, and its table (timeline.py) beside those of the other schedules
+    at the same sizes."""
+    S, M, R = self.stages, self.microbatches, self.repeats
+    table = timeline.describe(self.name, S, M, R)
+    return {"schedule": self.name, "stages": S, "repeats": R, "microbatches": M,
+            "iterations": self.iterations, "bubble_fraction_theory": self.bubble_fraction,
+            "bubble_fraction_table": table["bubble_fraction_table"],
+            "peak_in_flight_per_stage": table["peak_in_flight_per_stage"],
+            "layer_flops_ratio_theory": self.layer_flops_ratio,
+            "other_schedules": {k: v for k, v in timeline.compare(S, M, R).items() if k != self.name}}
+
+  def plot(self, path) -> None:
+    """The schedule's timeline, stage x time, as a PNG."""
+    ops = timeline.simulate(self.name, self.stages, self.microbatches, self.repeats)
+    timeline.plot(ops, self.stages, f"{self.name} S={self.stages} M={self.microbatches} "
+                  f"R={self.repeats}", path)
 
 
 def make_schedule(cfg: ml_collections.ConfigDict, layout: Layout) -> Schedule | None:

@@ -493,6 +493,8 @@ def plan(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   }
   create_workdir(out)
   (out / "plan.json").write_text(json.dumps(result, indent=2))
+  if s.schedule:
+    s.schedule.plot(out / "pipeline_timeline.png")
   return result
 
 
