@@ -69,13 +69,13 @@ class Schedule:
     """The schedule, its formulas, and its table (timeline.py) beside those of the other schedules
     at the same sizes."""
     S, M, R = self.stages, self.microbatches, self.repeats
-    table = timeline.describe(self.name, S, M, R)
+    others = timeline.compare(S, M, R)  # this schedule's table among them
+    table = others.pop(self.name)
     return {"schedule": self.name, "stages": S, "repeats": R, "microbatches": M,
             "iterations": self.iterations, "bubble_fraction_theory": self.bubble_fraction,
             "bubble_fraction_table": table["bubble_fraction_table"],
             "peak_in_flight_per_stage": table["peak_in_flight_per_stage"],
-            "layer_flops_ratio_theory": self.layer_flops_ratio,
-            "other_schedules": {k: v for k, v in timeline.compare(S, M, R).items() if k != self.name}}
+            "layer_flops_ratio_theory": self.layer_flops_ratio, "other_schedules": others}
 
   def plot(self, path) -> None:
     """The schedule's timeline, stage x time, as a PNG."""

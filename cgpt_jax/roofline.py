@@ -88,15 +88,15 @@ def terms_seconds(plan: dict, hw: Hardware, terms: dict[str, int]) -> float:
   return sum(v / axes_bandwidth(hw, plan["mesh"], comm.CAUSES[k][1]) for k, v in terms.items())
 
 
-def comm_seconds(plan: dict, hw: Hardware) -> float:
+def comm_seconds(plan: dict, hw: Hardware, analytic_s: float) -> float:
   """Seconds per step and device of the compiled program's collectives, at the byte-weighted
-  bandwidth of the analytic terms' axes (all on the fast links when nothing was expected)."""
-  terms = plan["analytic_collective_terms"]
-  total = sum(terms.values())
+  bandwidth of the analytic terms' axes, which take `analytic_s` (all on the fast links when
+  nothing was expected)."""
+  total = sum(plan["analytic_collective_terms"].values())
   measured = measured_bytes(plan)
   if not total:
     return measured / hw.link_bytes_per_s
-  return measured * terms_seconds(plan, hw, terms) / total
+  return measured * analytic_s / total
 
 
 def weight_passes(plan: dict) -> int:
@@ -129,7 +129,8 @@ def tensor_condition(plan: dict, hw: Hardware) -> dict | None:
 def analyse(plan: dict, hw: Hardware) -> dict:
   """Everything the report shows for one plan on one accelerator."""
   compute = compute_seconds(plan, hw)
-  comm = comm_seconds(plan, hw)
+  comm_analytic = terms_seconds(plan, hw, plan["analytic_collective_terms"])
+  comm = comm_seconds(plan, hw, comm_analytic)
   comm_accelerator = terms_seconds(plan, hw, plan["accelerator_collective_terms"])
   memory = plan["memory_per_device_bytes"]["total_bytes"]
   return {
@@ -138,7 +139,7 @@ def analyse(plan: dict, hw: Hardware) -> dict:
       "fits": memory <= hw.hbm_bytes,
       "compute_s": compute,
       "comm_s": comm,
-      "comm_s_analytic": terms_seconds(plan, hw, plan["analytic_collective_terms"]),
+      "comm_s_analytic": comm_analytic,
       "comm_s_accelerator_wire": comm_accelerator,
       "bound": "compute" if compute >= comm else "communication",
       "bound_accelerator_wire": "compute" if compute >= comm_accelerator else "communication",

@@ -13,7 +13,8 @@ their dependencies, each operation starting as soon as its stage is free and its
 Unit durations: a chunk's F takes 1; a whole backward 2 (it computes two products per matmul);
 split, B and W take 1 each. From the timeline come the bubble fraction (idle share of the span,
 every stage together) beside each schedule's closed form, the peak number of microbatches whose
-activations a stage holds (F done, B not yet), and a picture.
+activations a stage holds (from the start of their F to the end of their last gradient), and a
+picture.
 
 - gpipe: every F, then every B (Huang et al. 2019). Bubble (S-1)/(M+S-1), M in flight.
 - circular: gpipe over R chunks per stage, a microbatch looping the ring R times (this codebase's
@@ -26,7 +27,7 @@ activations a stage holds (F done, B not yet), and a picture.
   would hold more than S microbatches, 1F1B's peak (ZB-H1). With F = B = W the bubble is
   (S-1)/(3M + S-1), a third of 1F1B's.
 
-Only gpipe and circular are executed (pipeline.py); plan.json sets the tables of the others beside
+Only gpipe and circular are executed (pipeline.py); plan.json puts the tables of the others beside
 them at the same S, M and R, as what a hand-written backward would buy.
 """
 import dataclasses
@@ -79,6 +80,7 @@ def _order(name: str, S: int, M: int, R: int, s: int) -> list[tuple[str, int, in
 def simulate(name: str, S: int, M: int, R: int = 1) -> list[Op]:
   """Every operation of one step with its start time (module docstring), in no particular order."""
   split = name == "zb_h1"
+  release = "W" if split else "B"  # the operation after which a stage drops a microbatch
   orders = [_order(name, S, M, R, s) for s in range(S)]
   done: dict[tuple[str, int, int, int], int] = {}  # (kind, stage, microbatch, chunk) -> end time
   free, position = [0] * S, [0] * S
@@ -104,7 +106,7 @@ def simulate(name: str, S: int, M: int, R: int = 1) -> list[Op]:
     ops.append(Op(kind, s, j, c, at, duration))
     done[(kind, s, j, c)] = at + duration
     free[s] = at + duration
-    held[s] += 1 if kind == "F" else -1 if kind == ("W" if split else "B") else 0
+    held[s] += (kind == "F") - (kind == release)
 
   remaining = sum(map(len, orders))
   while remaining:
@@ -117,7 +119,7 @@ def simulate(name: str, S: int, M: int, R: int = 1) -> list[Op]:
       if at is None:
         continue
       # ZB-H1: a deferred weight gradient fills the time this stage would wait, and runs before a
-      # forward that would otherwise hold more microbatches than 1F1B does (S - s).
+      # forward that would otherwise hold more than S microbatches, 1F1B's peak.
       while split and pending_w[s] and (free[s] + 1 <= at or (kind == "F" and held[s] >= S)):
         run("W", s, *pending_w[s].pop(0), free[s])
       run(kind, s, j, c, max(free[s], at))
@@ -200,10 +202,11 @@ def plot(ops: list[Op], S: int, title: str, path: pathlib.Path) -> None:
   import matplotlib.pyplot as plt
 
   colours = {"F": "#4c72b0", "B": "#55a868", "W": "#dd8452"}
+  chunked = any(o.chunk for o in ops)
   fig, ax = plt.subplots(figsize=(max(6, 0.22 * span(ops)), 0.45 * S + 1.2))
   for o in ops:
     ax.barh(o.stage, o.duration, left=o.start, color=colours[o.kind], edgecolor="white")
-    label = f"{o.microbatch}" + (f".{o.chunk}" if any(p.chunk for p in ops) else "")
+    label = f"{o.microbatch}" + (f".{o.chunk}" if chunked else "")
     ax.text(o.start + o.duration / 2, o.stage, label, ha="center", va="center", fontsize=6,
             color="white")
   ax.set_yticks(range(S), [f"stage {s}" for s in range(S)])
