@@ -86,6 +86,7 @@ _OP = re.compile(r"^\s*(?:ROOT )?%?[\w.\-]+ = (.+?) (" + "|".join(_COLLECTIVES) 
 _ARRAY = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([\d,]*)\]")
 _WHILE = re.compile(r"\bwhile\(.*\bbody=%?([\w.\-]+).*?\"known_trip_count\":\{\"n\":\"(\d+)\"")
 _CALLEE = re.compile(r"\b(?:to_apply|calls|body|condition)=%?([\w.\-]+)")
+_BRANCHES = re.compile(r"\bbranch_computations=\{([^}]*)\}")
 
 
 def _group_size(line: str) -> int:
@@ -109,10 +110,13 @@ def _dims(type_str: str) -> list[int]:
   return [int(n) for n in m.group(2).split(",") if n] if m else []
 
 
-def _walk(hlo_text: str):
+def _walk(hlo_text: str, branch_shares: list[float] | None = None):
   """Yields (instruction line, its computation's name -> type table, times it runs per call of the
   program, whether it is inside a while loop): entry once, while bodies once per known trip, called
-  computations as often as their caller."""
+  computations as often as their caller. A conditional's branches are not known from the program:
+  `branch_shares` gives, for the conditional with that many branches (a hand-written pipeline
+  schedule's round, pipeline_1f1b.Program.branch_shares), the share of its runs each branch takes,
+  averaged over the devices; other conditionals' branches are not counted."""
   computations: dict[str, list[str]] = {}
   entry, current = None, None
   for line in hlo_text.splitlines():
@@ -132,19 +136,26 @@ def _walk(hlo_text: str):
       for callee in _CALLEE.findall(line):
         if callee in computations and callee != name:
           yield from visit(callee, times * int(trips.get(callee, 1)), in_loop or callee in trips)
+      if (m := _BRANCHES.search(line)) and branch_shares:
+        branches = [b.strip().lstrip("%") for b in m.group(1).split(",")]
+        if len(branches) == len(branch_shares):
+          for branch, share in zip(branches, branch_shares):
+            if share:
+              yield from visit(branch, times * share, in_loop)
 
   if entry is not None:
     yield from visit(entry, 1, False)
 
 
-def collective_bytes_by_dtype(hlo_text: str, loops_only: bool = False) -> dict[str, dict[str, int]]:
+def collective_bytes_by_dtype(hlo_text: str, loops_only: bool = False,
+                              branch_shares: list[float] | None = None) -> dict[str, dict[str, int]]:
   """Bytes each device sends per call of the program, by collective kind and the element type it
   moves, e.g. {"all-gather": {"f32": ...}} (formulas: all-reduce 2V(n-1)/n, all-gather
   V_out(n-1)/n, reduce-scatter V_in(n-1)/n, all-to-all V(n-1)/n, collective-permute V). Ops inside
   while bodies count once per known trip; `loops_only` counts only those (e.g. the per-layer weight
-  streaming inside the layer scan)."""
+  streaming inside the layer scan); conditionals' branches as `branch_shares` says (_walk)."""
   totals: dict[tuple[str, str], float] = {}
-  for line, _, times, in_loop in _walk(hlo_text):
+  for line, _, times, in_loop in _walk(hlo_text, branch_shares):
     if (m := _OP.match(line)) and (in_loop or not loops_only):
       kind, n = m.group(2), _group_size(line)
       share = {"all-reduce": 2 * (n - 1) / n, "all-gather": (n - 1) / n, "reduce-scatter": n - 1,
@@ -158,23 +169,25 @@ def collective_bytes_by_dtype(hlo_text: str, loops_only: bool = False) -> dict[s
   return result
 
 
-def collective_bytes(hlo_text: str, loops_only: bool = False) -> dict[str, int]:
+def collective_bytes(hlo_text: str, loops_only: bool = False,
+                     branch_shares: list[float] | None = None) -> dict[str, int]:
   """Bytes each device sends per call of the program, by collective kind, whatever they move
   (collective_bytes_by_dtype)."""
-  return {kind: sum(by_dtype.values())
-          for kind, by_dtype in collective_bytes_by_dtype(hlo_text, loops_only).items()}
+  return {kind: sum(by_dtype.values()) for kind, by_dtype
+          in collective_bytes_by_dtype(hlo_text, loops_only, branch_shares).items()}
 
 
-def dot_flops(hlo_text: str) -> int:
+def dot_flops(hlo_text: str, branch_shares: list[float] | None = None) -> int:
   """Matmul FLOPs one device runs per call of the program: 2 x output elements x contracted size
-  for every dot, once per trip of its loop (cost_analysis() counts a loop body once)."""
+  for every dot, once per trip of its loop (cost_analysis() counts a loop body once); conditionals'
+  branches as `branch_shares` says (_walk), averaged over the devices."""
   total = 0
-  for line, types, times, _ in _walk(hlo_text):
+  for line, types, times, _ in _walk(hlo_text, branch_shares):
     if (m := _DOT.search(line)) and (d := _DEF.match(line)):
       lhs = _dims(types.get(m.group(1), ""))
       contracted = math.prod(lhs[int(i)] for i in m.group(2).split(",") if i)
       total += 2 * math.prod(_dims(d.group(2))) * contracted * times
-  return total
+  return int(round(total))
 
 
 def layer_params(m: ml_collections.ConfigDict) -> int:
@@ -211,18 +224,23 @@ def expected_matmul_flops(m: ml_collections.ConfigDict, seq_len: int, tokens: in
   token), whose output the backward never needs, when that matmul is straight-line code; when the
   K blocks run as a rolled loop (K > scan_unroll) it sits in the loop body and runs every trip.
   `remat` overrides m.remat (the wafer always runs "full"). An SPMD pipeline computes its bubbles:
-  the blocks' FLOPs times (M R + S - 1) / (M R).
+  the blocks' FLOPs times (M R + S - 1) / (M R); a hand-written schedule's idle rounds compute
+  nothing. ZB-H1's W reruns the backward's chain to every weight, which is all of its input-gradient
+  work (2 N_layers + 8 L T d per token; even the first layer's QKV input gradient feeds its layer
+  norm's gradient), and under full remat the unit's forward once more.
   """
   d, f = m.d_model, m.d_ff
   layers = layer_matmul_flops_per_token(m, seq_len)
+  chains = schedule.backward_chains if schedule is not None else 1
+  layers += (chains - 1) * (2 * layer_matmul_params(m) + 8 * m.n_layers * seq_len * d)
   if (m.remat if remat is None else remat) == "full":
     per_unit = remat_unit(m, schedule)
     forward = 2 * (4 * d * d + 2 * d * f) + 4 * seq_len * d
     skipped = 2 * d * f * rerun_drops_last(m, schedule)
-    layers += (m.n_layers // per_unit) * (per_unit * forward - skipped)
+    layers += chains * (m.n_layers // per_unit) * (per_unit * forward - skipped)
   layers *= tokens
   if schedule is not None:
-    layers = layers * schedule.iterations // (schedule.microbatches * schedule.repeats)
+    layers = layers * schedule.layer_runs // (schedule.microbatches * schedule.repeats)
   return 6 * padded_vocab * d * tokens + layers
 
 

@@ -99,7 +99,7 @@ def layers_run(m: ml_collections.ConfigDict, schedule) -> int:
   bubbles included."""
   if schedule is None:
     return m.n_layers
-  return m.n_layers // (schedule.stages * schedule.repeats) * schedule.iterations
+  return m.n_layers // (schedule.stages * schedule.repeats) * schedule.layer_runs
 
 
 def parameter_terms(layout: Layout, abstract_params, m: ml_collections.ConfigDict, schedule,
@@ -167,12 +167,15 @@ def activation_terms(layout: Layout, m: ml_collections.ConfigDict, global_batch:
     # (analysis.rerun_drops_last), averaged over the unit's layers.
     rerun_exits = 2 - analysis.rerun_drops_last(m, schedule) / analysis.remat_unit(m, schedule)
     embedding_head = 2 * 2 * tokens / stages * d * b * _share(y_ways)
+    # Per layer the forward enters and leaves two tensor regions and the backward transposes both;
+    # ZB-H1's W runs the backward's chain, and any remat rerun with it, a second time.
+    chains = schedule.backward_chains if schedule is not None else 1
     if layout.sequence_parallel:
       # Entries and exits are written in the model (mesh.tensor_region), so any remat policy
       # reruns them: "dots" keeps matmul outputs, not what a collective made of them.
       rerun = remat != "none"
-      terms["sequence_layer_gather"] = unit * (4 + 2 * rerun)
-      terms["sequence_layer_scatter"] = unit * (4 + rerun_exits * rerun)
+      terms["sequence_layer_gather"] = unit * (2 + chains * (2 + 2 * rerun))
+      terms["sequence_layer_scatter"] = unit * (2 + chains * (2 + rerun_exits * rerun))
       terms["sequence_embedding_head_gather"] = embedding_head / 2
       terms["sequence_embedding_head_scatter"] = embedding_head / 2
       vectors = 6 * d * m.n_layers + 2 * d
@@ -182,13 +185,14 @@ def activation_terms(layout: Layout, m: ml_collections.ConfigDict, global_batch:
     else:
       # The partitioner places tp's all-reduces after the matmuls: "dots" keeps the reduced
       # outputs, "full" reruns the matmuls and their all-reduces.
-      terms["tensor_layers"] = 2 * unit * (4 + rerun_exits * (remat == "full"))
+      terms["tensor_layers"] = 2 * unit * (2 + chains * (2 + rerun_exits * (remat == "full")))
       terms["tensor_embedding_head"] = embedding_head
     terms["tensor_cross_entropy"] = 3 * 2 * tokens / stages * F32 * _share(y_ways)
   if schedule is not None:
-    terms["pipeline_hops"] = 2 * schedule.iterations * tokens / schedule.microbatches * d * b
-    terms["pipeline_entry"] = 2 * tokens * d * b * _share(stages)
-    terms["pipeline_exit"] = 2 * tokens * d * b * _share(stages)
+    terms["pipeline_hops"] = 2 * schedule.hops * tokens / schedule.microbatches * d * b
+    if not schedule.hand_written:  # which spreads the embedding and head over the sequence
+      terms["pipeline_entry"] = 2 * tokens * d * b * _share(stages)
+      terms["pipeline_exit"] = 2 * tokens * d * b * _share(stages)
   return terms
 
 

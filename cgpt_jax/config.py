@@ -178,11 +178,14 @@ def base_config() -> ml_collections.ConfigDict:
       fsdp=config_dict.placeholder(int),
       tensor=config_dict.placeholder(int),
   )
-  # Used when mesh.pipe > 1 (pipeline.py). Bubble (S-1)/(M R + S-1) for S stages.
+  # Used when mesh.pipe > 1 (pipeline.py, pipeline_1f1b.py; bubbles in timeline.py).
   c.pipeline = dict(
-      schedule="gpipe",  # or "circular": each microbatch goes round the stages `repeats` times
+      # gpipe (bubble (S-1)/(M+S-1)), circular (each microbatch goes round the stages `repeats`
+      # times: (S-1)/(M R+S-1)), 1f1b (GPipe's bubble, at most S microbatches held),
+      # interleaved_1f1b (circular's bubble, Megatron's order), zb_h1 (about a third of 1F1B's)
+      schedule="gpipe",
       microbatches=4,  # M >= S
-      repeats=1,  # R; layers = R x S x layers per stage
+      repeats=1,  # R, circular and interleaved_1f1b; layers = R x S x layers per stage
   )
   return c
 

@@ -26,21 +26,26 @@ inputs all-gathered over `pipe` on entry, outputs reduce-scattered on exit (tran
 backward); the replicated embedding, positions and final norm are reduced once over data x pipe.
 
 Memory. model.remat applies to each iteration: with "full" the backward keeps one stage input
-[mb, T, D] per iteration. 1F1B (at most S microbatches alive) needs the backward written by
-hand: jax.grad of this loop runs all forwards, then all backwards, which is GPipe's order.
+[mb, T, D] per iteration. jax.grad of this loop runs all forwards, then all backwards, GPipe's
+order, so activations grow with M; the 1F1B family (at most S microbatches alive per stage) runs
+its backward by hand (pipeline_1f1b.py). Every schedule's evaluation runs this forward loop.
 """
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from cgpt_jax import model as model_lib, spmd, timeline
+from cgpt_jax import model as model_lib, pipeline_1f1b, spmd, timeline
 from cgpt_jax.errors import InputError
 from cgpt_jax.mesh import Layout
 
-SCHEDULES = ("gpipe", "circular")
+# gpipe and circular run as the loop below, differentiated by autodiff; the 1F1B family runs its
+# own backward (pipeline_1f1b.py).
+SCHEDULES = ("gpipe", "circular", *pipeline_1f1b.SCHEDULES)
+CHUNKED = ("circular", "interleaved_1f1b")  # the schedules with R > 1 chunks per stage
 AXIS = "pipe"
 
 
@@ -52,18 +57,49 @@ class Schedule:
   microbatches: int  # M
 
   @property
+  def hand_written(self) -> bool:
+    """Whether the step's backward is written by hand (the 1F1B family) rather than autodiff's."""
+    return self.name in pipeline_1f1b.SCHEDULES
+
+  @functools.cached_property
+  def program(self) -> pipeline_1f1b.Program:
+    """The hand-written schedule's lockstep rounds (pipeline_1f1b.compile_program)."""
+    return pipeline_1f1b.compile_program(self.name, self.stages, self.microbatches, self.repeats)
+
+  @property
   def iterations(self) -> int:
+    """Iterations of the forward loop below, M R + S - 1: the step's under gpipe and circular,
+    and every schedule's evaluation (a forward alone runs in any order)."""
     return self.microbatches * self.repeats + self.stages - 1
 
   @property
+  def hops(self) -> int:
+    """Rounds of the step in which every stage sends one activation on and one gradient back:
+    each loop iteration and its transpose, or each round of a hand-written schedule."""
+    return self.program.rounds if self.hand_written else self.iterations
+
+  @property
   def bubble_fraction(self) -> float:
-    """Idle share of each stage's iterations: (S - 1) / (M R + S - 1) (timeline.formula_bubble)."""
+    """Idle share of each stage's time by the schedule's closed form (timeline.formula_bubble)."""
     return timeline.formula_bubble(self.name, self.stages, self.microbatches, self.repeats)
 
   @property
+  def layer_runs(self) -> int:
+    """Chunk forwards each stage computes per micro-step: every loop iteration, bubbles included,
+    M R + S - 1; a hand-written schedule's idle rounds compute nothing, so M R."""
+    return self.microbatches * self.repeats if self.hand_written else self.iterations
+
+  @property
+  def backward_chains(self) -> int:
+    """Times a microbatch's backward runs its chain of input gradients through a stage: once, or
+    twice under ZB-H1, whose W applies the stage's VJP again to reach the weights (B kept only the
+    input gradient; pipeline_1f1b.py)."""
+    return 2 if self.name == "zb_h1" else 1
+
+  @property
   def layer_flops_ratio(self) -> float:
-    """Compiled over useful layer FLOPs in this SPMD schedule: (M R + S - 1) / (M R)."""
-    return self.iterations / (self.microbatches * self.repeats)
+    """Compiled over useful layer FLOPs: (M R + S - 1) / (M R) in the SPMD loop, 1 hand-written."""
+    return self.layer_runs / (self.microbatches * self.repeats)
 
   def describe(self) -> dict:
     """The schedule, its formulas, and its table (timeline.py) beside those of the other schedules
@@ -71,11 +107,19 @@ class Schedule:
     S, M, R = self.stages, self.microbatches, self.repeats
     others = timeline.compare(S, M, R)  # this schedule's table among them
     table = others.pop(self.name)
-    return {"schedule": self.name, "stages": S, "repeats": R, "microbatches": M,
-            "iterations": self.iterations, "bubble_fraction_theory": self.bubble_fraction,
-            "bubble_fraction_table": table["bubble_fraction_table"],
-            "peak_in_flight_per_stage": table["peak_in_flight_per_stage"],
-            "layer_flops_ratio_theory": self.layer_flops_ratio, "other_schedules": others}
+    described = {"schedule": self.name, "stages": S, "repeats": R, "microbatches": M,
+                 "iterations": self.iterations, "bubble_fraction_theory": self.bubble_fraction,
+                 "bubble_fraction_table": table["bubble_fraction_table"],
+                 "peak_in_flight_per_stage": table["peak_in_flight_per_stage"],
+                 "layer_flops_ratio_theory": self.layer_flops_ratio, "other_schedules": others}
+    if self.hand_written:
+      p = self.program
+      described["executed"] = {
+          "rounds": p.rounds, "bubble_fraction_rounds": 1 - sum(p.branch_runs()[1:]) / p.rounds,
+          "slots": {"activations": p.act_slots, "cotangents": p.cot_slots,
+                    "stash": p.stash_slots},
+          "messages": p.messages(), "messages_sent": 2 * S * p.rounds}
+    return described
 
   def plot(self, path) -> None:
     """The schedule's timeline, stage x time, as a PNG."""
@@ -93,9 +137,17 @@ def make_schedule(cfg: ml_collections.ConfigDict, layout: Layout) -> Schedule | 
   if p.schedule not in SCHEDULES:
     raise InputError(f"config pipeline.schedule={p.schedule!r}: unknown schedule. "
                      f"Choose one of: {', '.join(SCHEDULES)}.")
-  if p.schedule == "gpipe" and p.repeats != 1:
-    raise InputError(f"config pipeline.repeats={p.repeats}: repeats apply to the circular schedule "
-                     "only. Set --config.pipeline.schedule=circular or --config.pipeline.repeats=1.")
+  if p.schedule not in CHUNKED and p.repeats != 1:
+    raise InputError(f"config pipeline.repeats={p.repeats}: repeats apply to the circular and "
+                     f"interleaved_1f1b schedules only, not {p.schedule}. Set "
+                     "--config.pipeline.schedule=circular (or interleaved_1f1b), or "
+                     "--config.pipeline.repeats=1.")
+  if p.schedule == "interleaved_1f1b" and (p.repeats < 2 or p.microbatches % stages):
+    raise InputError(
+        f"config pipeline.repeats={p.repeats}, pipeline.microbatches={p.microbatches}: "
+        f"interleaved_1f1b runs R >= 2 chunks per stage over groups of {stages} microbatches "
+        f"(Megatron's interleaving). Set --config.pipeline.repeats=2 or more and microbatches to a "
+        f"multiple of {stages}.")
   if p.repeats < 1 or p.microbatches < 1:
     raise InputError(f"config pipeline: repeats={p.repeats} and microbatches={p.microbatches} must be "
                      "positive integers.")

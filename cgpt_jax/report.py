@@ -78,22 +78,27 @@ def layouts_table(results: dict, reference: str = "single") -> list[str]:
 
 
 def pipeline_table(results: dict, reference: str = "single") -> list[str]:
-  """Bubble theory beside what was measured: step time against single (virtual devices share the
-  cores, so bubble work costs time like any other work) and compiled FLOPs against single's."""
+  """Bubble theory beside what was measured: the schedule's closed form beside its table
+  (timeline.py), the most microbatches a stage holds, step time and temporary memory against
+  single (virtual devices share the cores, so bubble work costs time like any other work; the
+  1F1B family's idle rounds compute nothing), compiled FLOPs against single's, and the ppermute
+  bytes against the formula's one activation per hop and round."""
   ref = results[reference]
-  lines = ["| pipeline | S | M | R | bubble (S-1)/(MR+S-1) | layer FLOPs ratio (MR+S-1)/(MR) "
-           "| step FLOPs ratio theory | measured | step time vs single | ppermute MB measured "
-           "| per-hop analytic |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+  lines = ["| pipeline | schedule | S | M | R | bubble formula | table | peak in flight "
+           "| layer FLOPs ratio | step FLOPs ratio theory | measured | step time vs single "
+           "| temp memory vs single | ppermute MB measured | analytic |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
   for name, s in results.items():
     if "pipeline" not in s:
       continue
     p = s["pipeline"]
+    temp = s["memory_per_device_bytes"]["temp_bytes"] / ref["memory_per_device_bytes"]["temp_bytes"]
     lines.append(
-        f"| {name} | {p['stages']} | {p['microbatches']} | {p['repeats']} | "
-        f"{p['bubble_fraction_theory']:.3f} | {p['layer_flops_ratio_theory']:.3f} | "
+        f"| {name} | {p['schedule']} | {p['stages']} | {p['microbatches']} | {p['repeats']} | "
+        f"{p['bubble_fraction_theory']:.3f} | {p['bubble_fraction_table']:.3f} | "
+        f"{max(p['peak_in_flight_per_stage'])} | {p['layer_flops_ratio_theory']:.3f} | "
         f"{p['step_flops_ratio_theory']:.3f} | {p['step_flops_ratio_measured']:.3f} | "
-        f"{s['step_ms'] / ref['step_ms']:.2f} | "
+        f"{s['step_ms'] / ref['step_ms']:.2f} | {temp:.2f} | "
         f"{s['collective_bytes_per_step'].get('collective-permute', 0) / 1e6:.1f} | "
         f"{s['analytic_collective_terms']['pipeline_hops'] / 1e6:.1f} |")
   return lines

@@ -27,8 +27,9 @@ picture.
   would hold more than S microbatches, 1F1B's peak (ZB-H1). With F = B = W the bubble is
   (S-1)/(3M + S-1), a third of 1F1B's.
 
-Only gpipe and circular are executed (pipeline.py); plan.json puts the tables of the others beside
-them at the same S, M and R, as what a hand-written backward would buy.
+gpipe and circular run as one SPMD loop differentiated by autodiff (pipeline.py); 1f1b,
+interleaved_1f1b and zb_h1 run these tables round by round with a hand-written backward
+(pipeline_1f1b.py). plan.json puts every schedule's table beside the others at the same S, M and R.
 """
 import dataclasses
 import pathlib
@@ -77,8 +78,11 @@ def _order(name: str, S: int, M: int, R: int, s: int) -> list[tuple[str, int, in
   raise ValueError(f"unknown schedule {name!r}")
 
 
-def simulate(name: str, S: int, M: int, R: int = 1) -> list[Op]:
-  """Every operation of one step with its start time (module docstring), in no particular order."""
+def simulate(name: str, S: int, M: int, R: int = 1, rounds: bool = False) -> list[Op]:
+  """Every operation of one step with its start time (module docstring), in no particular order.
+
+  With `rounds` every operation takes one unit: the lockstep rounds the hand-written executor runs
+  (pipeline_1f1b.py), each stage at most one operation per round, its message there by the next."""
   split = name == "zb_h1"
   release = "W" if split else "B"  # the operation after which a stage drops a microbatch
   orders = [_order(name, S, M, R, s) for s in range(S)]
@@ -102,7 +106,7 @@ def simulate(name: str, S: int, M: int, R: int = 1) -> list[Op]:
     return None if None in times else max(times, default=0)
 
   def run(kind, s, j, c, at):
-    duration = 1 if split or kind == "F" else 2
+    duration = 1 if split or rounds or kind == "F" else 2
     ops.append(Op(kind, s, j, c, at, duration))
     done[(kind, s, j, c)] = at + duration
     free[s] = at + duration

@@ -26,7 +26,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 
 from cgpt_jax import (analysis, checkpoint, comm, config as config_lib, data, distributed, hf,
-                      mesh as mesh_lib, model as model_lib, optim, pipeline, spmd, wafer)
+                      mesh as mesh_lib, model as model_lib, optim, pipeline, pipeline_1f1b, spmd,
+                      wafer)
 from cgpt_jax.errors import Diverged, InputError, Stopped
 
 
@@ -218,28 +219,47 @@ def step_specs(s: Setup) -> StepSpecs:
                    spmd.manual_part(s.layout.spec(("batch", None))))
 
 
-def make_local_loss(s: Setup, bubble_fill: float = 0.0, per_token: bool = False):
-  """loss(params, rows) of one device inside the step's shard_map: its shards of the parameters,
-  its rows [b, T+1] of the batch -> the mean next-token loss over its tokens (or each token's,
-  [b, T/S]). Under a pipeline each of the S stages takes 1/S of the sequence for the embedding,
-  head and loss (per-token work, shared evenly rather than left to the first and last stage)."""
+def make_load(s: Setup):
+  """load(blocks, stacked) -> block weights as the forward uses them, and load_all(params) -> every
+  parameter so: gathered where a manual axis splits it (fsdp), in its compute dtype."""
   specs = step_specs(s)
-  cfg, graphdef, layout = s.cfg.model, s.graphdef, s.layout
-  stages = layout.axis_sizes["pipe"]
   lead = 3 if s.schedule else 1  # [R, S, K, ...] or [L, ...] ahead of a layer's own dimensions
-  streams = any(spmd.is_split(p) for p in jax.tree.leaves(specs.params["blocks"],
-                                                            is_leaf=mesh_lib.is_spec))
 
   def load(blocks, stacked: int = 0):
-    """Block weights as the forward uses them, gathered where a manual axis splits them: one
-    layer's, or with `stacked` leading dimensions of layers (none of them gathered)."""
+    """Block weights: one layer's, or with `stacked` leading dimensions of layers (none of them
+    gathered)."""
     whole = (None,) * stacked
     return jax.tree.map(
         lambda x, spec, tensor, dtype: spmd.materialise(x, P(*whole, *spec[lead:]),
                                                         P(*whole, *tensor[lead:]), dtype),
         blocks, specs.params["blocks"], specs.tensor["blocks"], specs.dtypes["blocks"])
 
-  if s.schedule:
+  def load_all(params, blocks_too: bool = False):
+    """The embedding, positions and final norm gathered once, and with `blocks_too` a pipeline
+    stage's stacked blocks (else left as they are, for run_blocks to load)."""
+    params = nnx.State(dict(params))
+    for key in params:
+      if key != "blocks":
+        params[key] = jax.tree.map(spmd.materialise, params[key], specs.params[key],
+                                   specs.tensor[key], specs.dtypes[key])
+      elif blocks_too:
+        params[key] = load(params[key], 3)
+    return params
+
+  return load, load_all
+
+
+def make_local_loss(s: Setup, bubble_fill: float = 0.0, per_token: bool = False):
+  """loss(params, rows) of one device inside the step's shard_map: its shards of the parameters,
+  its rows [b, T+1] of the batch -> the mean next-token loss over its tokens (or each token's,
+  [b, T/S]). Under a pipeline each of the S stages takes 1/S of the sequence for the embedding,
+  head and loss (per-token work, shared evenly rather than left to the first and last stage)."""
+  cfg, graphdef, layout = s.cfg.model, s.graphdef, s.layout
+  stages = layout.axis_sizes["pipe"]
+  streams = any(spmd.is_split(p) for p in jax.tree.leaves(step_specs(s).params["blocks"],
+                                                            is_leaf=mesh_lib.is_spec))
+  load, load_all = make_load(s)
+  if s.schedule:  # the forward loop: the step's under gpipe and circular, every schedule's eval
     run_blocks = pipeline.make_run_blocks(cfg, s.schedule, load, bubble_fill)
   else:  # the wafer recomputes each layer in the backward (wafer.py)
     run_blocks = functools.partial(model_lib.scan_blocks, cfg, load=load, streams=streams,
@@ -247,11 +267,7 @@ def make_local_loss(s: Setup, bubble_fill: float = 0.0, per_token: bool = False)
 
   def local_loss(params, rows):
     with layout.active():
-      params = nnx.State(dict(params))
-      for key in params:  # the embedding, positions and final norm: gathered once
-        if key != "blocks":
-          params[key] = jax.tree.map(spmd.materialise, params[key], specs.params[key],
-                                     specs.tensor[key], specs.dtypes[key])
+      params = load_all(params)
       inputs, targets, start = rows[:, :-1], rows[:, 1:], 0
       if stages > 1:
         part = inputs.shape[1] // stages
@@ -261,6 +277,30 @@ def make_local_loss(s: Setup, bubble_fill: float = 0.0, per_token: bool = False)
       nll = model_lib.token_nll(nnx.merge(graphdef, params)(inputs, run_blocks, start), targets)
       return nll if per_token else jnp.mean(nll)
   return local_loss
+
+
+def make_local_value_and_grad(s: Setup, weight: float, bubble_fill: float = 0.0):
+  """(loss, gradients)(params, rows) of one device inside the step's shard_map, the loss (its
+  mean over the device's tokens) times `weight`, gradients unreduced: autodiff of local_loss, or
+  under the 1F1B family the schedule's own backward (pipeline_1f1b.py)."""
+  if not (s.schedule and s.schedule.hand_written):
+    local_loss = make_local_loss(s, bubble_fill)
+    return jax.value_and_grad(lambda params, rows: local_loss(params, rows) * weight)
+  _, load_all = make_load(s)
+  value_and_grad = pipeline_1f1b.make_value_and_grad(s.cfg.model, s.schedule.program, s.graphdef,
+                                                     bubble_fill)
+  # The last stage computes the loss of whole sequences, the other S - 1 stages none: S times the
+  # weight of a device's share (1/S of the sequence) under the other schedules, over M microbatches.
+  scale = weight * s.schedule.stages / s.schedule.microbatches
+
+  def local_value_and_grad(params, rows):
+    with s.layout.active():
+      loaded, unload = jax.vjp(lambda p: load_all(p, blocks_too=True), params)
+      loss, grads = value_and_grad(loaded, rows, scale)
+      (grads,) = unload(grads)  # fsdp: reduce-scattered to the shards; cast back to float32
+    return loss, grads
+
+  return local_value_and_grad
 
 
 def _shard_map(s: Setup, f, out_specs):
@@ -289,19 +329,15 @@ def make_loss(s: Setup, bubble_fill: float = 0.0, per_token: bool = False):
 def make_gradients(s: Setup, bubble_fill: float = 0.0):
   """(loss, gradients)(params, batch [B, T+1]): the gradients reduced once each, into the
   sharding of their optimizer state (spmd.py)."""
-  local_loss = make_local_loss(s, bubble_fill)
   specs = step_specs(s)
   sizes = s.layout.axis_sizes
   k = s.cfg.train.grad_accum
   # Each device's loss is over its 1/n of the step's tokens, and the micro-steps are k equal parts.
-  weight = 1 / (spmd.shares(sizes) * k)
-
-  def objective(params, rows):
-    return local_loss(params, rows) * weight
+  value_and_grad = make_local_value_and_grad(s, 1 / (spmd.shares(sizes) * k), bubble_fill)
 
   def body(params, rows):
     if k == 1:
-      loss, grads = jax.value_and_grad(objective)(params, rows)
+      loss, grads = value_and_grad(params, rows)
     else:
       # Micro-step i takes rows i, i+k, i+2k, ... of this device's rows; the gradients add up
       # locally, unreduced.
@@ -311,7 +347,7 @@ def make_gradients(s: Setup, bubble_fill: float = 0.0):
         # Tied to the micro-step, so that XLA cannot hoist a weight gather out of the loop and
         # hold every layer's whole weights for all k micro-steps (FSDP gathers per micro-step).
         weights, micro = jax.lax.optimization_barrier((params, micro))
-        return jax.tree.map(jnp.add, total, jax.value_and_grad(objective)(weights, micro)), None
+        return jax.tree.map(jnp.add, total, value_and_grad(weights, micro)), None
 
       zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
       (loss, grads), _ = jax.lax.scan(accumulate, zeros, rows.reshape(b // k, k, t).swapaxes(0, 1))
@@ -393,12 +429,15 @@ def compiled_costs(s: Setup, compiled) -> dict:
   # The same step compiled for a GPU or TPU, which move the compute dtype (spmd.wire_dtype).
   accelerator_terms = comm.analytic_terms(s.layout, s.abstract_params, m, d.global_batch, d.seq_len,
                                           s.schedule, s.cfg.train.grad_accum, backend="gpu")
-  by_dtype = analysis.collective_bytes_by_dtype(hlo)
+  # A hand-written schedule's rounds are one conditional: which branch runs how often is the
+  # schedule's table.
+  shares = s.schedule.program.branch_shares() if s.schedule and s.schedule.hand_written else None
+  by_dtype = analysis.collective_bytes_by_dtype(hlo, branch_shares=shares)
   opt_state = abstract_state(s).opt_state
   costs = {
       "optimizer_state_bytes": analysis.tree_bytes(opt_state),
       "optimizer_state_bytes_per_device": analysis.per_device_bytes(opt_state),
-      "compiled_matmul_flops_per_step": analysis.dot_flops(hlo) * s.layout.mesh.size,
+      "compiled_matmul_flops_per_step": analysis.dot_flops(hlo, shares) * s.layout.mesh.size,
       "expected_matmul_flops_per_step": analysis.expected_matmul_flops(
           m, d.seq_len, tokens, vocab, s.schedule, remat="full" if streams else None),
       "collective_bytes_per_step": {k: sum(v.values()) for k, v in by_dtype.items()},

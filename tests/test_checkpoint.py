@@ -83,6 +83,31 @@ def test_pipeline_checkpoint_restores_on_one_device(shared_data, data_dir, tmp_p
   np.testing.assert_allclose([got[k]["loss"] for k in got], [ref[k]["loss"] for k in got], rtol=1e-5)
 
 
+def test_checkpoints_move_between_schedules(shared_data, data_dir, tmp_path_factory):
+  """GPipe's checkpoint resumes under 1F1B and 1F1B's under GPipe: both store layers in layer
+  order. Against an uninterrupted 8-step GPipe run: a 1F1B run from scratch, 1F1B resumed from
+  GPipe's step 4, and GPipe resumed from 1F1B's step 4 all give its losses."""
+  def run(schedule, workdir):
+    c = eight_heads(shared_data, data_dir, "pp", pipe=2, data=4)
+    c.pipeline.schedule = schedule
+    return train.run(c, str(workdir))
+
+  gpipe, one_f, to_1f1b, to_gpipe = (tmp_path_factory.mktemp(n) for n in
+                                     ("gpipe", "1f1b", "to_1f1b", "to_gpipe"))
+  run("gpipe", gpipe)
+  run("1f1b", one_f)
+  copy_checkpoint(gpipe, to_1f1b, 4)
+  copy_checkpoint(one_f, to_gpipe, 4)
+  assert run("1f1b", to_1f1b)["resumed_from_step"] == 4
+  assert run("gpipe", to_gpipe)["resumed_from_step"] == 4
+  want = by_step(gpipe)
+  for workdir, steps in ((one_f, range(1, 9)), (to_1f1b, range(5, 9)), (to_gpipe, range(5, 9))):
+    got = by_step(workdir)
+    assert sorted(got) == list(steps)
+    np.testing.assert_allclose([got[k]["loss"] for k in steps], [want[k]["loss"] for k in steps],
+                               rtol=1e-5)
+
+
 def test_restore_on_fewer_devices(shared_data, fsdp_run, tmp_path):
   """The 8-device fsdp checkpoint resumes in a 4-device dp process (launch.py --devices 4)."""
   copy_checkpoint(fsdp_run, tmp_path, 4)
