@@ -83,6 +83,9 @@ def test_pipeline_checkpoint_restores_on_one_device(shared_data, data_dir, tmp_p
   np.testing.assert_allclose([got[k]["loss"] for k in got], [ref[k]["loss"] for k in got], rtol=1e-5)
 
 
+# Slow (34 s): four runs. The default run keeps a pipeline checkpoint resumed on one device and an
+# fsdp one resumed under pp and tp.
+@pytest.mark.slow
 def test_checkpoints_move_between_schedules(shared_data, data_dir, tmp_path_factory):
   """GPipe's checkpoint resumes under 1F1B and 1F1B's under GPipe: both store layers in layer
   order. Against an uninterrupted 8-step GPipe run: a 1F1B run from scratch, 1F1B resumed from
@@ -126,6 +129,9 @@ def test_restore_on_fewer_devices(shared_data, fsdp_run, tmp_path):
   np.testing.assert_allclose([got[k]["loss"] for k in got], [ref[k]["loss"] for k in got], rtol=1e-5)
 
 
+# Slow (73 s): a 1500-step run killed mid-way. The default run keeps test_faults' SIGTERM rerun, bit
+# for bit as well.
+@pytest.mark.slow
 def test_sigkill_then_rerun_is_bit_identical(shared_data, tmp_path):
   """SIGKILL a run once its step-50 checkpoint is complete, rerun the same command: every logged
   loss (train and eval) equals an uninterrupted run's, bit for bit. Only the last 3 are kept."""

@@ -77,6 +77,9 @@ def eight_head_config(shared_data, data_dir, layout, **sizes):
   return c
 
 
+# Slow (2 min): 12 steps under 15 layouts. The default run keeps every layout's loss and gradients
+# at init against single's (below), and dp, the pipelines and the schedules training like single.
+@pytest.mark.slow
 def test_each_layout_trains_like_single(shared_data, data_dir, tmp_path_factory):
   """Same seed, same data: 12 steps under each layout give single's losses to rtol 1e-5.
 
