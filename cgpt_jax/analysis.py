@@ -214,6 +214,12 @@ def rerun_drops_last(m: ml_collections.ConfigDict, schedule=None) -> int:
   return int(remat_unit(m, schedule) <= m.scan_unroll)
 
 
+def backward_chains(schedule=None) -> int:
+  """Times the backward runs its chain of input gradients through the layers: 2 under ZB-H1, whose
+  W applies the stage's VJP again to reach the weights (pipeline.Schedule.backward_chains), else 1."""
+  return schedule.backward_chains if schedule is not None else 1
+
+
 def expected_matmul_flops(m: ml_collections.ConfigDict, seq_len: int, tokens: int, padded_vocab: int,
                           schedule=None, remat: str | None = None) -> int:
   """Matmul FLOPs the compiled step should run on all devices together.
@@ -231,7 +237,7 @@ def expected_matmul_flops(m: ml_collections.ConfigDict, seq_len: int, tokens: in
   """
   d, f = m.d_model, m.d_ff
   layers = layer_matmul_flops_per_token(m, seq_len)
-  chains = schedule.backward_chains if schedule is not None else 1
+  chains = backward_chains(schedule)
   layers += (chains - 1) * (2 * layer_matmul_params(m) + 8 * m.n_layers * seq_len * d)
   if (m.remat if remat is None else remat) == "full":
     per_unit = remat_unit(m, schedule)

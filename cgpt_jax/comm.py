@@ -169,7 +169,7 @@ def activation_terms(layout: Layout, m: ml_collections.ConfigDict, global_batch:
     embedding_head = 2 * 2 * tokens / stages * d * b * _share(y_ways)
     # Per layer the forward enters and leaves two tensor regions and the backward transposes both;
     # ZB-H1's W runs the backward's chain, and any remat rerun with it, a second time.
-    chains = schedule.backward_chains if schedule is not None else 1
+    chains = analysis.backward_chains(schedule)
     if layout.sequence_parallel:
       # Entries and exits are written in the model (mesh.tensor_region), so any remat policy
       # reruns them: "dots" keeps matmul outputs, not what a collective made of them.

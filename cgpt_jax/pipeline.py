@@ -115,7 +115,8 @@ class Schedule:
     if self.hand_written:
       p = self.program
       described["executed"] = {
-          "rounds": p.rounds, "bubble_fraction_rounds": 1 - sum(p.branch_runs()[1:]) / p.rounds,
+          "rounds": p.rounds, "bubble_fraction_rounds":
+              p.branch_runs()[pipeline_1f1b.IDLE] / p.rounds,
           "slots": {"activations": p.act_slots, "cotangents": p.cot_slots,
                     "stash": p.stash_slots},
           "messages": p.messages(), "messages_sent": 2 * S * p.rounds}
