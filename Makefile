@@ -4,7 +4,8 @@
 # A Python >= 3.12: pyenv's 3.12/3.13 if present (this machine kind), else whatever is on PATH.
 PYTHON ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.1[23]*/bin/python3) $(shell command -v python3.13 python3.12 2>/dev/null))
 VENV := .venv
-# Keep XLA's scratch buffers mapped between steps (REFERENCE.md §5); launch.py sets this itself.
+# Keep XLA's scratch buffers mapped between steps: cgpt_jax/malloc.py's value, which launch.py and
+# the benchmarks set themselves; here for the tests, which run steps in-process.
 export GLIBC_TUNABLES ?= glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=100000000000
 
 WORKDIR ?= runs/shakespeare_char
@@ -24,8 +25,12 @@ $(VENV)/.installed: requirements.txt
 shakespeare: venv
 	$(VENV)/bin/python launch.py --config experiments/shakespeare_char.py --workdir $(WORKDIR)
 
+# Test processes (pytest-xdist): the tests compile more than they run, and XLA compiles on one
+# core, so two workers keep CI's 2 cores busy (35% off the suite's time there).
+TEST_WORKERS ?= 2
+
 test: venv
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS)
 
 test-all: venv
-	$(VENV)/bin/python -m pytest -q -m ""
+	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) -m ""

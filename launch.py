@@ -26,13 +26,10 @@ Exit codes (README.md, "When things go wrong"):
 import os
 import sys
 
-# glibc hands XLA's large scratch buffers back to the OS after every step and page-faults them in
-# again on the next: up to seconds of system time per step at d=768 (REFERENCE.md §5). Keeping them
-# mapped needs the tunables in the environment at process start, so re-exec once with them set.
-GLIBC_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=100000000000"
-if __name__ == "__main__" and "GLIBC_TUNABLES" not in os.environ:
-  os.environ["GLIBC_TUNABLES"] = GLIBC_TUNABLES
-  os.execv(sys.executable, [sys.executable, *sys.argv])
+from cgpt_jax import malloc  # noqa: E402  (imports nothing heavy)
+
+if __name__ == "__main__":
+  malloc.reexec_with_tuned_malloc()
 
 from absl import app, flags, logging  # noqa: E402  (after the re-exec above)
 from ml_collections import config_flags  # noqa: E402

@@ -59,14 +59,15 @@ def compiled_memory(compiled) -> dict:
   return memory
 
 
-def measure_matmul_peak(n: int = 2048, seconds: float = 1.0) -> float:
-  """Sustained FLOP/s of back-to-back float32 n x n matmuls on the default device: MFU's denominator.
+def measure_matmul_peak(n: int = 2048, seconds: float = 1.0, dtype=jnp.float32) -> float:
+  """Sustained FLOP/s of back-to-back n x n matmuls in `dtype` (accumulated in float32) on the
+  default device: MFU's denominator.
 
   2048 reaches the BLAS plateau here (1024 read 15-30% lower and noisier). Sustained over a second
   rather than the fastest single call, which caught short turbo bursts up to 1.4x higher.
   """
-  a = jnp.ones((n, n), jnp.float32)
-  f = jax.jit(lambda x: x @ x)
+  a = jnp.ones((n, n), dtype)
+  f = jax.jit(lambda x: jnp.matmul(x, x, preferred_element_type=jnp.float32))
   f(a).block_until_ready()
   reps, start = 0, time.perf_counter()
   while (elapsed := time.perf_counter() - start) < seconds or reps < 3:

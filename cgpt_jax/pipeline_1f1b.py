@@ -196,7 +196,7 @@ def make_value_and_grad(cfg, program: Program, graphdef, bubble_fill: float = 0.
       return whole(o).embed(tokens).astype(compute)
 
     def head_loss(o, y, targets):
-      return jnp.mean(model_lib.token_nll(whole(o).head(y), targets)) * loss_scale
+      return jnp.mean(whole(o).head_nll(y, targets)) * loss_scale
 
     def stage(w, x):
       return model_lib.scan_blocks(cfg, block_def, w, x, remat="none")

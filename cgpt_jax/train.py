@@ -274,7 +274,7 @@ def make_local_loss(s: Setup, bubble_fill: float = 0.0, per_token: bool = False)
         start = jax.lax.axis_index(pipeline.AXIS) * part
         inputs, targets = (jax.lax.dynamic_slice_in_dim(a, start, part, axis=1)
                            for a in (inputs, targets))
-      nll = model_lib.token_nll(nnx.merge(graphdef, params)(inputs, run_blocks, start), targets)
+      nll = nnx.merge(graphdef, params).token_nll(inputs, targets, run_blocks, start)
       return nll if per_token else jnp.mean(nll)
   return local_loss
 
@@ -379,11 +379,12 @@ def make_train_step(s: Setup):
     loss, grads = gradients(state.params, batch)
     # The tensor axis's part of each gradient's placement (the shard_map leaves it automatic).
     grads = jax.lax.with_sharding_constraint(grads, s.grad_shardings)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
-               "learning_rate": s.lr_schedule(state.step)}
-    return keep_finite(state, TrainState(state.step + 1, params, opt_state), metrics)
+    with jax.named_scope("optimizer"):
+      updates, opt_state = tx.update(grads, state.opt_state, state.params)
+      params = optax.apply_updates(state.params, updates)
+      metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
+                 "learning_rate": s.lr_schedule(state.step)}
+      return keep_finite(state, TrainState(state.step + 1, params, opt_state), metrics)
 
   return jax.jit(train_step, in_shardings=(shardings, s.batch_sharding),
                  out_shardings=(shardings, s.layout.replicated), donate_argnums=0)
@@ -733,7 +734,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     ckpt = checkpoint.Checkpointer(out / "checkpoints", cfg, tokenizer)
 
   # ---- compile --------------------------------------------------------------------------------
-  peak = analysis.measure_matmul_peak()
+  peak = analysis.measure_matmul_peak(dtype=jnp.dtype(cfg.model.dtype))  # in the compute dtype
   if state is None:
     t0 = time.perf_counter()
     state = make_init(s)()

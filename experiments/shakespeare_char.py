@@ -1,9 +1,9 @@
 """The default experiment: a 4-layer character-level Cerebras-GPT learning tiny Shakespeare on the CPU.
 
 The recipe of nanoGPT's CPU run (config/train_shakespeare_char.py with --n_layer=4 --n_head=4
---n_embd=128 --block_size=64 --batch_size=12 --max_iters=2000 --lr_decay_iters=2000 --dropout=0.0,
-REFERENCE.md §4: val loss 1.8857 in 167 s here), on our architecture (biases, exact GELU, tied
-head, Cerebras' truncated init rules).
+--n_embd=128 --block_size=64 --batch_size=12 --max_iters=2000 --lr_decay_iters=2000 --dropout=0.0:
+val loss 1.8857), on our architecture (biases, exact GELU, tied head, Cerebras' truncated init
+rules). Its speed beside a peer's, timed in one process: benchmarks/peers.py.
 
 Two choices the recipe leaves open, measured here (val loss after 2000 steps, seed 0 unless noted):
 - Init scale. nanoGPT draws weights from an untruncated N(0, 0.02). Cerebras' rule truncates at

@@ -177,6 +177,8 @@ def long_run(data_flags, workdir, steps=150):
           "--config.checkpoint.every=100000", f"--workdir={workdir}"]
 
 
+# Slow: two whole runs (30 s); SIGINT's save-and-exit and the bit-identical rerun stay in the default run.
+@pytest.mark.slow
 def test_sigterm_then_rerun_is_bit_identical(tmp_path, data_flags):
   whole, stopped = tmp_path / "whole", tmp_path / "stopped"
   assert launch(*long_run(data_flags, whole)).returncode == 0

@@ -33,6 +33,8 @@ def trained(shared_data, tmp_path_factory):
   return c, workdir
 
 
+# Slow: 23 s of strided evaluations; eval on a trained run stays in the default run.
+@pytest.mark.slow
 def test_sliding_window_loss_is_the_per_token_recipe(trained):
   """Each position p is predicted from the window that scores it, the first (a multiple of the
   stride) whose `window` inputs reach p - 1: recomputed here one position at a time."""

@@ -1,4 +1,6 @@
 """Sharded layouts: the shardings are what each layout promises, and training matches `single`."""
+import functools
+
 import jax
 import numpy as np
 import pytest
@@ -157,6 +159,24 @@ def compiled_step(s):
   return train.make_train_step(s).lower(train.abstract_state(s), batch).compile()
 
 
+@pytest.fixture(scope="module")
+def layout_step(shared_data, data_dir):
+  """layout_step(layout, sizes, grad_accum, model) -> (Setup, compiled train step) of the eight-head
+  model, compiled once per module: the bytes and the memory tests read the same programs. Batch 16,
+  or 64 under gradient accumulation (pp: 4 micro-steps x 4 microbatches x data 4)."""
+  @functools.cache
+  def build(layout, sizes, grad_accum, model):
+    c = eight_head_config(shared_data, data_dir, layout, **dict(sizes))
+    c.model.update(dict(model))
+    c.train.grad_accum = grad_accum
+    c.data.global_batch = 64 if grad_accum > 1 else 16
+    s = train.build(c, 65)
+    return s, compiled_step(s)
+
+  return lambda layout, sizes, grad_accum=1, model=None: build(
+      layout, tuple(sorted(sizes.items())), grad_accum, tuple(sorted((model or {}).items())))
+
+
 # One of each layout family whose step spmd.py writes out, and the batch that divides under
 # train.grad_accum = 4 as well (pp: 4 micro-steps x 4 microbatches x data 4).
 FAMILIES = [
@@ -169,20 +189,16 @@ FAMILIES = [
 @pytest.mark.parametrize("grad_accum", [1, 4])
 @pytest.mark.parametrize("layout,sizes", FAMILIES,
                          ids=[f"{l}-" + "-".join(f"{a}{n}" for a, n in z.items()) for l, z in FAMILIES])
-def test_each_collective_kind_moves_the_formulas_bytes(shared_data, data_dir, layout, sizes,
-                                                       grad_accum):
+def test_each_collective_kind_moves_the_formulas_bytes(layout_step, layout, sizes, grad_accum):
   """Bytes per collective kind in the compiled step equal comm.py's algorithm within 1%: dp's
   one all-reduce per gradient per step (not per micro-step), zero1's reduce-scatter and
   all-gather, fsdp's and the wafer's per-layer gathers and scatters once per micro-step, the
   pipelines' hops, entry and exit. A doubled reduction or a gather hoisted out of the micro-steps
   moves a kind by 10% or more."""
-  c = eight_head_config(shared_data, data_dir, layout, **sizes)
-  c.train.grad_accum = grad_accum
-  c.data.global_batch = 64 if grad_accum > 1 else 16
-  s = train.build(c, 65)
-  measured = train.analysis.collective_bytes(compiled_step(s).as_text())
-  terms = comm.analytic_terms(s.layout, s.abstract_params, s.cfg.model, c.data.global_batch,
-                              c.data.seq_len, s.schedule, grad_accum)
+  s, compiled = layout_step(layout, sizes, grad_accum)
+  measured = train.analysis.collective_bytes(compiled.as_text())
+  terms = comm.analytic_terms(s.layout, s.abstract_params, s.cfg.model, s.cfg.data.global_batch,
+                              s.cfg.data.seq_len, s.schedule, grad_accum)
   analytic = comm.by_kind(terms)
   assert set(measured) == set(analytic), (measured, analytic)
   for kind, value in analytic.items():
@@ -210,15 +226,12 @@ VARIANTS = [
 @pytest.mark.parametrize("layout,sizes,model", VARIANTS, ids=[
     f"{l}-" + "-".join([f"{a}{n}" for a, n in z.items()] + [f"{v}" for v in m.values()])
     for l, z, m in VARIANTS])
-def test_remat_pipelines_and_bf16_move_the_formulas_bytes(shared_data, data_dir, layout, sizes,
-                                                          model):
-  c = eight_head_config(shared_data, data_dir, layout, **sizes)
-  c.model.update(model)
-  s = train.build(c, 65)
-  by_dtype = train.analysis.collective_bytes_by_dtype(compiled_step(s).as_text())
+def test_remat_pipelines_and_bf16_move_the_formulas_bytes(layout_step, layout, sizes, model):
+  s, compiled = layout_step(layout, sizes, model=model)
+  by_dtype = train.analysis.collective_bytes_by_dtype(compiled.as_text())
   measured = {kind: sum(v.values()) for kind, v in by_dtype.items()}
-  terms = comm.analytic_terms(s.layout, s.abstract_params, s.cfg.model, c.data.global_batch,
-                              c.data.seq_len, s.schedule)
+  terms = comm.analytic_terms(s.layout, s.abstract_params, s.cfg.model, s.cfg.data.global_batch,
+                              s.cfg.data.seq_len, s.schedule)
   analytic = comm.by_kind(terms)
   assert set(measured) == set(analytic), (measured, analytic)
   for kind, value in analytic.items():
@@ -262,14 +275,13 @@ def test_collectives_in_a_scan_count_once_per_layer(shared_data, data_dir):
   assert rolled_flops == unrolled_flops
 
 
-def test_state_memory_matches_the_zero_and_tp_formulas(shared_data, data_dir):
+def test_state_memory_matches_the_zero_and_tp_formulas(layout_step):
   """Per-device argument bytes of the compiled step (parameters, moments, batch) against
   REFERENCE.md §2: 16 bytes/param split by fsdp, matrices split by tensor, moments also by data
   under zero1. Within 5%: the formula treats small tensors coarsely (the QKV bias is split by heads
   under tp but counted as replicated; it stays whole under fsdp) and leaves out the batch."""
   for layout, sizes in [("single", {}), ("dp", {})] + MESHES:
-    s = train.build(eight_head_config(shared_data, data_dir, layout, **sizes), 65)
-    compiled = compiled_step(s)
+    s, compiled = layout_step(layout, sizes)
     measured = train.analysis.compiled_memory(compiled)["argument_bytes"]
     analytic = train.compiled_costs(s, compiled)["analytic_state_bytes_per_device"]
     assert abs(measured / analytic - 1) < 0.05, (layout, sizes, measured, analytic)

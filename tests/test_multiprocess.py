@@ -113,6 +113,8 @@ def long_run(data_flags, workdir):
           "--devices=1", f"--workdir={workdir}"]
 
 
+# Slow: the supervisor's fault path (17 s); two-process training and resume stay in the default run.
+@pytest.mark.slow
 def test_a_killed_child_ends_the_local_run(tmp_path, data_flags):
   log = open(tmp_path / "log", "w")
   parent = start(log, *long_run(data_flags, tmp_path / "run"), "--processes=2")
@@ -132,6 +134,8 @@ def test_a_killed_child_ends_the_local_run(tmp_path, data_flags):
   assert not any(c.is_running() for c in children)
 
 
+# Slow: the cluster's fault path (17 s); two-process training and resume stay in the default run.
+@pytest.mark.slow
 def test_a_killed_cluster_process_ends_the_others(tmp_path, data_flags):
   """No parent: process 0 notices the missing heartbeats of process 1 and aborts."""
   log = open(tmp_path / "log", "w")

@@ -183,6 +183,8 @@ def test_bfloat16_trains_alike_under_every_layout(shared_data, data_dir, bf16_re
   np.testing.assert_allclose(first_losses(train.build(c, 65)), bf16_reference, rtol=1e-4)
 
 
+# Slow: two 20-step runs (19 s); bf16 under every layout stays in the default run.
+@pytest.mark.slow
 def test_bfloat16_tracks_float32_and_saves_memory(shared_data, data_dir):
   """40 steps: the bf16 loss curve stays within 1e-3 (relative) of float32's, and compiled memory
   shows master weights and optimizer state unchanged (float32 arguments) with smaller
