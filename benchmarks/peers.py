@@ -150,12 +150,7 @@ def torch_matmul_peak(torch, n: int = 2048, seconds: float = 1.0) -> float:
   """analysis.measure_matmul_peak for torch's own float32 matmul (its BLAS, not XLA's): what the
   peer's GEMMs can reach here, so each side's MFU can be read against its own library too."""
   a = torch.ones((n, n))
-  torch.matmul(a, a)
-  reps, start = 0, time.perf_counter()
-  while (elapsed := time.perf_counter() - start) < seconds or reps < 3:
-    torch.matmul(a, a)
-    reps += 1
-  return 2 * n**3 * reps / elapsed
+  return analysis.sustained_rate(lambda: torch.matmul(a, a), 2 * n**3, seconds)  # torch is eager
 
 
 def measure(name: str, peer, peak: float) -> dict:

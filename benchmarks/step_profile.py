@@ -115,29 +115,19 @@ def read_trace(trace_dir: pathlib.Path, table: dict) -> list[dict]:
   return [e for e in events if e.get("ph") == "X" and e["name"] in table]
 
 
-def sustained_rate(f, *shapes, dtype, flops: float, seconds: float = 1.0) -> float:
-  """FLOP/s of f on arrays of `shapes`, back to back for `seconds` (as measure_matmul_peak)."""
-  f = jax.jit(f)
-  args = [jnp.ones(shape, dtype) for shape in shapes]
-  jax.block_until_ready(f(*args))
-  reps, start = 0, time.perf_counter()
-  while (elapsed := time.perf_counter() - start) < seconds or reps < 3:
-    jax.block_until_ready(f(*args))
-    reps += 1
-  return flops * reps / elapsed
-
-
 def head_matmul_rates(tokens: int, d: int, vocab: int, dtype) -> dict[str, float]:
   """The tied head's three matmuls alone at the step's shapes: the logits x W^T, the input's
   gradient g W and the table's gradient g^T x (x [tokens, d], W [vocab, d], g [tokens, vocab])."""
   mm = lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32)
-  flops = 2 * tokens * d * vocab
+
+  def rate(f, *shapes):  # measured as analysis.measure_matmul_peak measures the peak
+    f, args = jax.jit(f), [jnp.ones(shape, dtype) for shape in shapes]
+    return analysis.sustained_rate(lambda: jax.block_until_ready(f(*args)), 2 * tokens * d * vocab)
+
   return {
-      "logits x W^T": sustained_rate(lambda x, w: mm(x, w.T), (tokens, d), (vocab, d),
-                                     dtype=dtype, flops=flops),
-      "input gradient g W": sustained_rate(mm, (tokens, vocab), (vocab, d), dtype=dtype, flops=flops),
-      "table gradient g^T x": sustained_rate(lambda g, x: mm(g.T, x), (tokens, vocab), (tokens, d),
-                                             dtype=dtype, flops=flops),
+      "logits x W^T": rate(lambda x, w: mm(x, w.T), (tokens, d), (vocab, d)),
+      "input gradient g W": rate(mm, (tokens, vocab), (vocab, d)),
+      "table gradient g^T x": rate(lambda g, x: mm(g.T, x), (tokens, vocab), (tokens, d)),
   }
 
 

@@ -68,12 +68,18 @@ def measure_matmul_peak(n: int = 2048, seconds: float = 1.0, dtype=jnp.float32) 
   """
   a = jnp.ones((n, n), dtype)
   f = jax.jit(lambda x: jnp.matmul(x, x, preferred_element_type=jnp.float32))
-  f(a).block_until_ready()
+  return sustained_rate(lambda: f(a).block_until_ready(), 2 * n**3, seconds)
+
+
+def sustained_rate(call, flops: float, seconds: float = 1.0) -> float:
+  """FLOP/s of `call()` (which returns when its work is done, `flops` of it) repeated back to back
+  for `seconds` and at least 3 times, after one untimed call (compiling, warming caches)."""
+  call()
   reps, start = 0, time.perf_counter()
   while (elapsed := time.perf_counter() - start) < seconds or reps < 3:
-    f(a).block_until_ready()
+    call()
     reps += 1
-  return 2 * n**3 * reps / elapsed
+  return flops * reps / elapsed
 
 
 # ----------------------------------------------------------------------------------------------
