@@ -23,6 +23,7 @@ Exit codes (README.md, "When things go wrong"):
   130  stopped by SIGINT (Ctrl-C), 143 by SIGTERM, after the current step and a checkpoint: rerun
        the same command to resume
 """
+
 import os
 import sys
 
@@ -31,40 +32,73 @@ from cgpt_jax import malloc  # noqa: E402  (imports nothing heavy)
 if __name__ == "__main__":
   malloc.reexec_with_tuned_malloc()
 
+import traceback  # noqa: E402
+
 from absl import app, flags, logging  # noqa: E402  (after the re-exec above)
 from ml_collections import config_flags  # noqa: E402
-
-import traceback  # noqa: E402
 
 from cgpt_jax.errors import Diverged, InputError, Stopped  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Experiment file with get_config(arg), as path.py[:arg].", lock_config=True)
+  "config", None, "Experiment file with get_config(arg), as path.py[:arg].", lock_config=True
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (metrics, summary, checkpoints).")
 _DEVICES = flags.DEFINE_integer("devices", 1, "Number of virtual CPU devices.", lower_bound=1)
 _PLAN = flags.DEFINE_bool("plan", False, "Same as --mode=plan.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "plan", "eval", "generate", "export_hf"],
-                          "What to do with the experiment and its workdir.")
-_SWEEP = flags.DEFINE_bool("sweep", True, "If the experiment defines get_sweep(), run its points "
-                           "(cgpt_jax/sweep.py); --nosweep runs its get_config() alone.")
+_MODE = flags.DEFINE_enum(
+  "mode",
+  "train",
+  ["train", "plan", "eval", "generate", "export_hf"],
+  "What to do with the experiment and its workdir.",
+)
+_SWEEP = flags.DEFINE_bool(
+  "sweep",
+  True,
+  "If the experiment defines get_sweep(), run its points "
+  "(cgpt_jax/sweep.py); --nosweep runs its get_config() alone.",
+)
 # Several processes (cgpt_jax/distributed.py): P local children, or one process per host.
-_PROCESSES = flags.DEFINE_integer("processes", 1, "Start this many local processes, each with "
-                                  "--devices devices, joined over 127.0.0.1.", lower_bound=1)
-_COORDINATOR = flags.DEFINE_string("coordinator", None, "HOST:PORT of process 0 (one process per "
-                                   "host; with --num_processes and --process_id).")
+_PROCESSES = flags.DEFINE_integer(
+  "processes",
+  1,
+  "Start this many local processes, each with --devices devices, joined over 127.0.0.1.",
+  lower_bound=1,
+)
+_COORDINATOR = flags.DEFINE_string(
+  "coordinator",
+  None,
+  "HOST:PORT of process 0 (one process per host; with --num_processes and --process_id).",
+)
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the cluster.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
-_AUTO = flags.DEFINE_bool("distributed", False, "Join a cluster described by the scheduler's "
-                          "environment (SLURM, Open MPI, TPU pods).")
-_HEARTBEAT = flags.DEFINE_integer("heartbeat_timeout", 20, "Seconds without a heartbeat after which "
-                                  "a cluster process counts as dead and the others abort.",
-                                  lower_bound=1)
-_INIT_TIMEOUT = flags.DEFINE_integer("initialization_timeout", 120, "Seconds a cluster process "
-                                     "waits for all the others to join.", lower_bound=1)
-_SHUTDOWN_TIMEOUT = flags.DEFINE_integer("shutdown_timeout", 30, "Seconds a finished cluster "
-                                         "process waits for the others to finish.", lower_bound=1)
-_VERBOSE = flags.DEFINE_bool("verbose", False, "With an error raised by the experiment file, also "
-                             "print its traceback.")
+_PROCESS_ID = flags.DEFINE_integer(
+  "process_id", None, "This process's index in [0, num_processes)."
+)
+_AUTO = flags.DEFINE_bool(
+  "distributed",
+  False,
+  "Join a cluster described by the scheduler's environment (SLURM, Open MPI, TPU pods).",
+)
+_HEARTBEAT = flags.DEFINE_integer(
+  "heartbeat_timeout",
+  20,
+  "Seconds without a heartbeat after which a cluster process counts as dead and the others abort.",
+  lower_bound=1,
+)
+_INIT_TIMEOUT = flags.DEFINE_integer(
+  "initialization_timeout",
+  120,
+  "Seconds a cluster process waits for all the others to join.",
+  lower_bound=1,
+)
+_SHUTDOWN_TIMEOUT = flags.DEFINE_integer(
+  "shutdown_timeout",
+  30,
+  "Seconds a finished cluster process waits for the others to finish.",
+  lower_bound=1,
+)
+_VERBOSE = flags.DEFINE_bool(
+  "verbose", False, "With an error raised by the experiment file, also print its traceback."
+)
 flags.mark_flags_as_required(["config", "workdir"])
 # Virtual CPU devices cost memory (about 0.3 MB each) and start-up time that grows with the square
 # of their count (4096 take 20 s here); far beyond this, jax hangs for minutes while memory grows.
@@ -84,10 +118,17 @@ def exit_process(code: int) -> None:
 
 def verbose(argv) -> bool:
   """--verbose, read from the command line: it is needed while the flags are being parsed."""
-  flag = [a for a in argv if a.lstrip("-") in ("verbose", "noverbose") or
-          a.lstrip("-").startswith("verbose=")]
-  return bool(flag) and flag[-1].lstrip("-") in ("verbose", "verbose=true", "verbose=True",
-                                                 "verbose=1")
+  flag = [
+    a
+    for a in argv
+    if a.lstrip("-") in ("verbose", "noverbose") or a.lstrip("-").startswith("verbose=")
+  ]
+  return bool(flag) and flag[-1].lstrip("-") in (
+    "verbose",
+    "verbose=true",
+    "verbose=True",
+    "verbose=1",
+  )
 
 
 def config_path(argv) -> str | None:
@@ -124,12 +165,17 @@ def fail_in_experiment(e: BaseException, path: str, argv) -> None:
   if isinstance(e, SyntaxError):
     where = f"{path}:{e.lineno}"
   else:
-    frames = [f for f in traceback.extract_tb(e.__traceback__)
-              if os.path.realpath(f.filename) == os.path.realpath(path)]
+    frames = [
+      f
+      for f in traceback.extract_tb(e.__traceback__)
+      if os.path.realpath(f.filename) == os.path.realpath(path)
+    ]
     where = f"{path}:{frames[-1].lineno} (in {frames[-1].name})"
   message = str(e).splitlines()[0] if str(e) else ""
-  fail(f"{where}: {type(e).__name__}: {message}. Fix the experiment file"
-       f"{'' if verbose(argv) else ' (--verbose prints its traceback)'}.")
+  fail(
+    f"{where}: {type(e).__name__}: {message}. Fix the experiment file"
+    f"{'' if verbose(argv) else ' (--verbose prints its traceback)'}."
+  )
 
 
 def parse_flags(argv):
@@ -138,8 +184,10 @@ def parse_flags(argv):
   path = config_path(argv)
   if path is not None and not os.path.isfile(path):
     what = "is not a file" if os.path.exists(path) else "does not exist"
-    fail(f"--config {path} {what}. Give an experiment file, e.g. "
-         "--config=experiments/shakespeare_char.py.")
+    fail(
+      f"--config {path} {what}. Give an experiment file, e.g. "
+      "--config=experiments/shakespeare_char.py."
+    )
   try:
     rest = flags.FLAGS(argv)
   except Exception as e:  # noqa: BLE001  (sorted out below; anything else is re-raised)
@@ -148,7 +196,9 @@ def parse_flags(argv):
       fail_in_experiment(inner, path, argv)
     if isinstance(e, (flags.Error, InputError)):
       fail(str(e))
-    if isinstance(e, (AttributeError, KeyError)):  # config_flags' answer to --config.NO_SUCH_KEY=...
+    if isinstance(
+      e, (AttributeError, KeyError)
+    ):  # config_flags' answer to --config.NO_SUCH_KEY=...
       fail(f"unknown config key {e}: see base_config() in cgpt_jax/config.py for every key.")
     raise
   if len(rest) > 1:
@@ -161,28 +211,40 @@ def check_devices(devices: int) -> None:
   available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
   most = min(MAX_DEVICES, available // DEVICE_BYTES)
   if devices > most:
-    fail(f"--devices={devices}: more virtual CPU devices than this host can hold (at most {most}: "
-         f"{MAX_DEVICES} at best, and 1 MiB of the {available / 2**30:.1f} GiB of free memory "
-         f"each). Use --devices<={most}.")
+    fail(
+      f"--devices={devices}: more virtual CPU devices than this host can hold (at most {most}: "
+      f"{MAX_DEVICES} at best, and 1 MiB of the {available / 2**30:.1f} GiB of free memory "
+      f"each). Use --devices<={most}."
+    )
 
 
 def run_sweep() -> bool:
   """Runs the experiment's sweep, one launch.py process per point, if it defines one."""
   from cgpt_jax import sweep  # no jax in this process: every point starts its own
+
   config_flag = flags.FLAGS["config"]
   path, _ = sweep.split_config_name(config_flag.config_filename)
   experiment = sweep.load_experiment(path)
   if not hasattr(experiment, "get_sweep"):
     return False
   if _PLAN.value or _MODE.value != "train":
-    fail(f"{path} defines a sweep, whose points choose their own modes; drop --mode/--plan, or "
-         "pass --nosweep to use its get_config() alone.")
+    fail(
+      f"{path} defines a sweep, whose points choose their own modes; drop --mode/--plan, or "
+      "pass --nosweep to use its get_config() alone."
+    )
   if _PROCESSES.value > 1 or _COORDINATOR.value or _AUTO.value:
-    fail(f"{path} defines a sweep, whose points run one local process each; several processes per "
-         "point are not supported. Drop --processes/--coordinator/--distributed, or pass --nosweep.")
+    fail(
+      f"{path} defines a sweep, whose points run one local process each; several processes per "
+      "point are not supported. Drop --processes/--coordinator/--distributed, or pass --nosweep."
+    )
   try:
-    sweep.run(experiment, config_flag.config_filename, _WORKDIR.value,
-              dict(config_flag.override_values), _DEVICES.value)
+    sweep.run(
+      experiment,
+      config_flag.config_filename,
+      _WORKDIR.value,
+      dict(config_flag.override_values),
+      _DEVICES.value,
+    )
   except InputError as e:
     fail(str(e))
   except Exception as e:  # noqa: BLE001  (get_sweep or report failed: the experiment's error)
@@ -196,12 +258,17 @@ def run_sweep() -> bool:
 def join_processes() -> None:
   """A --processes parent runs its children and exits here; a cluster process joins the others."""
   from cgpt_jax import distributed
+
   try:
     cluster = distributed.check_flags(
-        processes=_PROCESSES.value, coordinator=_COORDINATOR.value,
-        num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value, auto=_AUTO.value,
-        mode="plan" if _PLAN.value else _MODE.value,
-        timeouts=(_HEARTBEAT.value, _INIT_TIMEOUT.value, _SHUTDOWN_TIMEOUT.value))
+      processes=_PROCESSES.value,
+      coordinator=_COORDINATOR.value,
+      num_processes=_NUM_PROCESSES.value,
+      process_id=_PROCESS_ID.value,
+      auto=_AUTO.value,
+      mode="plan" if _PLAN.value else _MODE.value,
+      timeouts=(_HEARTBEAT.value, _INIT_TIMEOUT.value, _SHUTDOWN_TIMEOUT.value),
+    )
     if _PROCESSES.value > 1:
       sys.exit(distributed.run_local(_PROCESSES.value, sys.argv))
     if cluster:
@@ -227,6 +294,7 @@ def run(cfg, workdir: str, mode: str) -> None:
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # jax logs every backend it fails to find at INFO
   import jax  # the device count must be set before any JAX operation
+
   jax.config.update("jax_num_cpu_devices", _DEVICES.value)
   join_processes()  # before anything touches a device
   from cgpt_jax import inference, train
@@ -234,14 +302,18 @@ def run(cfg, workdir: str, mode: str) -> None:
   try:
     if mode == "plan":
       result = train.plan(cfg, workdir)
-      print(f"plan: {result['params']:,} params, {result['flops_per_token']:,} FLOPs/token, "
-            f"{result['memory_per_device_bytes']['total_bytes'] / 2**30:.2f} GiB per device "
-            f"-> {workdir}/plan.json")
+      print(
+        f"plan: {result['params']:,} params, {result['flops_per_token']:,} FLOPs/token, "
+        f"{result['memory_per_device_bytes']['total_bytes'] / 2**30:.2f} GiB per device "
+        f"-> {workdir}/plan.json"
+      )
     elif mode == "eval":
       r = inference.evaluate(cfg, workdir)
-      print(f"eval (step {r['step']}): loss {r['loss']:.4f}, perplexity {r['perplexity']:.3f} over "
-            f"{r['tokens_scored']:,} tokens of {r['text']} (window {r['window']}, stride "
-            f"{r['stride']}) -> {workdir}/evals.jsonl")
+      print(
+        f"eval (step {r['step']}): loss {r['loss']:.4f}, perplexity {r['perplexity']:.3f} over "
+        f"{r['tokens_scored']:,} tokens of {r['text']} (window {r['window']}, stride "
+        f"{r['stride']}) -> {workdir}/evals.jsonl"
+      )
     elif mode == "generate":
       r = inference.generate(cfg, workdir)
       print(r["prompt"] + r["completion"])
@@ -250,9 +322,11 @@ def run(cfg, workdir: str, mode: str) -> None:
     else:
       s = train.run(cfg, workdir)
       if s:  # processes other than 0 that only finished a run have no summary
-        print(f"done: loss {s['final_loss']:.4f}, val loss {s['final_eval_loss']:.4f}, "
-              f"{s['tokens_per_s']:,.0f} tokens/s, {s['step_ms']:.1f} ms/step, MFU {s['mfu']:.3f}, "
-              f"compile {s['compile_s']:.1f} s, wall {s['train_wall_s']:.1f} s -> {workdir}")
+        print(
+          f"done: loss {s['final_loss']:.4f}, val loss {s['final_eval_loss']:.4f}, "
+          f"{s['tokens_per_s']:,.0f} tokens/s, {s['step_ms']:.1f} ms/step, MFU {s['mfu']:.3f}, "
+          f"compile {s['compile_s']:.1f} s, wall {s['train_wall_s']:.1f} s -> {workdir}"
+        )
   except InputError as e:
     fail(str(e))
   except Diverged as e:

@@ -1,5 +1,6 @@
 """What every benchmark script shares: a fresh output folder and a report written twice (Markdown
 for people, JSON for tools)."""
+
 import json
 import pathlib
 import sys

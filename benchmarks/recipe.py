@@ -11,26 +11,26 @@ is exact (compiled memory_analysis, compiled matmul FLOPs, optimizer-state bytes
 shapes and shardings), so one run of this script is the whole measurement; ratios are to the
 float32 AdamW no-remat plan of the same layout. Writes WORKDIR/report.md and WORKDIR/report.json.
 """
+
 import json
 import pathlib
 import subprocess
 import sys
 
-from absl import app, flags
-
 import common
+from absl import app, flags
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
 
 VARIANTS = {  # name -> config overrides
-    "baseline (f32, AdamW, no remat)": {},
-    "remat dots": {"model.remat": "dots"},
-    "remat full": {"model.remat": "full"},
-    "bf16": {"model.dtype": "bfloat16"},
-    "bf16 + remat full": {"model.dtype": "bfloat16", "model.remat": "full"},
-    "Adafactor": {"optim.name": "adafactor"},
-    "grad accum 4": {"train.grad_accum": 4},
+  "baseline (f32, AdamW, no remat)": {},
+  "remat dots": {"model.remat": "dots"},
+  "remat full": {"model.remat": "full"},
+  "bf16": {"model.dtype": "bfloat16"},
+  "bf16 + remat full": {"model.dtype": "bfloat16", "model.remat": "full"},
+  "Adafactor": {"optim.name": "adafactor"},
+  "grad accum 4": {"train.grad_accum": 4},
 }
 LAYOUTS = {"single": (1, 8), "fsdp": (8, 32)}  # layout -> devices, global batch
 
@@ -38,10 +38,19 @@ _WORKDIR = flags.DEFINE_string("workdir", "runs/recipe", "Where plans and the re
 
 
 def plan(workdir: pathlib.Path, layout: str, devices: int, batch: int, overrides: dict) -> dict:
-  cmd = [sys.executable, str(REPO / "launch.py"), f"--devices={devices}", "--plan",
-         "--config", str(REPO / "experiments/cerebras_gpt.py:111m"), f"--workdir={workdir}",
-         f"--config.data.tokenizer_path={SHARED / 'gpt2'}", f"--config.data.global_batch={batch}",
-         f"--config.mesh.layout={layout}", *[f"--config.{k}={v}" for k, v in overrides.items()]]
+  cmd = [
+    sys.executable,
+    str(REPO / "launch.py"),
+    f"--devices={devices}",
+    "--plan",
+    "--config",
+    str(REPO / "experiments/cerebras_gpt.py:111m"),
+    f"--workdir={workdir}",
+    f"--config.data.tokenizer_path={SHARED / 'gpt2'}",
+    f"--config.data.global_batch={batch}",
+    f"--config.mesh.layout={layout}",
+    *[f"--config.{k}={v}" for k, v in overrides.items()],
+  ]
   result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
   if result.returncode:
     return {"error": result.stderr.strip().splitlines()[-1]}
@@ -49,9 +58,11 @@ def plan(workdir: pathlib.Path, layout: str, devices: int, batch: int, overrides
 
 
 def table(results: dict) -> list[str]:
-  lines = ["| layout | variant | memory/device GiB | vs baseline | activations (temp) GiB "
-           "| arguments GiB | optimizer state MiB/device | matmul FLOPs/step (T) | vs baseline |",
-           "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+  lines = [
+    "| layout | variant | memory/device GiB | vs baseline | activations (temp) GiB "
+    "| arguments GiB | optimizer state MiB/device | matmul FLOPs/step (T) | vs baseline |",
+    "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+  ]
   for layout in LAYOUTS:
     ref = results[layout, next(iter(VARIANTS))]
     for name in VARIANTS:
@@ -62,11 +73,12 @@ def table(results: dict) -> list[str]:
       mem, ref_mem = p["memory_per_device_bytes"], ref["memory_per_device_bytes"]
       flops = p["compiled_matmul_flops_per_step"]
       lines.append(
-          f"| {layout} | {name} | {mem['total_bytes'] / 2**30:.2f} | "
-          f"{mem['total_bytes'] / ref_mem['total_bytes']:.2f} | {mem['temp_bytes'] / 2**30:.2f} | "
-          f"{mem['argument_bytes'] / 2**30:.2f} | "
-          f"{p['optimizer_state_bytes_per_device'] / 2**20:.1f} | {flops / 1e12:.2f} | "
-          f"{flops / ref['compiled_matmul_flops_per_step']:.3f} |")
+        f"| {layout} | {name} | {mem['total_bytes'] / 2**30:.2f} | "
+        f"{mem['total_bytes'] / ref_mem['total_bytes']:.2f} | {mem['temp_bytes'] / 2**30:.2f} | "
+        f"{mem['argument_bytes'] / 2**30:.2f} | "
+        f"{p['optimizer_state_bytes_per_device'] / 2**20:.1f} | {flops / 1e12:.2f} | "
+        f"{flops / ref['compiled_matmul_flops_per_step']:.3f} |"
+      )
   return lines
 
 

@@ -8,6 +8,7 @@ shapes, same process) see benchmarks/peers.py.
 Every run goes through launch.py in its own process (the allocator lever must be set at process start).
 Writes WORKDIR/report.md and WORKDIR/report.json.
 """
+
 import json
 import os
 import pathlib
@@ -15,22 +16,22 @@ import subprocess
 import sys
 import time
 
-from absl import app, flags
-
 import common
+from absl import app, flags
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # cgpt_jax, when run as python benchmarks/shakespeare_char.py
 from cgpt_jax.malloc import GLIBC_TUNABLES as TUNED_MALLOC  # noqa: E402
+
 # A neutral tunable keeps launch.py from re-exec'ing with TUNED_MALLOC (it only sets it when unset).
 DEFAULT_MALLOC = "glibc.malloc.check=0"
 
 # name -> (config overrides, GLIBC_TUNABLES)
 LEVERS = {
-    "tuned (default)": ([], TUNED_MALLOC),
-    "glibc malloc defaults": ([], DEFAULT_MALLOC),
-    "no gradient barrier": (["--config.model.grad_barrier=False"], TUNED_MALLOC),
-    "rolled layer scan": (["--config.model.scan_unroll=1"], TUNED_MALLOC),
+  "tuned (default)": ([], TUNED_MALLOC),
+  "glibc malloc defaults": ([], DEFAULT_MALLOC),
+  "no gradient barrier": (["--config.model.grad_barrier=False"], TUNED_MALLOC),
+  "rolled layer scan": (["--config.model.scan_unroll=1"], TUNED_MALLOC),
 }
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/bench", "Where runs and the report go.")
@@ -40,9 +41,16 @@ _LEVERS_ONLY = flags.DEFINE_bool("levers_only", False, "Skip the full 2000-step 
 
 def launch(workdir: pathlib.Path, overrides: list[str], malloc: str) -> dict:
   env = {**os.environ, "GLIBC_TUNABLES": malloc}
-  cmd = [sys.executable, str(REPO / "launch.py"), "--config", str(REPO / "experiments/shakespeare_char.py"),
-         f"--workdir={workdir}", "--config.train.progress=False", "--config.checkpoint.every=0",
-         *overrides]
+  cmd = [
+    sys.executable,
+    str(REPO / "launch.py"),
+    "--config",
+    str(REPO / "experiments/shakespeare_char.py"),
+    f"--workdir={workdir}",
+    "--config.train.progress=False",
+    "--config.checkpoint.every=0",
+    *overrides,
+  ]
   start = time.perf_counter()
   subprocess.run(cmd, cwd=REPO, env=env, check=True)
   summary = json.loads((workdir / "summary.json").read_text())
@@ -59,26 +67,37 @@ def main(_):
     full = launch(out / "full", [], TUNED_MALLOC)
     report["full"] = full
     lines += [
-        "| | steps | wall s (whole process) | ms/step | val loss |",
-        "|---|---:|---:|---:|---:|",
-        f"| cgpt-jax | {full['steps']} | {full['process_wall_s']:.0f} | {full['step_ms']:.1f} | "
-        f"{full['final_eval_loss']:.4f} |",
-        "",
-        f"Compile {full['compile_s']:.1f} s, {full['tokens_per_s']:,.0f} tokens/s, "
-        f"MFU {full['mfu']:.3f} of a measured {full['matmul_peak_flops'] / 1e9:.0f} GFLOP/s matmul peak.",
-        "",
+      "| | steps | wall s (whole process) | ms/step | val loss |",
+      "|---|---:|---:|---:|---:|",
+      f"| cgpt-jax | {full['steps']} | {full['process_wall_s']:.0f} | {full['step_ms']:.1f} | "
+      f"{full['final_eval_loss']:.4f} |",
+      "",
+      f"Compile {full['compile_s']:.1f} s, {full['tokens_per_s']:,.0f} tokens/s, "
+      f"MFU {full['mfu']:.3f} of a measured {full['matmul_peak_flops'] / 1e9:.0f} GFLOP/s matmul peak.",
+      "",
     ]
 
   steps = _LEVER_STEPS.value
-  short = [f"--config.train.steps={steps}", f"--config.train.eval_every={steps}",
-           "--config.data.eval_batches=1"]
-  levers = {name: launch(out / f"lever{i}", short + extra, malloc)
-            for i, (name, (extra, malloc)) in enumerate(LEVERS.items())}
+  short = [
+    f"--config.train.steps={steps}",
+    f"--config.train.eval_every={steps}",
+    "--config.data.eval_batches=1",
+  ]
+  levers = {
+    name: launch(out / f"lever{i}", short + extra, malloc)
+    for i, (name, (extra, malloc)) in enumerate(LEVERS.items())
+  }
   report["levers"] = levers
   base = levers["tuned (default)"]["step_ms"]
-  lines += [f"## CPU levers ({steps} steps each, ms/step over the run)", "",
-            "| variant | ms/step | vs tuned |", "|---|---:|---:|"]
-  lines += [f"| {name} | {s['step_ms']:.1f} | {s['step_ms'] / base:.2f}x |" for name, s in levers.items()]
+  lines += [
+    f"## CPU levers ({steps} steps each, ms/step over the run)",
+    "",
+    "| variant | ms/step | vs tuned |",
+    "|---|---:|---:|",
+  ]
+  lines += [
+    f"| {name} | {s['step_ms']:.1f} | {s['step_ms'] / base:.2f}x |" for name, s in levers.items()
+  ]
   common.write_report(out, lines, report)
 
 

@@ -16,6 +16,7 @@ hands to Eigen (a plain `dot`, not a YNNPACK fusion) returns before it finishes:
 the launch, and the gap after it, when no thunk is recorded, is its compute. Gaps are therefore
 given to the op that ran last before them.
 """
+
 import pathlib
 import sys
 
@@ -31,18 +32,20 @@ import json  # noqa: E402
 import re  # noqa: E402
 import time  # noqa: E402
 
-from absl import app, flags  # noqa: E402
+import common  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
-import common  # noqa: E402
 from cgpt_jax import analysis, data, train  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment file, as path.py[:arg].")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/profile", "Where the report and the trace go.")
-_STEPS = flags.DEFINE_integer("steps", 5, "Steps timed without the profiler (the step's wall time).")
+_STEPS = flags.DEFINE_integer(
+  "steps", 5, "Steps timed without the profiler (the step's wall time)."
+)
 _TRACED = flags.DEFINE_integer("traced_steps", 2, "Steps recorded by the profiler.")
 flags.mark_flags_as_required(["config"])
 
@@ -85,8 +88,10 @@ def attribute(events: list[dict], table: dict) -> tuple[collections.Counter, flo
   """Seconds of the traced span per instruction: concurrent thunks share an instant; a gap goes to
   the last Eigen matmul launched since the previous gap, else to the op that ended last (see the
   module docstring). -> (seconds by name, span)."""
-  edges = sorted([(e["ts"], 1, e["name"]) for e in events] +
-                 [(e["ts"] + e["dur"], -1, e["name"]) for e in events])
+  edges = sorted(
+    [(e["ts"], 1, e["name"]) for e in events]
+    + [(e["ts"] + e["dur"], -1, e["name"]) for e in events]
+  )
   running, share = collections.Counter(), collections.Counter()
   last_time, last_ended, launched = edges[0][0], edges[0][2], None
   for time_us, delta, name in edges:
@@ -125,9 +130,9 @@ def head_matmul_rates(tokens: int, d: int, vocab: int, dtype) -> dict[str, float
     return analysis.sustained_rate(lambda: jax.block_until_ready(f(*args)), 2 * tokens * d * vocab)
 
   return {
-      "logits x W^T": rate(lambda x, w: mm(x, w.T), (tokens, d), (vocab, d)),
-      "input gradient g W": rate(mm, (tokens, vocab), (vocab, d)),
-      "table gradient g^T x": rate(lambda g, x: mm(g.T, x), (tokens, vocab), (tokens, d)),
+    "logits x W^T": rate(lambda x, w: mm(x, w.T), (tokens, d), (vocab, d)),
+    "input gradient g W": rate(mm, (tokens, vocab), (vocab, d)),
+    "table gradient g^T x": rate(lambda g, x: mm(g.T, x), (tokens, vocab), (tokens, d)),
   }
 
 
@@ -137,8 +142,9 @@ def main(_):
   corpus = train.load_data(cfg)
   s = train.build(cfg, corpus.tokenizer.vocab_size)
   d = s.cfg.data
-  batches = data.train_batches(corpus.tokens["train"], seq_len=d.seq_len, global_batch=d.global_batch,
-                               seed=d.seed)
+  batches = data.train_batches(
+    corpus.tokens["train"], seq_len=d.seq_len, global_batch=d.global_batch, seed=d.seed
+  )
   batch = jax.device_put(np.asarray(next(batches)), s.batch_sharding)
   state = train.make_init(s)()
   step = train.make_train_step(s).lower(state, batch).compile()
@@ -158,8 +164,13 @@ def main(_):
   peak = analysis.measure_matmul_peak(dtype=dtype)
   m = s.cfg.model
   single = s.layout.mesh.size == 1  # the head's ceiling below is one device's
-  head_rates = head_matmul_rates(d.global_batch * d.seq_len, m.d_model,
-                                 s.abstract_params["wte"].shape[0], dtype) if single else {}
+  head_rates = (
+    head_matmul_rates(
+      d.global_batch * d.seq_len, m.d_model, s.abstract_params["wte"].shape[0], dtype
+    )
+    if single
+    else {}
+  )
   start = time.perf_counter()
   run(_STEPS.value)
   step_s = (time.perf_counter() - start) / _STEPS.value
@@ -170,7 +181,9 @@ def main(_):
   per_step = lambda x: x / _TRACED.value
 
   model_flops = analysis.flops_per_token(s.cfg.model, d.seq_len) * d.global_batch * d.seq_len
-  compiled_flops = train.compiled_costs(s, step)["compiled_matmul_flops_per_step"] / s.layout.mesh.size
+  compiled_flops = (
+    train.compiled_costs(s, step)["compiled_matmul_flops_per_step"] / s.layout.mesh.size
+  )
   by_kind, by_part, by_both = collections.Counter(), collections.Counter(), collections.Counter()
   for name, sec in seconds.items():
     kind, part, *_ = table[name]
@@ -179,48 +192,81 @@ def main(_):
     by_both[kind, part] += sec
   matmul_s = per_step(by_kind["matmul"])
   results = {
-      "config": s.cfg.to_dict(), "step_s": step_s, "traced_span_per_step_s": per_step(span),
-      "matmul_peak_flops": peak, "model_flops_per_step": model_flops,
-      "matmul_flops_per_device": compiled_flops,
-      "mfu": model_flops / step_s / peak,
-      "matmul_s": matmul_s, "matmul_flops_per_s": compiled_flops / matmul_s,
-      "seconds_per_step": {f"{k}|{p}": per_step(v) for (k, p), v in by_both.items()},
-      "ops": [{"name": n, "kind": table[n][0], "part": table[n][1], "shape": table[n][2],
-               "s": per_step(v)} for n, v in seconds.most_common()],
+    "config": s.cfg.to_dict(),
+    "step_s": step_s,
+    "traced_span_per_step_s": per_step(span),
+    "matmul_peak_flops": peak,
+    "model_flops_per_step": model_flops,
+    "matmul_flops_per_device": compiled_flops,
+    "mfu": model_flops / step_s / peak,
+    "matmul_s": matmul_s,
+    "matmul_flops_per_s": compiled_flops / matmul_s,
+    "seconds_per_step": {f"{k}|{p}": per_step(v) for (k, p), v in by_both.items()},
+    "ops": [
+      {"name": n, "kind": table[n][0], "part": table[n][1], "shape": table[n][2], "s": per_step(v)}
+      for n, v in seconds.most_common()
+    ],
   }
   total = per_step(sum(seconds.values()))
   # The step's matmuls with the head's at their own measured rates and the rest at the peak: the
   # step's time, and MFU, with every other op and gap gone.
   head_flops = 2 * d.global_batch * d.seq_len * m.d_model * s.abstract_params["wte"].shape[0]
-  ideal_s = head_flops * sum(1 / r for r in head_rates.values()) + \
-      (compiled_flops - 3 * head_flops) / peak if single else None
-  results.update(head_matmul_flops_per_s=head_rates, matmul_only_step_s=ideal_s,
-                 matmul_only_mfu=model_flops / ideal_s / peak if single else None)
+  ideal_s = (
+    head_flops * sum(1 / r for r in head_rates.values()) + (compiled_flops - 3 * head_flops) / peak
+    if single
+    else None
+  )
+  results.update(
+    head_matmul_flops_per_s=head_rates,
+    matmul_only_step_s=ideal_s,
+    matmul_only_mfu=model_flops / ideal_s / peak if single else None,
+  )
   lines = [
-      f"# One train step, op by op: {m.n_layers} layers, d={m.d_model}, vocab {m.vocab_size}, "
-      f"batch {d.global_batch} x {d.seq_len}, {s.layout.name}, {m.dtype}", "",
-      f"Step {step_s:.3f} s untraced ({per_step(span):.3f} s traced); model FLOPs {model_flops / 1e9:.1f} G; "
-      f"{m.dtype} matmul peak measured here {peak / 1e9:.0f} GFLOP/s; **MFU {results['mfu']:.3f}**.", "",
-      f"Matmuls: {matmul_s:.3f} s per step for {compiled_flops / 1e9:.1f} GFLOP compiled = "
-      f"{compiled_flops / matmul_s / 1e9:.0f} GFLOP/s, {compiled_flops / matmul_s / peak:.2f} of the "
-      f"peak. At the peak they would take {compiled_flops / peak:.3f} s: everything else is "
-      f"{total - compiled_flops / peak:.3f} s.", "",
-      *([f"The head's matmuls alone at the step's shapes, measured the same way: "
-         + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s ({v / peak:.2f})" for k, v in head_rates.items())
-         + f". With those rates, the other matmuls at the peak and nothing else, the step would "
-         f"take {ideal_s:.3f} s: MFU {results['matmul_only_mfu']:.3f}, this machine's ceiling for "
-         f"this step under XLA.", ""] if single else []),
-      "| part | " + " | ".join(sorted(by_kind)) + " | all | share |",
-      "|---|" + "---:|" * (len(by_kind) + 2)]
+    f"# One train step, op by op: {m.n_layers} layers, d={m.d_model}, vocab {m.vocab_size}, "
+    f"batch {d.global_batch} x {d.seq_len}, {s.layout.name}, {m.dtype}",
+    "",
+    f"Step {step_s:.3f} s untraced ({per_step(span):.3f} s traced); model FLOPs {model_flops / 1e9:.1f} G; "
+    f"{m.dtype} matmul peak measured here {peak / 1e9:.0f} GFLOP/s; **MFU {results['mfu']:.3f}**.",
+    "",
+    f"Matmuls: {matmul_s:.3f} s per step for {compiled_flops / 1e9:.1f} GFLOP compiled = "
+    f"{compiled_flops / matmul_s / 1e9:.0f} GFLOP/s, {compiled_flops / matmul_s / peak:.2f} of the "
+    f"peak. At the peak they would take {compiled_flops / peak:.3f} s: everything else is "
+    f"{total - compiled_flops / peak:.3f} s.",
+    "",
+    *(
+      [
+        "The head's matmuls alone at the step's shapes, measured the same way: "
+        + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s ({v / peak:.2f})" for k, v in head_rates.items())
+        + f". With those rates, the other matmuls at the peak and nothing else, the step would "
+        f"take {ideal_s:.3f} s: MFU {results['matmul_only_mfu']:.3f}, this machine's ceiling for "
+        f"this step under XLA.",
+        "",
+      ]
+      if single
+      else []
+    ),
+    "| part | " + " | ".join(sorted(by_kind)) + " | all | share |",
+    "|---|" + "---:|" * (len(by_kind) + 2),
+  ]
   for part, sec in by_part.most_common():
     cells = [f"{1000 * per_step(by_both[k, part]):.0f}" for k in sorted(by_kind)]
-    lines.append(f"| {part} | " + " | ".join(cells) + f" | {1000 * per_step(sec):.0f} | "
-                 f"{per_step(sec) / total:.3f} |")
+    lines.append(
+      f"| {part} | " + " | ".join(cells) + f" | {1000 * per_step(sec):.0f} | "
+      f"{per_step(sec) / total:.3f} |"
+    )
   cells = [f"{1000 * per_step(by_kind[k]):.0f}" for k in sorted(by_kind)]
-  lines += [f"| all (ms) | " + " | ".join(cells) + f" | {1000 * total:.0f} | 1.000 |", "",
-            "The 15 longest ops:", "", "| op | kind | part | output | ms |", "|---|---|---|---|---:|"]
-  lines += [f"| {o['name']} | {o['kind']} | {o['part']} | {o['shape']} | {1000 * o['s']:.1f} |"
-            for o in results["ops"][:15]]
+  lines += [
+    "| all (ms) | " + " | ".join(cells) + f" | {1000 * total:.0f} | 1.000 |",
+    "",
+    "The 15 longest ops:",
+    "",
+    "| op | kind | part | output | ms |",
+    "|---|---|---|---|---:|",
+  ]
+  lines += [
+    f"| {o['name']} | {o['kind']} | {o['part']} | {o['shape']} | {1000 * o['s']:.1f} |"
+    for o in results["ops"][:15]
+  ]
   common.write_report(out, lines, results)
 
 

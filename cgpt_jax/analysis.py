@@ -4,6 +4,7 @@ Exact figures (FLOPs, bytes, memory) come from shapes and from the compiled prog
 here, the matmul peak, is measured in the same process as the run it is compared with, so MFU on a
 noisy shared CPU compares like with like.
 """
+
 import math
 import re
 import time
@@ -37,8 +38,10 @@ def tree_bytes(tree) -> int:
 def per_device_bytes(tree) -> int:
   """Bytes one device holds of a tree of sharded arrays or ShapeDtypeStructs (device 0's shards:
   every layout here shards evenly)."""
-  return sum(math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
-             for x in jax.tree.leaves(tree))
+  return sum(
+    math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
+    for x in jax.tree.leaves(tree)
+  )
 
 
 def compiled_memory(compiled) -> dict:
@@ -48,14 +51,15 @@ def compiled_memory(compiled) -> dict:
   """
   mem = compiled.memory_analysis()
   memory = {
-      "argument_bytes": int(mem.argument_size_in_bytes),
-      "output_bytes": int(mem.output_size_in_bytes),
-      "alias_bytes": int(mem.alias_size_in_bytes),
-      "temp_bytes": int(mem.temp_size_in_bytes),
+    "argument_bytes": int(mem.argument_size_in_bytes),
+    "output_bytes": int(mem.output_size_in_bytes),
+    "alias_bytes": int(mem.alias_size_in_bytes),
+    "temp_bytes": int(mem.temp_size_in_bytes),
   }
   # Donated state is both argument and output: count it once.
-  memory["total_bytes"] = (memory["argument_bytes"] + memory["output_bytes"]
-                           - memory["alias_bytes"] + memory["temp_bytes"])
+  memory["total_bytes"] = (
+    memory["argument_bytes"] + memory["output_bytes"] - memory["alias_bytes"] + memory["temp_bytes"]
+  )
   return memory
 
 
@@ -85,8 +89,21 @@ def sustained_rate(call, flops: float, seconds: float = 1.0) -> float:
 # ----------------------------------------------------------------------------------------------
 # Collective bytes from the compiled, partitioned HLO
 # ----------------------------------------------------------------------------------------------
-_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4,
-                "u32": 4, "f64": 8, "s64": 8, "u64": 8}
+_DTYPE_BYTES = {
+  "pred": 1,
+  "s8": 1,
+  "u8": 1,
+  "bf16": 2,
+  "f16": 2,
+  "s16": 2,
+  "u16": 2,
+  "f32": 4,
+  "s32": 4,
+  "u32": 4,
+  "f64": 8,
+  "s64": 8,
+  "u64": 8,
+}
 _COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 _HEADER = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) \(.*\{$")
 _OP = re.compile(r"^\s*(?:ROOT )?%?[\w.\-]+ = (.+?) (" + "|".join(_COLLECTIVES) + r")(?:-start)?\(")
@@ -98,7 +115,9 @@ _BRANCHES = re.compile(r"\bbranch_computations=\{([^}]*)\}")
 
 def _group_size(line: str) -> int:
   """Devices per replica group, from any of the forms XLA prints."""
-  if m := re.search(r"replica_groups=mesh\[([^\]]*)\] \{([^}]*)\}", line):  # mesh['a'=2,'b'=4] {'b'}
+  if m := re.search(
+    r"replica_groups=mesh\[([^\]]*)\] \{([^}]*)\}", line
+  ):  # mesh['a'=2,'b'=4] {'b'}
     sizes = {k: int(v) for k, v in re.findall(r"'([^']+)'=(\d+)", m.group(1))}
     return math.prod(sizes[a] for a in re.findall(r"'([^']+)'", m.group(2)))
   if m := re.search(r"replica_groups=\{\{([\d,]*)\}", line):
@@ -154,8 +173,9 @@ def _walk(hlo_text: str, branch_shares: list[float] | None = None):
     yield from visit(entry, 1, False)
 
 
-def collective_bytes_by_dtype(hlo_text: str, loops_only: bool = False,
-                              branch_shares: list[float] | None = None) -> dict[str, dict[str, int]]:
+def collective_bytes_by_dtype(
+  hlo_text: str, loops_only: bool = False, branch_shares: list[float] | None = None
+) -> dict[str, dict[str, int]]:
   """Bytes each device sends per call of the program, by collective kind and the element type it
   moves, e.g. {"all-gather": {"f32": ...}} (formulas: all-reduce 2V(n-1)/n, all-gather
   V_out(n-1)/n, reduce-scatter V_in(n-1)/n, all-to-all V(n-1)/n, collective-permute V). Ops inside
@@ -165,8 +185,13 @@ def collective_bytes_by_dtype(hlo_text: str, loops_only: bool = False,
   for line, _, times, in_loop in _walk(hlo_text, branch_shares):
     if (m := _OP.match(line)) and (in_loop or not loops_only):
       kind, n = m.group(2), _group_size(line)
-      share = {"all-reduce": 2 * (n - 1) / n, "all-gather": (n - 1) / n, "reduce-scatter": n - 1,
-               "all-to-all": (n - 1) / n, "collective-permute": 1}[kind]
+      share = {
+        "all-reduce": 2 * (n - 1) / n,
+        "all-gather": (n - 1) / n,
+        "reduce-scatter": n - 1,
+        "all-to-all": (n - 1) / n,
+        "collective-permute": 1,
+      }[kind]
       for dtype, dims in _ARRAY.findall(m.group(1)):
         out = _DTYPE_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
         totals[kind, dtype] = totals.get((kind, dtype), 0) + out * share * times
@@ -176,12 +201,15 @@ def collective_bytes_by_dtype(hlo_text: str, loops_only: bool = False,
   return result
 
 
-def collective_bytes(hlo_text: str, loops_only: bool = False,
-                     branch_shares: list[float] | None = None) -> dict[str, int]:
+def collective_bytes(
+  hlo_text: str, loops_only: bool = False, branch_shares: list[float] | None = None
+) -> dict[str, int]:
   """Bytes each device sends per call of the program, by collective kind, whatever they move
   (collective_bytes_by_dtype)."""
-  return {kind: sum(by_dtype.values()) for kind, by_dtype
-          in collective_bytes_by_dtype(hlo_text, loops_only, branch_shares).items()}
+  return {
+    kind: sum(by_dtype.values())
+    for kind, by_dtype in collective_bytes_by_dtype(hlo_text, loops_only, branch_shares).items()
+  }
 
 
 def dot_flops(hlo_text: str, branch_shares: list[float] | None = None) -> int:
@@ -227,8 +255,14 @@ def backward_chains(schedule=None) -> int:
   return schedule.backward_chains if schedule is not None else 1
 
 
-def expected_matmul_flops(m: ml_collections.ConfigDict, seq_len: int, tokens: int, padded_vocab: int,
-                          schedule=None, remat: str | None = None) -> int:
+def expected_matmul_flops(
+  m: ml_collections.ConfigDict,
+  seq_len: int,
+  tokens: int,
+  padded_vocab: int,
+  schedule=None,
+  remat: str | None = None,
+) -> int:
   """Matmul FLOPs the compiled step should run on all devices together.
 
   The head: 6 V d per token over the padded vocabulary. The blocks: 6 N_layers + 12 L T d per token,
@@ -257,8 +291,9 @@ def expected_matmul_flops(m: ml_collections.ConfigDict, seq_len: int, tokens: in
   return 6 * padded_vocab * d * tokens + layers
 
 
-def analytic_state_bytes(sizes: dict, m: ml_collections.ConfigDict, params_held: int,
-                         padded_vocab: int, zero1: bool) -> int:
+def analytic_state_bytes(
+  sizes: dict, m: ml_collections.ConfigDict, params_held: int, padded_vocab: int, zero1: bool
+) -> int:
   """Per-device bytes of float32 parameters (4) and Adam moments (8) by REFERENCE.md §2: FSDP
   divides everything by its axis but the MLP biases (mlp is never on fsdp, mesh.RULES); TP divides the matrices (the layers' and the vocab-parallel
   embedding) by its axis and replicates the rest (positions, norms, biases); PP divides the layers

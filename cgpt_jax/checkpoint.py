@@ -18,6 +18,7 @@ orbax writes a step into a temporary directory and renames it when complete, so 
 (a killed process) never shadows the previous complete one; a complete but unreadable checkpoint is
 an InputError (exit 2) that names the step directory.
 """
+
 import contextlib
 import pathlib
 import shutil
@@ -29,8 +30,16 @@ import orbax.checkpoint as ocp
 from cgpt_jax.errors import InputError
 
 # What must match for a checkpoint's arrays to mean the same thing in this run.
-MODEL_KEYS = ("n_layers", "d_model", "n_heads", "d_ff", "vocab_size", "vocab_multiple",
-              "n_positions", "mup")
+MODEL_KEYS = (
+  "n_layers",
+  "d_model",
+  "n_heads",
+  "d_ff",
+  "vocab_size",
+  "vocab_multiple",
+  "n_positions",
+  "mup",
+)
 OPTIMIZER_KEYS = ("name",)
 
 
@@ -47,7 +56,8 @@ def to_layer_order(state, schedule):
     return state
   stages = (schedule.repeats, schedule.stages)
   return jax.tree_util.tree_map_with_path(
-      lambda p, x: x.reshape(-1, *x.shape[3:]) if _is_layer_leaf(p, x, stages) else x, state)
+    lambda p, x: x.reshape(-1, *x.shape[3:]) if _is_layer_leaf(p, x, stages) else x, state
+  )
 
 
 def from_layer_order(state, schedule, like):
@@ -56,7 +66,8 @@ def from_layer_order(state, schedule, like):
     return state
   stages = (schedule.repeats, schedule.stages)
   return jax.tree_util.tree_map_with_path(
-      lambda p, x, l: x.reshape(l.shape) if _is_layer_leaf(p, l, stages) else x, state, like)
+    lambda p, x, l: x.reshape(l.shape) if _is_layer_leaf(p, l, stages) else x, state, like
+  )
 
 
 def layer_order_target(abstract_state, schedule, mesh):
@@ -71,17 +82,19 @@ def layer_order_target(abstract_state, schedule, mesh):
       return x
     spec = tuple(x.sharding.spec) + (None,) * (x.ndim - len(x.sharding.spec))
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, *spec[3:]))
-    return jax.ShapeDtypeStruct((int(np.prod(x.shape[:3])), *x.shape[3:]), x.dtype,
-                                sharding=sharding)
+    return jax.ShapeDtypeStruct(
+      (int(np.prod(x.shape[:3])), *x.shape[3:]), x.dtype, sharding=sharding
+    )
+
   return jax.tree_util.tree_map_with_path(target, abstract_state)
 
 
 def describe_run(cfg, tokenizer: dict) -> dict:
   return {
-      "model": {k: cfg.model[k] for k in MODEL_KEYS},
-      "optimizer": {k: cfg.optim[k] for k in OPTIMIZER_KEYS},
-      "tokenizer": tokenizer,
-      "data_seed": cfg.data.seed,
+    "model": {k: cfg.model[k] for k in MODEL_KEYS},
+    "optimizer": {k: cfg.optim[k] for k in OPTIMIZER_KEYS},
+    "tokenizer": tokenizer,
+    "data_seed": cfg.data.seed,
   }
 
 
@@ -93,10 +106,15 @@ class Checkpointer:
     self.directory = directory
     self.record = describe_run(cfg, tokenizer)
     self.manager = ocp.CheckpointManager(
-        directory.resolve(),
-        options=ocp.CheckpointManagerOptions(
-            save_interval_steps=cfg.checkpoint.every, max_to_keep=cfg.checkpoint.keep,
-            enable_async_checkpointing=True, read_only=read_only, create=not read_only))
+      directory.resolve(),
+      options=ocp.CheckpointManagerOptions(
+        save_interval_steps=cfg.checkpoint.every,
+        max_to_keep=cfg.checkpoint.keep,
+        enable_async_checkpointing=True,
+        read_only=read_only,
+        create=not read_only,
+      ),
+    )
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -109,19 +127,28 @@ class Checkpointer:
       return False
     self._check_room(step, state)
     with self._writing(step):
-      return self.manager.save(step, force=force, args=ocp.args.Composite(
+      return self.manager.save(
+        step,
+        force=force,
+        args=ocp.args.Composite(
           state=ocp.args.StandardSave(to_layer_order(state, schedule)),
-          run=ocp.args.JsonSave({**self.record, "step": step})))
+          run=ocp.args.JsonSave({**self.record, "step": step}),
+        ),
+      )
 
   def check(self, step: int, resume: bool = False) -> None:
     """Reads the record of the checkpoint at `step` and refuses one from another model or tokenizer,
     or to `resume` training, another data order (before the run writes anything)."""
     where = self.directory / str(step)
     try:
-      record = self.manager.restore(step, args=ocp.args.Composite(run=ocp.args.JsonRestore()))["run"]
+      record = self.manager.restore(step, args=ocp.args.Composite(run=ocp.args.JsonRestore()))[
+        "run"
+      ]
     except Exception as e:  # orbax raises many kinds for a damaged directory
-      raise InputError(f"checkpoint {where} cannot be read ({type(e).__name__}: {e}). Delete that "
-                       "step directory to resume from an earlier one, or use a new --workdir.") from None
+      raise InputError(
+        f"checkpoint {where} cannot be read ({type(e).__name__}: {e}). Delete that "
+        "step directory to resume from an earlier one, or use a new --workdir."
+      ) from None
     self.check_compatible(record, where, resume)
 
   def restore(self, step: int, abstract_state, schedule, mesh, restore_fn):
@@ -131,12 +158,15 @@ class Checkpointer:
     where = self.directory / str(step)
     target = layer_order_target(abstract_state, schedule, mesh)
     try:
-      state = self.manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(target)))["state"]
+      state = self.manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
+      )["state"]
     except Exception as e:
-      raise InputError(f"checkpoint {where} cannot be restored ({type(e).__name__}: "
-                       f"{str(e).splitlines()[0] if str(e) else ''}). Delete that step directory to "
-                       "resume from an earlier one, or use a new --workdir.") from None
+      raise InputError(
+        f"checkpoint {where} cannot be restored ({type(e).__name__}: "
+        f"{str(e).splitlines()[0] if str(e) else ''}). Delete that step directory to "
+        "resume from an earlier one, or use a new --workdir."
+      ) from None
     return restore_fn(state) if schedule else state
 
   def check_compatible(self, record: dict, where: pathlib.Path, resume: bool = False) -> None:
@@ -146,19 +176,22 @@ class Checkpointer:
         if theirs != ours:
           field = "optim" if section == "optimizer" else "model"
           raise InputError(
-              f"checkpoint {where} is for {field}.{key}={theirs!r}, this run has {field}.{key}="
-              f"{ours!r}. Resume with the checkpoint's {section} settings, or use a new --workdir.")
+            f"checkpoint {where} is for {field}.{key}={theirs!r}, this run has {field}.{key}="
+            f"{ours!r}. Resume with the checkpoint's {section} settings, or use a new --workdir."
+          )
     theirs = record.get("tokenizer")  # absent from checkpoints older than the record
     if theirs is not None and theirs != self.record["tokenizer"]:
       raise InputError(
-          f"checkpoint {where} was trained with the tokenizer {describe_tokenizer(theirs)}, this "
-          f"run's is {describe_tokenizer(self.record['tokenizer'])}: the same ids would mean other "
-          "text. Use the data.source, data.tokenizer and data.tokenizer_path it was trained with.")
+        f"checkpoint {where} was trained with the tokenizer {describe_tokenizer(theirs)}, this "
+        f"run's is {describe_tokenizer(self.record['tokenizer'])}: the same ids would mean other "
+        "text. Use the data.source, data.tokenizer and data.tokenizer_path it was trained with."
+      )
     if resume and record.get("data_seed") != self.record["data_seed"]:
       raise InputError(
-          f"checkpoint {where} was trained with data.seed={record.get('data_seed')!r}, this run has "
-          f"data.seed={self.record['data_seed']!r}: resuming would change the order of the batches "
-          "it has not seen yet. Resume with the checkpoint's data.seed, or use a new --workdir.")
+        f"checkpoint {where} was trained with data.seed={record.get('data_seed')!r}, this run has "
+        f"data.seed={self.record['data_seed']!r}: resuming would change the order of the batches "
+        "it has not seen yet. Resume with the checkpoint's data.seed, or use a new --workdir."
+      )
 
   def _check_room(self, step: int, state) -> None:
     """Refuses a save the disk has no room for (and one still being written), so that orbax never
@@ -169,10 +202,11 @@ class Checkpointer:
     free = shutil.disk_usage(self.directory).free
     if free < need:
       raise InputError(
-          f"no room for checkpoint {step} in {self.directory}: it needs about {need / 2**20:.1f} "
-          f"MiB, {free / 2**20:.1f} MiB are free. Checkpoints {self.manager.all_steps() or 'none'} "
-          "are intact. Free space (or lower checkpoint.keep), then rerun the same command to "
-          "resume.")
+        f"no room for checkpoint {step} in {self.directory}: it needs about {need / 2**20:.1f} "
+        f"MiB, {free / 2**20:.1f} MiB are free. Checkpoints {self.manager.all_steps() or 'none'} "
+        "are intact. Free space (or lower checkpoint.keep), then rerun the same command to "
+        "resume."
+      )
 
   @contextlib.contextmanager
   def _writing(self, step: int):
@@ -187,9 +221,10 @@ class Checkpointer:
         raise
       done = self.manager.all_steps()
       raise InputError(
-          f"cannot write checkpoint {step} (or one before it) to {self.directory}: {cause}. "
-          f"Checkpoints {done or 'none'} are intact. Free space (or fix the folder), then rerun the "
-          "same command to resume.") from None
+        f"cannot write checkpoint {step} (or one before it) to {self.directory}: {cause}. "
+        f"Checkpoints {done or 'none'} are intact. Free space (or fix the folder), then rerun the "
+        "same command to resume."
+      ) from None
 
   def wait(self) -> None:
     with self._writing(self.manager.latest_step()):
@@ -211,8 +246,8 @@ def _write_error(e: BaseException) -> str | None:
     if isinstance(e, OSError):
       return e.strerror or str(e)
     if isinstance(e, ValueError) and str(e).startswith(("RESOURCE_EXHAUSTED", "PERMISSION_DENIED")):
-      return str(e).split(":")[0] + (" (no space left on device)"
-                                     if "No space left" in str(e) else "")
+      return str(e).split(":")[0] + (
+        " (no space left on device)" if "No space left" in str(e) else ""
+      )
     e = e.__cause__ or e.__context__
   return None
-

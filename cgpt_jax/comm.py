@@ -49,6 +49,7 @@ moves 16-bit collectives as float32 (spmd.wire_dtype). `backend` picks which.
 - pipeline_entry, pipeline_exit: stage inputs all-gathered over pipe (whole sequences), outputs
   reduce-scattered back to sequence parts, and each one's transpose in the backward.
 """
+
 import math
 
 import jax
@@ -56,32 +57,33 @@ import ml_collections
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from cgpt_jax import analysis, model as model_lib, spmd
+from cgpt_jax import analysis, spmd
+from cgpt_jax import model as model_lib
 from cgpt_jax.mesh import Layout, is_spec
 
 # Each cause: the collective kind it compiles to, and the mesh axes it runs over (the roofline
 # times a term at its axes' bandwidth).
 CAUSES = {
-    "gradient_all_reduce": ("all-reduce", ("data", "fsdp", "pipe")),
-    "gradient_reduce_scatter": ("reduce-scatter", ("data",)),
-    "parameter_all_gather": ("all-gather", ("data",)),
-    "layer_weight_gather": ("all-gather", ("fsdp",)),
-    "layer_grad_scatter": ("reduce-scatter", ("fsdp",)),
-    "head_weight_gather": ("all-gather", ("fsdp",)),
-    "head_grad_scatter": ("reduce-scatter", ("fsdp",)),
-    "scalars": ("all-reduce", ("data", "fsdp", "pipe", "tensor")),
-    "tensor_layers": ("all-reduce", ("tensor",)),
-    "tensor_embedding_head": ("all-reduce", ("tensor",)),
-    "tensor_cross_entropy": ("all-reduce", ("tensor",)),
-    "sequence_layer_gather": ("all-gather", ("tensor",)),
-    "sequence_layer_scatter": ("reduce-scatter", ("tensor",)),
-    "sequence_embedding_head_gather": ("all-gather", ("tensor",)),
-    "sequence_embedding_head_scatter": ("reduce-scatter", ("tensor",)),
-    "sequence_norm_grads": ("all-reduce", ("tensor",)),
-    "sequence_positions_grad": ("all-gather", ("tensor",)),
-    "pipeline_hops": ("collective-permute", ("pipe",)),
-    "pipeline_entry": ("all-gather", ("pipe",)),
-    "pipeline_exit": ("reduce-scatter", ("pipe",)),
+  "gradient_all_reduce": ("all-reduce", ("data", "fsdp", "pipe")),
+  "gradient_reduce_scatter": ("reduce-scatter", ("data",)),
+  "parameter_all_gather": ("all-gather", ("data",)),
+  "layer_weight_gather": ("all-gather", ("fsdp",)),
+  "layer_grad_scatter": ("reduce-scatter", ("fsdp",)),
+  "head_weight_gather": ("all-gather", ("fsdp",)),
+  "head_grad_scatter": ("reduce-scatter", ("fsdp",)),
+  "scalars": ("all-reduce", ("data", "fsdp", "pipe", "tensor")),
+  "tensor_layers": ("all-reduce", ("tensor",)),
+  "tensor_embedding_head": ("all-reduce", ("tensor",)),
+  "tensor_cross_entropy": ("all-reduce", ("tensor",)),
+  "sequence_layer_gather": ("all-gather", ("tensor",)),
+  "sequence_layer_scatter": ("reduce-scatter", ("tensor",)),
+  "sequence_embedding_head_gather": ("all-gather", ("tensor",)),
+  "sequence_embedding_head_scatter": ("reduce-scatter", ("tensor",)),
+  "sequence_norm_grads": ("all-reduce", ("tensor",)),
+  "sequence_positions_grad": ("all-gather", ("tensor",)),
+  "pipeline_hops": ("collective-permute", ("pipe",)),
+  "pipeline_entry": ("all-gather", ("pipe",)),
+  "pipeline_exit": ("reduce-scatter", ("pipe",)),
 }
 F32, PRED = 4, 1
 
@@ -102,14 +104,31 @@ def layers_run(m: ml_collections.ConfigDict, schedule) -> int:
   return m.n_layers // (schedule.stages * schedule.repeats) * schedule.layer_runs
 
 
-def parameter_terms(layout: Layout, abstract_params, m: ml_collections.ConfigDict, schedule,
-                    grad_accum: int, remat: str, backend: str | None = None) -> dict[str, float]:
+def parameter_terms(
+  layout: Layout,
+  abstract_params,
+  m: ml_collections.ConfigDict,
+  schedule,
+  grad_accum: int,
+  remat: str,
+  backend: str | None = None,
+) -> dict[str, float]:
   """The parameter causes (module docstring), summed over the parameter tensors."""
   sizes = layout.axis_sizes
   lead = 3 if schedule else 1
-  terms = dict.fromkeys(["gradient_all_reduce", "gradient_reduce_scatter", "parameter_all_gather",
-                         "layer_weight_gather", "layer_grad_scatter", "head_weight_gather",
-                         "head_grad_scatter", "scalars"], 0.0)
+  terms = dict.fromkeys(
+    [
+      "gradient_all_reduce",
+      "gradient_reduce_scatter",
+      "parameter_all_gather",
+      "layer_weight_gather",
+      "layer_grad_scatter",
+      "head_weight_gather",
+      "head_grad_scatter",
+      "scalars",
+    ],
+    0.0,
+  )
   logical = nnx.get_partition_spec(abstract_params)
   flat = jax.tree_util.tree_flatten_with_path(logical, is_leaf=is_spec)[0]
   for (path, names), leaf in zip(flat, jax.tree.leaves(abstract_params)):
@@ -134,8 +153,9 @@ def parameter_terms(layout: Layout, abstract_params, m: ml_collections.ConfigDic
         terms[f"{kind}_weight_gather"] += grad_accum * whole * wire * _share(g)
         terms[f"{kind}_grad_scatter"] += grad_accum * whole * F32 * _share(g)
     mp, mq = spmd.manual_part(p), spmd.manual_part(q)
-    scatter = math.prod(sizes[a] for e_p, e_q in zip(mp, mq) for a in spmd.axes_of(e_q)
-                        if a not in spmd.axes_of(e_p))
+    scatter = math.prod(
+      sizes[a] for e_p, e_q in zip(mp, mq) for a in spmd.axes_of(e_q) if a not in spmd.axes_of(e_p)
+    )
     if scatter > 1:
       terms["gradient_reduce_scatter"] += local * F32 * _share(scatter)
       terms["parameter_all_gather"] += local * F32 * _share(scatter)
@@ -148,9 +168,16 @@ def parameter_terms(layout: Layout, abstract_params, m: ml_collections.ConfigDic
   return terms
 
 
-def activation_terms(layout: Layout, m: ml_collections.ConfigDict, global_batch: int,
-                     seq_len: int, schedule, grad_accum: int, remat: str,
-                     backend: str | None = None) -> dict[str, float]:
+def activation_terms(
+  layout: Layout,
+  m: ml_collections.ConfigDict,
+  global_batch: int,
+  seq_len: int,
+  schedule,
+  grad_accum: int,
+  remat: str,
+  backend: str | None = None,
+) -> dict[str, float]:
   """The activation causes (module docstring). Per device the step's tokens are B T / X (whole
   sequences of its rows, X = data x fsdp), each micro-step 1/k of them. Activations cross in the
   backend's wire dtype (spmd.wire_dtype), the loss's partials and the gradients in float32."""
@@ -196,15 +223,23 @@ def activation_terms(layout: Layout, m: ml_collections.ConfigDict, global_batch:
   return terms
 
 
-def analytic_terms(layout: Layout, abstract_params, m: ml_collections.ConfigDict, global_batch: int,
-                   seq_len: int, schedule=None, grad_accum: int = 1,
-                   backend: str | None = None) -> dict[str, int]:
+def analytic_terms(
+  layout: Layout,
+  abstract_params,
+  m: ml_collections.ConfigDict,
+  global_batch: int,
+  seq_len: int,
+  schedule=None,
+  grad_accum: int = 1,
+  backend: str | None = None,
+) -> dict[str, int]:
   """Bytes per step and device of every cause that moves any (CAUSES), rounded to whole bytes, on
   `backend` (its wire dtype, spmd.wire_dtype; default this process's)."""
   remat = "full" if layout.streams_weights else m.remat
-  terms = {**parameter_terms(layout, abstract_params, m, schedule, grad_accum, remat, backend),
-           **activation_terms(layout, m, global_batch, seq_len, schedule, grad_accum, remat,
-                              backend)}
+  terms = {
+    **parameter_terms(layout, abstract_params, m, schedule, grad_accum, remat, backend),
+    **activation_terms(layout, m, global_batch, seq_len, schedule, grad_accum, remat, backend),
+  }
   return {k: int(round(v)) for k, v in terms.items() if round(v)}
 
 
@@ -216,4 +251,3 @@ def by_kind(terms: dict[str, int]) -> dict[str, int]:
     kind = CAUSES[cause][0]
     kinds[kind] = kinds.get(kind, 0) + value
   return dict(sorted(kinds.items()))
-

@@ -15,6 +15,7 @@ launch.py runs in one of three ways:
 Every process reads its own rows of each batch (`process_rows`) and takes part in every collective
 (compiles, steps, checkpoint saves and restores); process 0 alone writes the run's files.
 """
+
 import contextlib
 import ctypes
 import os
@@ -37,6 +38,7 @@ GRACE_S = 2.0  # how long the local parent lets children end on their own after 
 
 class Cluster(NamedTuple):
   """How this process joins the others; None fields are detected from the scheduler."""
+
   coordinator: str | None
   num_processes: int | None
   process_id: int | None
@@ -48,32 +50,49 @@ class Cluster(NamedTuple):
 # ----------------------------------------------------------------------------------------------
 # Flags (checked before anything starts)
 # ----------------------------------------------------------------------------------------------
-def check_flags(*, processes: int, coordinator: str | None, num_processes: int | None,
-                process_id: int | None, auto: bool, mode: str, timeouts: tuple[int, int, int]
-                ) -> Cluster | None:
+def check_flags(
+  *,
+  processes: int,
+  coordinator: str | None,
+  num_processes: int | None,
+  process_id: int | None,
+  auto: bool,
+  mode: str,
+  timeouts: tuple[int, int, int],
+) -> Cluster | None:
   """The cluster this process joins (None: it runs alone or is a --processes parent)."""
-  joins = {"--coordinator": coordinator, "--num_processes": num_processes,
-           "--process_id": process_id}
+  joins = {
+    "--coordinator": coordinator,
+    "--num_processes": num_processes,
+    "--process_id": process_id,
+  }
   given = [name for name, value in joins.items() if value is not None] + (
-      ["--distributed"] if auto else [])
+    ["--distributed"] if auto else []
+  )
   if processes > 1 and given:
-    raise InputError(f"--processes={processes} starts its own processes on this machine, so it cannot "
-                     f"be combined with {', '.join(given)}, which join processes started elsewhere. "
-                     "Use --processes alone on one machine, or the cluster flags on each host.")
+    raise InputError(
+      f"--processes={processes} starts its own processes on this machine, so it cannot "
+      f"be combined with {', '.join(given)}, which join processes started elsewhere. "
+      "Use --processes alone on one machine, or the cluster flags on each host."
+    )
   if (processes > 1 or given) and mode != "train":
     raise InputError(f"--mode={mode} runs in one process; drop --processes and the cluster flags.")
   if not given:
     return None
   missing = [name for name, value in joins.items() if value is None]
   if missing and not auto:
-    raise InputError(f"{', '.join(given)} also needs {', '.join(missing)}: a cluster process is "
-                     "started with --coordinator=HOST:PORT --num_processes=P --process_id=I, or "
-                     "with --distributed to take them from the scheduler (SLURM, Open MPI).")
+    raise InputError(
+      f"{', '.join(given)} also needs {', '.join(missing)}: a cluster process is "
+      "started with --coordinator=HOST:PORT --num_processes=P --process_id=I, or "
+      "with --distributed to take them from the scheduler (SLURM, Open MPI)."
+    )
   if num_processes is not None and num_processes < 1:
     raise InputError(f"--num_processes={num_processes}: must be at least 1.")
   if process_id is not None and num_processes is not None and not 0 <= process_id < num_processes:
-    raise InputError(f"--process_id={process_id}: must be in [0, {num_processes}) for "
-                     f"--num_processes={num_processes}.")
+    raise InputError(
+      f"--process_id={process_id}: must be in [0, {num_processes}) for "
+      f"--num_processes={num_processes}."
+    )
   if coordinator is not None:
     resolve(coordinator)
   return Cluster(coordinator, num_processes, process_id, *timeouts)
@@ -84,13 +103,17 @@ def resolve(address: str) -> tuple[str, int]:
   host, sep, port = address.rpartition(":")
   host = host.removeprefix("[").removesuffix("]")
   if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-    raise InputError(f"--coordinator={address}: expected HOST:PORT with a port in 1..65535, e.g. "
-                     "--coordinator=10.0.0.1:1234 (the address of process 0).")
+    raise InputError(
+      f"--coordinator={address}: expected HOST:PORT with a port in 1..65535, e.g. "
+      "--coordinator=10.0.0.1:1234 (the address of process 0)."
+    )
   try:
     socket.getaddrinfo(host, int(port))
   except socket.gaierror as e:
-    raise InputError(f"--coordinator={address}: host {host!r} cannot be resolved ({e.strerror}). "
-                     "Give process 0's host name or IP address.") from None
+    raise InputError(
+      f"--coordinator={address}: host {host!r} cannot be resolved ({e.strerror}). "
+      "Give process 0's host name or IP address."
+    ) from None
   return host, int(port)
 
 
@@ -114,13 +137,18 @@ def initialize(cluster: Cluster) -> None:
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   try:
     jax.distributed.initialize(
-        cluster.coordinator, cluster.num_processes, cluster.process_id,
-        initialization_timeout=cluster.initialization_timeout,
-        heartbeat_timeout_seconds=cluster.heartbeat_timeout,
-        shutdown_timeout_seconds=cluster.shutdown_timeout)
+      cluster.coordinator,
+      cluster.num_processes,
+      cluster.process_id,
+      initialization_timeout=cluster.initialization_timeout,
+      heartbeat_timeout_seconds=cluster.heartbeat_timeout,
+      shutdown_timeout_seconds=cluster.shutdown_timeout,
+    )
   except ValueError as e:  # --distributed where no scheduler jax knows describes the cluster
-    raise InputError(f"--distributed: {e} No SLURM, Open MPI or TPU environment describes this "
-                     "cluster; give --coordinator, --num_processes and --process_id.") from None
+    raise InputError(
+      f"--distributed: {e} No SLURM, Open MPI or TPU environment describes this "
+      "cluster; give --coordinator, --num_processes and --process_id."
+    ) from None
 
 
 def _check_port_free(address: str, port: int) -> None:
@@ -128,8 +156,10 @@ def _check_port_free(address: str, port: int) -> None:
     try:
       s.bind(("", port))
     except OSError as e:
-      raise InputError(f"--coordinator={address}: process 0 cannot listen on port {port} "
-                       f"({e.strerror}). Choose a free port.") from None
+      raise InputError(
+        f"--coordinator={address}: process 0 cannot listen on port {port} "
+        f"({e.strerror}). Choose a free port."
+      ) from None
 
 
 def _wait_for_coordinator(address: str, host: str, port: int, timeout_s: int) -> None:
@@ -140,9 +170,11 @@ def _wait_for_coordinator(address: str, host: str, port: int, timeout_s: int) ->
       return
     except OSError:
       if time.monotonic() > deadline:
-        raise InputError(f"--coordinator={address}: nothing listens there after {timeout_s} s "
-                         "(--initialization_timeout). Start process 0 on that host with the same "
-                         "--coordinator, or fix the address.") from None
+        raise InputError(
+          f"--coordinator={address}: nothing listens there after {timeout_s} s "
+          "(--initialization_timeout). Start process 0 on that host with the same "
+          "--coordinator, or fix the address."
+        ) from None
       time.sleep(0.5)
 
 
@@ -172,10 +204,19 @@ def run_local(processes: int, argv: list[str]) -> int:
     signal.signal(sig, forward)
   try:
     for i in range(processes):
-      command = [sys.executable, *argv, "--processes=1", f"--coordinator={coordinator}",
-                 f"--num_processes={processes}", f"--process_id={i}"]
-      children.append(subprocess.Popen(command, stdout=None if i == 0 else subprocess.DEVNULL,
-                                       preexec_fn=_child_setup))
+      command = [
+        sys.executable,
+        *argv,
+        "--processes=1",
+        f"--coordinator={coordinator}",
+        f"--num_processes={processes}",
+        f"--process_id={i}",
+      ]
+      children.append(
+        subprocess.Popen(
+          command, stdout=None if i == 0 else subprocess.DEVNULL, preexec_fn=_child_setup
+        )
+      )
     return supervise(children, received)
   finally:
     stop(children)
@@ -212,13 +253,18 @@ def _failed(children: list[subprocess.Popen], first: int) -> int:
   stop(children)
   refused = [i for i, child in enumerate(children) if child.returncode == 2]
   if refused:
-    print(f"error: process {refused[0]} of {len(children)} refused its input (its error line is "
-          "above); stopped the others.", file=sys.stderr)
+    print(
+      f"error: process {refused[0]} of {len(children)} refused its input (its error line is "
+      "above); stopped the others.",
+      file=sys.stderr,
+    )
     return 2
   code, pid = children[first].returncode, children[first].pid
   how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
-  print(f"error: process {first} of {len(children)} (pid {pid}) {how}; stopped the others.",
-        file=sys.stderr)
+  print(
+    f"error: process {first} of {len(children)} (pid {pid}) {how}; stopped the others.",
+    file=sys.stderr,
+  )
   return 1
 
 
@@ -282,16 +328,19 @@ def process_rows(sharding: jax.sharding.Sharding, shape: tuple[int, ...]) -> tup
   rows of a global array of `shape` laid out by `sharding`: what data.train_batches' process_index
   and process_count take. A batch split over every process gives (process, processes); one
   replicated across processes, (0, 1): each process reads all of it."""
-  rows = sorted({(s[0].indices(shape[0])[:2]) for s in
-                 sharding.addressable_devices_indices_map(shape).values()})
+  rows = sorted(
+    {(s[0].indices(shape[0])[:2]) for s in sharding.addressable_devices_indices_map(shape).values()}
+  )
   start, stop = rows[0][0], rows[-1][1]
   covered = np.zeros(shape[0], bool)
   for lo, hi in rows:
     covered[lo:hi] = True
   size = stop - start
   if not covered[start:stop].all() or start % size or shape[0] % size:
-    raise InputError(f"process {jax.process_index()}'s devices hold rows {rows} of the batch of "
-                     f"{shape[0]}, not one block of equal blocks, so it cannot read its own rows. "
-                     "Choose axis sizes that split the batch over whole processes (data or fsdp a "
-                     "multiple of the process count).")
+    raise InputError(
+      f"process {jax.process_index()}'s devices hold rows {rows} of the batch of "
+      f"{shape[0]}, not one block of equal blocks, so it cannot read its own rows. "
+      "Choose axis sizes that split the batch over whole processes (data or fsdp a "
+      "multiple of the process count)."
+    )
   return start // size, shape[0] // size

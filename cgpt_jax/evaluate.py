@@ -8,6 +8,7 @@ gives non-overlapping windows (fast, least context); a smaller stride costs wind
 the compute for more context per token. Perplexity = exp(total negative log-likelihood / tokens
 scored).
 """
+
 import math
 
 import jax
@@ -22,8 +23,10 @@ def windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, int, int
   tokens begin..end-1 and scores positions first..end-1, position p predicted from tokens
   begin..p-1. Together they score positions 1..n_tokens-1, each once."""
   if window < 1 or not 1 <= stride <= window:
-    raise InputError(f"evaluation window={window}, stride={stride}: need window >= 1 and "
-                     "1 <= stride <= window. E.g. --config.evaluate.stride=window/2.")
+    raise InputError(
+      f"evaluation window={window}, stride={stride}: need window >= 1 and "
+      "1 <= stride <= window. E.g. --config.evaluate.stride=window/2."
+    )
   out, scored_to = [], 1
   for begin in range(0, max(n_tokens - 1, 1), stride):
     end = min(begin + window + 1, n_tokens)
@@ -36,8 +39,9 @@ def windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, int, int
   return out
 
 
-def sliding_window_loss(params, token_nll, tokens: np.ndarray, window: int, stride: int,
-                        batch: int) -> dict:
+def sliding_window_loss(
+  params, token_nll, tokens: np.ndarray, window: int, stride: int, batch: int
+) -> dict:
   """Negative log-likelihood over the scored tokens. `token_nll(params, rows [B, window + 1])` is
   the per-token loss [B, window] of predicting rows[:, 1:] from rows[:, :-1]; windows go through it
   `batch` at a time, padded to a fixed shape so one compiled program serves them all."""
@@ -54,13 +58,22 @@ def sliding_window_loss(params, token_nll, tokens: np.ndarray, window: int, stri
   for i in range(0, len(spans), batch):
     rows = np.zeros((batch, window + 1), np.int32)
     mask = np.zeros((batch, window), np.float32)
-    for row, (begin, end, first) in enumerate(spans[i:i + batch]):
-      rows[row, :end - begin] = tokens[begin:end]
-      mask[row, first - begin - 1:end - begin - 1] = 1.0  # column j predicts position begin + 1 + j
+    for row, (begin, end, first) in enumerate(spans[i : i + batch]):
+      rows[row, : end - begin] = tokens[begin:end]
+      mask[row, first - begin - 1 : end - begin - 1] = (
+        1.0  # column j predicts position begin + 1 + j
+      )
     nll, scored = summed(params, rows, mask)
     total += float(nll)
     count += int(round(float(scored)))
   loss = total / count
   perplexity = math.exp(loss) if loss < math.log(np.finfo(np.float64).max) else math.inf
-  return {"loss": loss, "perplexity": perplexity, "tokens_scored": count,
-          "tokens": int(tokens.size), "window": window, "stride": stride, "windows": len(spans)}
+  return {
+    "loss": loss,
+    "perplexity": perplexity,
+    "tokens_scored": count,
+    "tokens": int(tokens.size),
+    "window": window,
+    "stride": stride,
+    "windows": len(spans),
+  }

@@ -11,10 +11,12 @@ logits, while the n-gram ban and the beam hypotheses, which are bookkeeping rath
 are plain numpy. That costs one device round trip per token and keeps them easy to check against
 Hugging Face's semantics.
 """
+
 import contextlib
 import dataclasses
 import math
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -36,17 +38,31 @@ class KVCache(NamedTuple):
 
 class Decoder(NamedTuple):
   """Jitted pieces of cached decoding for one model, cache length and layout."""
+
   prefill: Callable  # (params, tokens [batch, t]) -> (last logits [batch, vocab], cache)
   step: Callable  # (params, cache, tokens [batch, 1], position) -> (logits [batch, vocab], cache)
   reorder: Callable  # (cache, rows [n]) -> the cache of batch rows `rows` (beams' parents)
   max_len: int
 
 
-def generate(graphdef, params, cfg: ml_collections.ConfigDict, prompt_ids: np.ndarray,
-             max_new_tokens: int, *, method: str = "greedy", temperature: float = 1.0,
-             top_k: int = 0, top_p: float = 1.0, num_beams: int = 4, length_penalty: float = 1.0,
-             no_repeat_ngram_size: int = 0, eos_id: int | None = None, seed: int = 0,
-             layout: mesh_lib.Layout | None = None) -> np.ndarray:
+def generate(
+  graphdef,
+  params,
+  cfg: ml_collections.ConfigDict,
+  prompt_ids: np.ndarray,
+  max_new_tokens: int,
+  *,
+  method: str = "greedy",
+  temperature: float = 1.0,
+  top_k: int = 0,
+  top_p: float = 1.0,
+  num_beams: int = 4,
+  length_penalty: float = 1.0,
+  no_repeat_ngram_size: int = 0,
+  eos_id: int | None = None,
+  seed: int = 0,
+  layout: mesh_lib.Layout | None = None,
+) -> np.ndarray:
   """New token ids [<= max_new_tokens] continuing `prompt_ids` (1-D), with a key/value cache.
 
   method: "greedy"; "sample" (temperature, then top_k highest logits, 0 = all, then top_p nucleus,
@@ -59,26 +75,44 @@ def generate(graphdef, params, cfg: ml_collections.ConfigDict, prompt_ids: np.nd
   cfg.n_positions, or an invalid option.
   """
   prompt = check_prompt(cfg, prompt_ids, max_new_tokens)
-  _check_options(cfg, method, temperature, top_k, top_p, num_beams, length_penalty,
-                 no_repeat_ngram_size, eos_id)
+  _check_options(
+    cfg, method, temperature, top_k, top_p, num_beams, length_penalty, no_repeat_ngram_size, eos_id
+  )
   layout, params = _placed(params, cfg, layout)
   params = model_lib.compute_params(params, cfg.dtype)
   decoder = cached_decoder(graphdef, cfg, cache_len(cfg, len(prompt) + max_new_tokens), layout)
   if method == "beam":
-    return _beam_search(decoder, params, prompt, max_new_tokens, num_beams, length_penalty,
-                        no_repeat_ngram_size, eos_id, cfg.vocab_size)
+    return _beam_search(
+      decoder,
+      params,
+      prompt,
+      max_new_tokens,
+      num_beams,
+      length_penalty,
+      no_repeat_ngram_size,
+      eos_id,
+      cfg.vocab_size,
+    )
   if method == "sample" and temperature > 0:
     key = jax.random.key(seed)
-    choose = lambda logits, banned, i: _sample(logits, banned, jax.random.fold_in(key, i),
-                                               temperature, top_k, top_p)
+    choose = lambda logits, banned, i: _sample(
+      logits, banned, jax.random.fold_in(key, i), temperature, top_k, top_p
+    )
   else:
     choose = lambda logits, banned, i: _greedy(logits, banned)
-  return _decode(decoder, params, prompt, max_new_tokens, choose, no_repeat_ngram_size, eos_id,
-                 cfg.vocab_size)
+  return _decode(
+    decoder, params, prompt, max_new_tokens, choose, no_repeat_ngram_size, eos_id, cfg.vocab_size
+  )
 
 
-def greedy_uncached(graphdef, params, cfg: ml_collections.ConfigDict, prompt_ids: np.ndarray,
-                    max_new_tokens: int, layout: mesh_lib.Layout | None = None) -> np.ndarray:
+def greedy_uncached(
+  graphdef,
+  params,
+  cfg: ml_collections.ConfigDict,
+  prompt_ids: np.ndarray,
+  max_new_tokens: int,
+  layout: mesh_lib.Layout | None = None,
+) -> np.ndarray:
   """Reference greedy decoding without a cache: the full forward over the whole sequence for
   every new token. The sequence is padded to its final length so the forward compiles once; causal
   attention keeps the padding out of every position before it."""
@@ -92,17 +126,18 @@ def greedy_uncached(graphdef, params, cfg: ml_collections.ConfigDict, prompt_ids
       return nnx.merge(graphdef, model_lib.compute_params(params, cfg.dtype))(tokens)
 
   seq = np.zeros((1, len(prompt) + max_new_tokens), np.int32)
-  seq[0, :len(prompt)] = prompt
+  seq[0, : len(prompt)] = prompt
   for t in range(len(prompt), seq.shape[1]):
-    seq[0, t] = np.argmax(np.asarray(forward(params, seq))[0, t - 1, :cfg.vocab_size])
-  return seq[0, len(prompt):]
+    seq[0, t] = np.argmax(np.asarray(forward(params, seq))[0, t - 1, : cfg.vocab_size])
+  return seq[0, len(prompt) :]
 
 
 # ----------------------------------------------------------------------------------------------
 # The cached forward
 # ----------------------------------------------------------------------------------------------
-def make_decoder(graphdef, cfg: ml_collections.ConfigDict, max_len: int,
-                 layout: mesh_lib.Layout | None = None) -> Decoder:
+def make_decoder(
+  graphdef, cfg: ml_collections.ConfigDict, max_len: int, layout: mesh_lib.Layout | None = None
+) -> Decoder:
   """Jits prefill, decode step and cache reorder for a cache of max_len positions. `layout` is a
   decoding_layout(); the `params` given to them are already placed for it (place()) and in the
   compute dtype (model_lib.compute_params)."""
@@ -133,11 +168,14 @@ def _forward(graphdef, cfg, params, cache: KVCache, tokens, start):
     block_params, keys, values = layer_in
     return nnx.merge(blocks_def, block_params).cached(x, (keys, values), start)
 
-  x, (keys, values) = jax.lax.scan(layer, model.embed(tokens, start),
-                                   (stacked, cache.keys, cache.values),
-                                   unroll=min(cfg.scan_unroll, cfg.n_layers))
+  x, (keys, values) = jax.lax.scan(
+    layer,
+    model.embed(tokens, start),
+    (stacked, cache.keys, cache.values),
+    unroll=min(cfg.scan_unroll, cfg.n_layers),
+  )
   # Only the last position's logits choose the next token: the head runs on it alone.
-  logits = model.head(x[:, -1:])[:, 0, :cfg.vocab_size]
+  logits = model.head(x[:, -1:])[:, 0, : cfg.vocab_size]
   return logits, KVCache(keys, values)
 
 
@@ -160,8 +198,10 @@ def cached_decoder(graphdef, cfg, max_len: int, layout: mesh_lib.Layout | None) 
   """make_decoder, memoised so that repeated generate() calls reuse the compiled functions. A
   graphdef holds its config dict and cannot be hashed: it is known by id, which stays unique while
   the memoised decoder keeps it alive."""
-  layout_key = layout and (layout.mesh, tuple(sorted((k, tuple(v))
-                                                      for k, v in layout.rules.items())))
+  layout_key = layout and (
+    layout.mesh,
+    tuple(sorted((k, tuple(v)) for k, v in layout.rules.items())),
+  )
   key = (id(graphdef), ml_collections.FrozenConfigDict(cfg), max_len, layout_key)
   if key not in _DECODERS:
     _DECODERS[key] = make_decoder(graphdef, cfg, max_len, layout)
@@ -186,8 +226,9 @@ def _placed(params, cfg, layout: mesh_lib.Layout | None):
 def place(params, cfg, layout: mesh_lib.Layout):
   """params on layout's devices, each sharded by its logical names (as training places them)."""
   logical = nnx.get_partition_spec(model_lib.abstract_model(cfg)[1])
-  shardings = jax.tree.map(lambda spec: layout.sharding(tuple(spec)), logical,
-                           is_leaf=mesh_lib.is_spec)
+  shardings = jax.tree.map(
+    lambda spec: layout.sharding(tuple(spec)), logical, is_leaf=mesh_lib.is_spec
+  )
   return jax.device_put(params, shardings)
 
 
@@ -228,8 +269,8 @@ def banned_tokens(seq: list[int], n: int) -> list[int]:
   those that followed an earlier occurrence of seq's last n - 1 tokens."""
   if n == 0 or len(seq) + 1 < n:
     return []
-  prefix = seq[len(seq) - n + 1:]
-  return [seq[i + n - 1] for i in range(len(seq) - n + 1) if seq[i:i + n - 1] == prefix]
+  prefix = seq[len(seq) - n + 1 :]
+  return [seq[i + n - 1] for i in range(len(seq) - n + 1) if seq[i : i + n - 1] == prefix]
 
 
 def _banned_mask(seqs: list[list[int]], n: int, vocab: int) -> np.ndarray:
@@ -247,13 +288,15 @@ def _decode(decoder: Decoder, params, prompt, n_new, choose, ngram, eos_id, voca
     seq.append(int(choose(logits, _banned_mask([seq], ngram, vocab), i)[0]))
     if seq[-1] == eos_id or i == n_new - 1:
       break
-    logits, cache = decoder.step(params, cache, np.asarray([seq[-1:]], np.int32),
-                                 np.int32(len(seq) - 1))
-  return np.asarray(seq[len(prompt):], np.int32)
+    logits, cache = decoder.step(
+      params, cache, np.asarray([seq[-1:]], np.int32), np.int32(len(seq) - 1)
+    )
+  return np.asarray(seq[len(prompt) :], np.int32)
 
 
-def _beam_search(decoder: Decoder, params, prompt, n_new, num_beams, length_penalty, ngram,
-                 eos_id, vocab) -> np.ndarray:
+def _beam_search(
+  decoder: Decoder, params, prompt, n_new, num_beams, length_penalty, ngram, eos_id, vocab
+) -> np.ndarray:
   """Hugging Face's beam search with early_stopping=True, for one prompt.
 
   Each step extends every beam by every token, ranks the candidates by their sum of log-probs and
@@ -278,7 +321,7 @@ def _beam_search(decoder: Decoder, params, prompt, n_new, num_beams, length_pena
       if token != eos_id:
         kept.append((beam, token, candidates[flat]))
       elif rank < num_beams and np.isfinite(candidates[flat]):  # -inf: a placeholder or banned
-        finished.append((candidates[flat] / (i + 1)**length_penalty, seqs[beam] + [token]))
+        finished.append((candidates[flat] / (i + 1) ** length_penalty, seqs[beam] + [token]))
       if len(kept) == num_beams:
         break
     parents, tokens, scores = (np.asarray(column) for column in zip(*kept))
@@ -289,11 +332,12 @@ def _beam_search(decoder: Decoder, params, prompt, n_new, num_beams, length_pena
       finished += [(s / n_new**length_penalty, seq) for s, seq in zip(scores, seqs)]
       break
     cache = decoder.reorder(cache, parents.astype(np.int32))
-    logits, cache = decoder.step(params, cache, tokens.astype(np.int32)[:, None],
-                                 np.int32(len(prompt) + i))
+    logits, cache = decoder.step(
+      params, cache, tokens.astype(np.int32)[:, None], np.int32(len(prompt) + i)
+    )
     logprobs = _log_softmax(logits)
   best = max(finished, key=lambda f: f[0])[1]
-  return np.asarray(best[len(prompt):], np.int32)
+  return np.asarray(best[len(prompt) :], np.int32)
 
 
 def _log_softmax(logits) -> np.ndarray:
@@ -310,52 +354,73 @@ def check_prompt(cfg, prompt_ids, max_new_tokens: int) -> np.ndarray:
   """The prompt as int32, after checking it and the length against the model."""
   prompt = np.asarray(prompt_ids)
   if prompt.ndim != 1 or prompt.size == 0:
-    raise InputError(f"generate: the prompt must be a non-empty 1-D array of token ids, got shape "
-                     f"{prompt.shape}. Encode at least one token (e.g. a newline).")
-  if not np.issubdtype(prompt.dtype, np.integer) or prompt.min() < 0 \
-      or prompt.max() >= cfg.vocab_size:
-    raise InputError(f"generate: prompt ids must be integers in [0, {cfg.vocab_size}) (the model's "
-                     "vocabulary). Encode it with the tokenizer the model was trained with.")
+    raise InputError(
+      f"generate: the prompt must be a non-empty 1-D array of token ids, got shape "
+      f"{prompt.shape}. Encode at least one token (e.g. a newline)."
+    )
+  if (
+    not np.issubdtype(prompt.dtype, np.integer)
+    or prompt.min() < 0
+    or prompt.max() >= cfg.vocab_size
+  ):
+    raise InputError(
+      f"generate: prompt ids must be integers in [0, {cfg.vocab_size}) (the model's "
+      "vocabulary). Encode it with the tokenizer the model was trained with."
+    )
   if not _is_int(max_new_tokens) or max_new_tokens < 1:
     raise InputError(f"generate: max_new_tokens={max_new_tokens!r} must be an integer >= 1.")
   if prompt.size >= cfg.n_positions:
-    raise InputError(f"generate: the prompt has {prompt.size} tokens, which leaves none of the "
-                     f"model's {cfg.n_positions} positions for new tokens. Shorten the prompt to at "
-                     f"most {cfg.n_positions - 1} tokens.")
+    raise InputError(
+      f"generate: the prompt has {prompt.size} tokens, which leaves none of the "
+      f"model's {cfg.n_positions} positions for new tokens. Shorten the prompt to at "
+      f"most {cfg.n_positions - 1} tokens."
+    )
   if prompt.size + max_new_tokens > cfg.n_positions:
-    raise InputError(f"generate: a prompt of {prompt.size} tokens plus max_new_tokens="
-                     f"{max_new_tokens} is longer than the model's {cfg.n_positions} positions. "
-                     f"Shorten the prompt or ask for at most {cfg.n_positions - prompt.size} "
-                     "tokens (--config.generate.max_new_tokens).")
+    raise InputError(
+      f"generate: a prompt of {prompt.size} tokens plus max_new_tokens="
+      f"{max_new_tokens} is longer than the model's {cfg.n_positions} positions. "
+      f"Shorten the prompt or ask for at most {cfg.n_positions - prompt.size} "
+      "tokens (--config.generate.max_new_tokens)."
+    )
   return prompt.astype(np.int32)
 
 
-def _check_options(cfg, method, temperature, top_k, top_p, num_beams, length_penalty,
-                   no_repeat_ngram_size, eos_id) -> None:
+def _check_options(
+  cfg, method, temperature, top_k, top_p, num_beams, length_penalty, no_repeat_ngram_size, eos_id
+) -> None:
   def fail(what: str, fix: str):
     raise InputError(f"generate: {what}. {fix}")
 
   if method not in METHODS:
     fail(f"unknown method {method!r}", f"Choose one of: {', '.join(METHODS)}.")
   if not temperature >= 0:
-    fail(f"temperature={temperature!r} must be >= 0", "Use 1 for the model's distribution, 0 "
-         "for greedy, in between for a sharper one.")
+    fail(
+      f"temperature={temperature!r} must be >= 0",
+      "Use 1 for the model's distribution, 0 for greedy, in between for a sharper one.",
+    )
   if not _is_int(top_k) or top_k < 0:
     fail(f"top_k={top_k!r} must be an integer >= 0", "Use 0 to keep every token.")
   if not 0 < top_p <= 1:
-    fail(f"top_p={top_p!r} must be in (0, 1]", "Use 1 to keep every token, e.g. 0.9 for the "
-         "nucleus of 90% probability.")
+    fail(
+      f"top_p={top_p!r} must be in (0, 1]",
+      "Use 1 to keep every token, e.g. 0.9 for the nucleus of 90% probability.",
+    )
   if not _is_int(num_beams) or num_beams < 1:
     fail(f"num_beams={num_beams!r} must be an integer >= 1", "E.g. 4; 1 is greedy.")
   if not math.isfinite(length_penalty):
-    fail(f"length_penalty={length_penalty!r} must be finite", "Use 1 for the mean log-prob, 0 "
-         "for the sum.")
+    fail(
+      f"length_penalty={length_penalty!r} must be finite",
+      "Use 1 for the mean log-prob, 0 for the sum.",
+    )
   if not _is_int(no_repeat_ngram_size) or no_repeat_ngram_size < 0:
-    fail(f"no_repeat_ngram_size={no_repeat_ngram_size!r} must be an integer >= 0",
-         "Use 0 for no ban.")
+    fail(
+      f"no_repeat_ngram_size={no_repeat_ngram_size!r} must be an integer >= 0", "Use 0 for no ban."
+    )
   if eos_id is not None and not (_is_int(eos_id) and 0 <= eos_id < cfg.vocab_size):
-    fail(f"eos_id={eos_id!r} is not a token id in [0, {cfg.vocab_size})", "Pass the tokenizer's "
-         "end-of-text id, or None.")
+    fail(
+      f"eos_id={eos_id!r} is not a token id in [0, {cfg.vocab_size})",
+      "Pass the tokenizer's end-of-text id, or None.",
+    )
 
 
 def _is_int(x) -> bool:

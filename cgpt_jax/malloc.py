@@ -5,6 +5,7 @@ again on the next: up to seconds of system time per step at d=768 (docs/performa
 mapped needs the tunables in the environment at process start, so an entry point re-execs itself
 once with them set. Imports nothing heavy: it runs before jax is imported.
 """
+
 import os
 import sys
 

@@ -8,6 +8,7 @@ Every parameter carries logical axis names (`out_sharding` metadata) and the lay
 `layers` axis, so `mesh.Layout` can shard any of them without the model knowing about devices. The
 blocks are created with `nnx.vmap` and applied with `lax.scan`: compile time stays flat in depth.
 """
+
 import functools
 import math
 
@@ -25,7 +26,9 @@ nnx.use_eager_sharding(False)
 
 
 # Standard deviation of a unit normal truncated to [-2, 2]: Cerebras' "std 0.02" draws have std 0.0176.
-TRUNCATED_STD_RATIO = math.sqrt(1 - 4 * math.exp(-2) / math.sqrt(2 * math.pi) / math.erf(math.sqrt(2)))
+TRUNCATED_STD_RATIO = math.sqrt(
+  1 - 4 * math.exp(-2) / math.sqrt(2 * math.pi) / math.erf(math.sqrt(2))
+)
 
 
 def _trunc_normal(std: float):
@@ -43,7 +46,6 @@ def _zeros(shape, names) -> nnx.Param:
 
 
 class LayerNorm(nnx.Module):
-
   def __init__(self, d: int, eps: float):
     self.scale = nnx.Param(jnp.ones((d,), jnp.float32), out_sharding=("embed",))
     self.bias = _zeros((d,), ("embed",))
@@ -65,11 +67,13 @@ class Attention(nnx.Module):
   def __init__(self, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs):
     d, h = cfg.d_model, cfg.n_heads
     dh = d // h
-    self.qkv_kernel = _param(rngs, _trunc_normal(cfg.hidden_init_std), (d, 3, h, dh),
-                             ("embed", None, "heads", "head_dim"))
+    self.qkv_kernel = _param(
+      rngs, _trunc_normal(cfg.hidden_init_std), (d, 3, h, dh), ("embed", None, "heads", "head_dim")
+    )
     self.qkv_bias = _zeros((3, h, dh), (None, "heads", "head_dim"))
-    self.out_kernel = _param(rngs, _trunc_normal(cfg.residual_init_std), (h, dh, d),
-                             ("heads", "head_dim", "embed"))
+    self.out_kernel = _param(
+      rngs, _trunc_normal(cfg.residual_init_std), (h, dh, d), ("heads", "head_dim", "embed")
+    )
     self.out_bias = _zeros((d,), ("embed",))
     self.scale = cfg.attention_scale  # 1/sqrt(d_head); muP: 1/d_head
 
@@ -94,8 +98,9 @@ class Attention(nnx.Module):
     Each query sees the cache up to its own position: the slots past it are stale or empty.
     """
     q, k, v = self.project(x)
-    keys, values = (jax.lax.dynamic_update_slice_in_dim(c, a, start, axis=1)
-                    for c, a in zip(cache, (k, v)))
+    keys, values = (
+      jax.lax.dynamic_update_slice_in_dim(c, a, start, axis=1) for c, a in zip(cache, (k, v))
+    )
     keys, values = (constrain(c, ("batch", "seq", "heads", "head_dim")) for c in (keys, values))
     visible = jnp.arange(keys.shape[1]) <= start + jnp.arange(x.shape[1])[:, None]
     return self.attend(q, keys, values, visible) + self.output_bias(), (keys, values)
@@ -141,7 +146,6 @@ softmax_keeping.defvjp(_softmax_keeping_fwd, _softmax_keeping_bwd)
 
 
 class MLP(nnx.Module):
-
   def __init__(self, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs):
     d, f = cfg.d_model, cfg.d_ff
     self.fc_kernel = _param(rngs, _trunc_normal(cfg.hidden_init_std), (d, f), ("embed", "mlp"))
@@ -163,7 +167,6 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-
   def __init__(self, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs):
     self.ln1 = LayerNorm(cfg.d_model, cfg.ln_eps)
     self.attn = Attention(cfg, rngs)
@@ -204,7 +207,6 @@ grad_barrier.defvjp(lambda x: (x, None), lambda _, g: (jax.lax.optimization_barr
 
 
 class GPT(nnx.Module):
-
   def __init__(self, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs):
     self.cfg = cfg
     # The table has padded_vocab(cfg) rows so that it splits evenly over a tensor axis; the rows past
@@ -213,8 +215,9 @@ class GPT(nnx.Module):
     real = _trunc_normal(cfg.init_std)(rngs.params(), (cfg.vocab_size, cfg.d_model), jnp.float32)
     pad = jnp.zeros((padded_vocab(cfg) - cfg.vocab_size, cfg.d_model), jnp.float32)
     self.wte = nnx.Param(jnp.concatenate([real, pad]), out_sharding=("vocab", "embed"))
-    self.wpe = _param(rngs, _trunc_normal(cfg.init_std), (cfg.n_positions, cfg.d_model),
-                      (None, "embed"))
+    self.wpe = _param(
+      rngs, _trunc_normal(cfg.init_std), (cfg.n_positions, cfg.d_model), (None, "embed")
+    )
 
     @nnx.split_rngs(splits=cfg.n_layers)
     @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
@@ -233,8 +236,9 @@ class GPT(nnx.Module):
     """
     return self.head(self.hidden(tokens, run_blocks, start))
 
-  def token_nll(self, tokens: jax.Array, targets: jax.Array, run_blocks=None,
-                start: jax.Array | int = 0) -> jax.Array:
+  def token_nll(
+    self, tokens: jax.Array, targets: jax.Array, run_blocks=None, start: jax.Array | int = 0
+  ) -> jax.Array:
     """The next-token loss of each position [batch, seq] (token_nll), as __call__ runs the model."""
     return self.head_nll(self.hidden(tokens, run_blocks, start), targets)
 
@@ -294,8 +298,9 @@ def compute_params(params, dtype: str):
   """The parameters as the forward pass uses them: float32 master copies in their compute_dtype."""
   if dtype == "float32":
     return params
-  return jax.tree_util.tree_map_with_path(lambda path, x: x.astype(compute_dtype(path, dtype)),
-                                          params)
+  return jax.tree_util.tree_map_with_path(
+    lambda path, x: x.astype(compute_dtype(path, dtype)), params
+  )
 
 
 REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.checkpoint_dots}
@@ -314,11 +319,19 @@ def rematerialise(f, policy: str, streams: bool = False):
   return jax.checkpoint(f, policy=REMAT_POLICIES[policy])
 
 
-def scan_blocks(cfg: ml_collections.ConfigDict, graphdef, stacked, x: jax.Array,
-                remat: str | None = None, load=None, streams: bool = False) -> jax.Array:
+def scan_blocks(
+  cfg: ml_collections.ConfigDict,
+  graphdef,
+  stacked,
+  x: jax.Array,
+  remat: str | None = None,
+  load=None,
+  streams: bool = False,
+) -> jax.Array:
   """Applies the blocks stacked along the leading axis of `stacked` in order (a lax.scan), each
   under remat policy `remat` (default cfg.remat). `load(params)`, if given, turns a layer's slice
   of `stacked` into its weights inside the rematerialised step; `streams` says it gathers them."""
+
   def layer(x, params):
     if cfg.grad_barrier:
       x = grad_barrier(x)

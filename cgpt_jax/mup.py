@@ -10,6 +10,7 @@ Hyperparameters are tuned once at a base width (256) and transferred to width d 
 Under these rules every layer's activations stay the same size as the model widens, during training
 as well as at init; `activation_rms` measures that (experiments/mup_coord_check.py).
 """
+
 import math
 
 import jax
@@ -35,13 +36,13 @@ def parameterisation(model: ml_collections.ConfigDict, big_residual_rule: bool =
   else:
     residual = 0.0025 if big_residual_rule else std / math.sqrt(2 * model.n_layers)
   return {
-      "init_std": std,
-      "hidden_init_std": std / math.sqrt(m),
-      "residual_init_std": residual,
-      "embed_multiplier": EMBED_MULTIPLIER if model.mup else 1.0,
-      "output_multiplier": 1 / m,
-      "attention_scale": 1 / d_head if model.mup else d_head**-0.5,
-      "hidden_lr_multiplier": 1 / m,
+    "init_std": std,
+    "hidden_init_std": std / math.sqrt(m),
+    "residual_init_std": residual,
+    "embed_multiplier": EMBED_MULTIPLIER if model.mup else 1.0,
+    "output_multiplier": 1 / m,
+    "attention_scale": 1 / d_head if model.mup else d_head**-0.5,
+    "hidden_lr_multiplier": 1 / m,
   }
 
 
@@ -54,6 +55,6 @@ def activation_rms(model, tokens: jax.Array) -> dict[str, jax.Array]:
   for i in range(model.cfg.n_layers):
     x = nnx.merge(graphdef, jax.tree.map(lambda a: a[i], stacked))(x)
     rms[f"block {i + 1}"] = jnp.sqrt(jnp.mean(jnp.square(x.astype(jnp.float32))))
-  logits = model.head(x)[..., :model.cfg.vocab_size]
+  logits = model.head(x)[..., : model.cfg.vocab_size]
   rms["logits"] = jnp.sqrt(jnp.mean(jnp.square(logits)))
   return rms

@@ -6,6 +6,7 @@ warm-up followed by a linear or cosine decay to `final_lr_fraction` of the peak 
 (REFERENCE.md §1). Under muP the hidden matrices' step is scaled by `hidden_lr_multiplier` (1/m) with
 a labelled optax.multi_transform, so their Adam LR is base LR / m.
 """
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -34,14 +35,17 @@ def schedule(o: ml_collections.ConfigDict, steps: int) -> optax.Schedule:
     after = optax.cosine_decay_schedule(peak, decay_steps, alpha=o.final_lr_fraction)
   if o.warmup_steps == 0:
     return after
-  return optax.join_schedules([optax.linear_schedule(0.0, peak, o.warmup_steps), after],
-                              [o.warmup_steps])
+  return optax.join_schedules(
+    [optax.linear_schedule(0.0, peak, o.warmup_steps), after], [o.warmup_steps]
+  )
 
 
 def _named_any(names):
   def label(params):
     return jax.tree_util.tree_map_with_path(
-        lambda path, _: any(getattr(k, "key", None) in names for k in path), params)
+      lambda path, _: any(getattr(k, "key", None) in names for k in path), params
+    )
+
   return label
 
 
@@ -65,24 +69,37 @@ def _adafactor(o: ml_collections.ConfigDict, lr: optax.Schedule) -> optax.Gradie
   # Decay scaled by the learning rate, as AdamW's, so optim.weight_decay means the same for both.
   decay = (lambda count: o.weight_decay * lr(count)) if o.weight_decay else None
   return optax.adafactor(
-      lr, min_dim_size_to_factor=a.factor_min_dim, decay_rate=a.decay_rate,
-      multiply_by_parameter_scale=a.parameter_scale, clipping_threshold=a.clip_threshold or None,
-      momentum=a.momentum or None, weight_decay_rate=decay, factored=a.factored,
-      weight_decay_mask=decay_mask)
+    lr,
+    min_dim_size_to_factor=a.factor_min_dim,
+    decay_rate=a.decay_rate,
+    multiply_by_parameter_scale=a.parameter_scale,
+    clipping_threshold=a.clip_threshold or None,
+    momentum=a.momentum or None,
+    weight_decay_rate=decay,
+    factored=a.factored,
+    weight_decay_mask=decay_mask,
+  )
 
 
-def make_optimizer(o: ml_collections.ConfigDict, steps: int,
-                   hidden_lr_multiplier: float = 1.0) -> optax.GradientTransformation:
+def make_optimizer(
+  o: ml_collections.ConfigDict, steps: int, hidden_lr_multiplier: float = 1.0
+) -> optax.GradientTransformation:
   lr = schedule(o, steps)
   if o.name == "adafactor":
     base = _adafactor(o, lr)
   else:
-    base = optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, mask=decay_mask)
+    base = optax.adamw(
+      lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, mask=decay_mask
+    )
   parts = [optax.clip_by_global_norm(o.clip_norm), base]
   if hidden_lr_multiplier != 1:
     # Stateless, so the optimizer state is the same tree as without muP.
-    labels = lambda params: jax.tree.map(lambda h: "hidden" if h else "base",
-                                         _named_any(HIDDEN)(params))
-    parts.append(optax.multi_transform(
-        {"hidden": optax.scale(hidden_lr_multiplier), "base": optax.identity()}, labels))
+    labels = lambda params: jax.tree.map(
+      lambda h: "hidden" if h else "base", _named_any(HIDDEN)(params)
+    )
+    parts.append(
+      optax.multi_transform(
+        {"hidden": optax.scale(hidden_lr_multiplier), "base": optax.identity()}, labels
+      )
+    )
   return optax.chain(*parts)

@@ -30,6 +30,7 @@ Memory. model.remat applies to each iteration: with "full" the backward keeps on
 order, so activations grow with M; the 1F1B family (at most S microbatches alive per stage) runs
 its backward by hand (pipeline_1f1b.py). Every schedule's evaluation runs this forward loop.
 """
+
 import dataclasses
 import functools
 
@@ -38,7 +39,8 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from cgpt_jax import model as model_lib, pipeline_1f1b, spmd, timeline
+from cgpt_jax import model as model_lib
+from cgpt_jax import pipeline_1f1b, spmd, timeline
 from cgpt_jax.errors import InputError
 from cgpt_jax.mesh import Layout
 
@@ -107,26 +109,35 @@ class Schedule:
     S, M, R = self.stages, self.microbatches, self.repeats
     others = timeline.compare(S, M, R)  # this schedule's table among them
     table = others.pop(self.name)
-    described = {"schedule": self.name, "stages": S, "repeats": R, "microbatches": M,
-                 "iterations": self.iterations, "bubble_fraction_theory": self.bubble_fraction,
-                 "bubble_fraction_table": table["bubble_fraction_table"],
-                 "peak_in_flight_per_stage": table["peak_in_flight_per_stage"],
-                 "layer_flops_ratio_theory": self.layer_flops_ratio, "other_schedules": others}
+    described = {
+      "schedule": self.name,
+      "stages": S,
+      "repeats": R,
+      "microbatches": M,
+      "iterations": self.iterations,
+      "bubble_fraction_theory": self.bubble_fraction,
+      "bubble_fraction_table": table["bubble_fraction_table"],
+      "peak_in_flight_per_stage": table["peak_in_flight_per_stage"],
+      "layer_flops_ratio_theory": self.layer_flops_ratio,
+      "other_schedules": others,
+    }
     if self.hand_written:
       p = self.program
       described["executed"] = {
-          "rounds": p.rounds, "bubble_fraction_rounds":
-              p.branch_runs()[pipeline_1f1b.IDLE] / p.rounds,
-          "slots": {"activations": p.act_slots, "cotangents": p.cot_slots,
-                    "stash": p.stash_slots},
-          "messages": p.messages(), "messages_sent": 2 * S * p.rounds}
+        "rounds": p.rounds,
+        "bubble_fraction_rounds": p.branch_runs()[pipeline_1f1b.IDLE] / p.rounds,
+        "slots": {"activations": p.act_slots, "cotangents": p.cot_slots, "stash": p.stash_slots},
+        "messages": p.messages(),
+        "messages_sent": 2 * S * p.rounds,
+      }
     return described
 
   def plot(self, path) -> None:
     """The schedule's timeline, stage x time, as a PNG."""
     ops = timeline.simulate(self.name, self.stages, self.microbatches, self.repeats)
-    timeline.plot(ops, self.stages, f"{self.name} S={self.stages} M={self.microbatches} "
-                  f"R={self.repeats}", path)
+    timeline.plot(
+      ops, self.stages, f"{self.name} S={self.stages} M={self.microbatches} R={self.repeats}", path
+    )
 
 
 def make_schedule(cfg: ml_collections.ConfigDict, layout: Layout) -> Schedule | None:
@@ -136,46 +147,57 @@ def make_schedule(cfg: ml_collections.ConfigDict, layout: Layout) -> Schedule | 
     return None
   p, m, d = cfg.pipeline, cfg.model, cfg.data
   if p.schedule not in SCHEDULES:
-    raise InputError(f"config pipeline.schedule={p.schedule!r}: unknown schedule. "
-                     f"Choose one of: {', '.join(SCHEDULES)}.")
+    raise InputError(
+      f"config pipeline.schedule={p.schedule!r}: unknown schedule. "
+      f"Choose one of: {', '.join(SCHEDULES)}."
+    )
   if p.schedule not in CHUNKED and p.repeats != 1:
-    raise InputError(f"config pipeline.repeats={p.repeats}: repeats apply to the circular and "
-                     f"interleaved_1f1b schedules only, not {p.schedule}. Set "
-                     "--config.pipeline.schedule=circular (or interleaved_1f1b), or "
-                     "--config.pipeline.repeats=1.")
+    raise InputError(
+      f"config pipeline.repeats={p.repeats}: repeats apply to the circular and "
+      f"interleaved_1f1b schedules only, not {p.schedule}. Set "
+      "--config.pipeline.schedule=circular (or interleaved_1f1b), or "
+      "--config.pipeline.repeats=1."
+    )
   if p.schedule == "interleaved_1f1b" and (p.repeats < 2 or p.microbatches % stages):
     raise InputError(
-        f"config pipeline.repeats={p.repeats}, pipeline.microbatches={p.microbatches}: "
-        f"interleaved_1f1b runs R >= 2 chunks per stage over groups of {stages} microbatches "
-        f"(Megatron's interleaving). Set --config.pipeline.repeats=2 or more and microbatches to a "
-        f"multiple of {stages}.")
+      f"config pipeline.repeats={p.repeats}, pipeline.microbatches={p.microbatches}: "
+      f"interleaved_1f1b runs R >= 2 chunks per stage over groups of {stages} microbatches "
+      f"(Megatron's interleaving). Set --config.pipeline.repeats=2 or more and microbatches to a "
+      f"multiple of {stages}."
+    )
   if p.repeats < 1 or p.microbatches < 1:
-    raise InputError(f"config pipeline: repeats={p.repeats} and microbatches={p.microbatches} must be "
-                     "positive integers.")
+    raise InputError(
+      f"config pipeline: repeats={p.repeats} and microbatches={p.microbatches} must be "
+      "positive integers."
+    )
   if m.n_layers % (stages * p.repeats):
     raise InputError(
-        f"config model.n_layers={m.n_layers}: not divisible by pipe stages x repeats = {stages} x "
-        f"{p.repeats} = {stages * p.repeats}, so the stages would hold different numbers of layers. "
-        f"Use a layer count that is a multiple of {stages * p.repeats}, or change mesh.pipe or "
-        "pipeline.repeats.")
+      f"config model.n_layers={m.n_layers}: not divisible by pipe stages x repeats = {stages} x "
+      f"{p.repeats} = {stages * p.repeats}, so the stages would hold different numbers of layers. "
+      f"Use a layer count that is a multiple of {stages * p.repeats}, or change mesh.pipe or "
+      "pipeline.repeats."
+    )
   if p.microbatches < stages:
     raise InputError(
-        f"config pipeline.microbatches={p.microbatches}: fewer microbatches than the {stages} pipe "
-        f"stages; stages would idle most of the step (and the circular schedule needs M >= S to loop "
-        f"back). Use --config.pipeline.microbatches={stages} or more.")
+      f"config pipeline.microbatches={p.microbatches}: fewer microbatches than the {stages} pipe "
+      f"stages; stages would idle most of the step (and the circular schedule needs M >= S to loop "
+      f"back). Use --config.pipeline.microbatches={stages} or more."
+    )
   ways = p.microbatches * layout.batch_size_divisor
   k = cfg.train.grad_accum  # the pipeline runs once per micro-step, on 1/k of the batch
   for key, batch in (("global_batch", d.global_batch // k), ("eval_batch", d.eval_batch)):
     if batch % ways:
       per_step = f" / train.grad_accum {k} = {batch}" if key == "global_batch" and k > 1 else ""
       raise InputError(
-          f"config data.{key}={d[key]}{per_step}: not divisible by microbatches x batch devices = "
-          f"{p.microbatches} x {layout.batch_size_divisor} = {ways}. Use a multiple of {ways}, or "
-          "change pipeline.microbatches.")
+        f"config data.{key}={d[key]}{per_step}: not divisible by microbatches x batch devices = "
+        f"{p.microbatches} x {layout.batch_size_divisor} = {ways}. Use a multiple of {ways}, or "
+        "change pipeline.microbatches."
+      )
   if d.seq_len % stages:
     raise InputError(
-        f"config data.seq_len={d.seq_len}: not divisible by the {stages} pipe stages, which share "
-        f"the embedding and head along the sequence. Use a multiple of {stages}.")
+      f"config data.seq_len={d.seq_len}: not divisible by the {stages} pipe stages, which share "
+      f"the embedding and head along the sequence. Use a multiple of {stages}."
+    )
   return Schedule(p.schedule, stages, p.repeats, p.microbatches)
 
 
@@ -194,8 +216,11 @@ def to_stages(params: nnx.State, schedule: Schedule) -> nnx.State:
     names = tuple(v.get_metadata()["out_sharding"])
     shape = (r, s, v.shape[0] // (r * s), *v.shape[1:])
     value = v.get_value()
-    value = (jax.ShapeDtypeStruct(shape, v.dtype) if isinstance(value, jax.ShapeDtypeStruct)
-             else value.reshape(shape))
+    value = (
+      jax.ShapeDtypeStruct(shape, v.dtype)
+      if isinstance(value, jax.ShapeDtypeStruct)
+      else value.reshape(shape)
+    )
     return v.replace(value=value, out_sharding=("repeats", "stage", *names))
 
   return _map_blocks(split, params)
@@ -203,6 +228,7 @@ def to_stages(params: nnx.State, schedule: Schedule) -> nnx.State:
 
 def from_stages(params: nnx.State) -> nnx.State:
   """Inverse of to_stages: [R, S, K, ...] back to [L, ...] in layer order."""
+
   def merge(v: nnx.Variable) -> nnx.Variable:
     names = tuple(v.get_metadata()["out_sharding"])[2:]
     return v.replace(value=v.get_value().reshape(-1, *v.shape[3:]), out_sharding=names)
@@ -219,8 +245,9 @@ def _map_blocks(f, params: nnx.State) -> nnx.State:
 # ----------------------------------------------------------------------------------------------
 # The schedule
 # ----------------------------------------------------------------------------------------------
-def make_run_blocks(cfg: ml_collections.ConfigDict, schedule: Schedule, load,
-                    bubble_fill: float = 0.0):
+def make_run_blocks(
+  cfg: ml_collections.ConfigDict, schedule: Schedule, load, bubble_fill: float = 0.0
+):
   """A `run_blocks(graphdef, stacked, x)` for model.GPT that runs the stacked layers as `schedule`
   over the pipe axis. It runs inside the step's shard_map (spmd.py), where `pipe` and the batch axes
   are manual: `stacked` is this stage's [R, 1, K, ...] and x this device's rows of its 1/S of the
@@ -240,8 +267,9 @@ def make_run_blocks(cfg: ml_collections.ConfigDict, schedule: Schedule, load,
     stacked = load(stacked, 3)
 
     def stage(stacked, repeat, inp):
-      weights = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, repeat, keepdims=False),
-                             stacked)
+      weights = jax.tree.map(
+        lambda a: jax.lax.dynamic_index_in_dim(a, repeat, keepdims=False), stacked
+      )
       return model_lib.scan_blocks(cfg, graphdef, weights, inp, remat="none")
 
     # Per iteration: "full" keeps only each iteration's stage input for the backward.

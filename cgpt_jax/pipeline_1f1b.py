@@ -28,6 +28,7 @@ Embedding and head run on the first and last stage for whole microbatches (Megat
 not spread over the stages along the sequence as pipeline.py does: the loss of microbatch j must
 exist before its backward can start, in the middle of the step.
 """
+
 import dataclasses
 from typing import Any, NamedTuple
 
@@ -36,24 +37,41 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cgpt_jax import model as model_lib, spmd, timeline
+from cgpt_jax import model as model_lib
+from cgpt_jax import spmd, timeline
 
 AXIS = "pipe"
 SCHEDULES = ("1f1b", "interleaved_1f1b", "zb_h1")
 # The branches of a round's lax.switch, in table order.
-BRANCHES = ("idle", "forward", "forward_embed", "forward_head", "backward", "backward_embed",
-            "weights")
+BRANCHES = (
+  "idle",
+  "forward",
+  "forward_embed",
+  "forward_head",
+  "backward",
+  "backward_embed",
+  "weights",
+)
 IDLE, FORWARD, FORWARD_EMBED, FORWARD_HEAD, BACKWARD, BACKWARD_EMBED, WEIGHTS = range(len(BRANCHES))
 # A table row: the branch, its microbatch and chunk, the slots it reads (arrived activation, cotangent)
 # and writes or reads (stash), and the slots this stage files the round's arrivals in (-1: none).
-FIELDS = ("branch", "microbatch", "chunk", "act_slot", "cot_slot", "stash_slot", "file_act",
-          "file_cot")
+FIELDS = (
+  "branch",
+  "microbatch",
+  "chunk",
+  "act_slot",
+  "cot_slot",
+  "stash_slot",
+  "file_act",
+  "file_cot",
+)
 BRANCH, MICROBATCH, CHUNK, ACT_SLOT, COT_SLOT, STASH_SLOT, FILE_ACT, FILE_COT = range(len(FIELDS))
 
 
 @dataclasses.dataclass(frozen=True)
 class Program:
   """A schedule as lockstep rounds: table[round, stage, FIELDS] and each buffer's slot count."""
+
   name: str
   stages: int
   microbatches: int
@@ -79,8 +97,10 @@ class Program:
 
   def messages(self) -> dict[str, int]:
     """Activations and cotangents that cross to another stage in the step (all stages)."""
-    return {"forward": int((self.table[:, :, FILE_ACT] >= 0).sum()),
-            "backward": int((self.table[:, :, FILE_COT] >= 0).sum())}
+    return {
+      "forward": int((self.table[:, :, FILE_ACT] >= 0).sum()),
+      "backward": int((self.table[:, :, FILE_COT] >= 0).sum()),
+    }
 
 
 def _colour(intervals: list[tuple[int, int, Any]]) -> tuple[dict, int]:
@@ -90,7 +110,7 @@ def _colour(intervals: list[tuple[int, int, Any]]) -> tuple[dict, int]:
   slot_of = {}
   for written, read, key in sorted(intervals, key=lambda i: i[:2]):
     slot = next((i for i, end in enumerate(ends) if end <= written), len(ends))
-    ends[slot:slot + 1] = [read]
+    ends[slot : slot + 1] = [read]
     slot_of[key] = slot
   return slot_of, len(ends)
 
@@ -231,8 +251,7 @@ def make_value_and_grad(cfg, program: Program, graphdef, bubble_fill: float = 0.
       return jax.tree.unflatten(structure["treedef"], leaves)
 
     def add_chunk_grads(acc, c, dw):
-      return jax.tree.map(
-          lambda a, g: _put(a, c, _get(a, c) + g.astype(jnp.float32)), acc, dw)
+      return jax.tree.map(lambda a, g: _put(a, c, _get(a, c) + g.astype(jnp.float32)), acc, dw)
 
     def add(acc, g):
       return jax.tree.map(lambda a, x: a + x.astype(jnp.float32), acc, g)
@@ -254,10 +273,12 @@ def make_value_and_grad(cfg, program: Program, graphdef, bubble_fill: float = 0.
       if not head_after:
         return carry._replace(to_next=y.astype(wire))
       # The last layer's output: the loss now, and its gradient as this microbatch's cotangent.
-      loss, (d_others, dy) = jax.value_and_grad(head_loss, argnums=(0, 1))(
-          others, y, tokens[:, 1:])
-      return carry._replace(loss=carry.loss + loss, other_grads=add(carry.other_grads, d_others),
-                            cots=_put(carry.cots, row[COT_SLOT], dy.astype(wire)))
+      loss, (d_others, dy) = jax.value_and_grad(head_loss, argnums=(0, 1))(others, y, tokens[:, 1:])
+      return carry._replace(
+        loss=carry.loss + loss,
+        other_grads=add(carry.other_grads, d_others),
+        cots=_put(carry.cots, row[COT_SLOT], dy.astype(wire)),
+      )
 
     def backward(carry, row, embed_after=False, part="both"):
       c = row[CHUNK]
@@ -276,14 +297,13 @@ def make_value_and_grad(cfg, program: Program, graphdef, bubble_fill: float = 0.
 
     split = program.name == "zb_h1"
     branches = [
-        idle,
-        forward,
-        lambda carry, row: forward(carry, row, embed_first=True),
-        lambda carry, row: forward(carry, row, head_after=True),
-        lambda carry, row: backward(carry, row, part="input" if split else "both"),
-        lambda carry, row: backward(carry, row, embed_after=True,
-                                    part="input" if split else "both"),
-        lambda carry, row: backward(carry, row, part="weights"),
+      idle,
+      forward,
+      lambda carry, row: forward(carry, row, embed_first=True),
+      lambda carry, row: forward(carry, row, head_after=True),
+      lambda carry, row: backward(carry, row, part="input" if split else "both"),
+      lambda carry, row: backward(carry, row, embed_after=True, part="input" if split else "both"),
+      lambda carry, row: backward(carry, row, part="weights"),
     ]
     if not split:
       branches[WEIGHTS] = idle  # never taken
@@ -293,23 +313,29 @@ def make_value_and_grad(cfg, program: Program, graphdef, bubble_fill: float = 0.
       carry = jax.lax.switch(row[BRANCH], branches, carry, row)
       arrived_act = jax.lax.ppermute(carry.to_next, AXIS, forward_ring)
       arrived_cot = jax.lax.ppermute(carry.to_prev, AXIS, backward_ring)
-      return carry._replace(acts=_file(carry.acts, row[FILE_ACT], arrived_act),
-                            cots=_file(carry.cots, row[FILE_COT], arrived_cot)), None
+      return carry._replace(
+        acts=_file(carry.acts, row[FILE_ACT], arrived_act),
+        cots=_file(carry.cots, row[FILE_COT], arrived_cot),
+      ), None
 
     def fill(shape, dtype):
       return jnp.full(shape, bubble_fill if jnp.issubdtype(dtype, jnp.floating) else 0, dtype)
 
     message = fill((mb, T, d), wire)
     carry = Carry(
-        acts=fill((program.act_slots, mb, T, d), wire),
-        cots=fill((program.cot_slots, mb, T, d), wire),
-        stash=[fill((program.stash_slots, *r.shape), r.dtype) for r in stash_shapes],
-        block_grads=jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), blocks),
-        other_grads=jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), others),
-        loss=jnp.zeros((), jnp.float32), to_next=message, to_prev=message)
+      acts=fill((program.act_slots, mb, T, d), wire),
+      cots=fill((program.cot_slots, mb, T, d), wire),
+      stash=[fill((program.stash_slots, *r.shape), r.dtype) for r in stash_shapes],
+      block_grads=jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), blocks),
+      other_grads=jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), others),
+      loss=jnp.zeros((), jnp.float32),
+      to_next=message,
+      to_prev=message,
+    )
     carry, _ = jax.lax.scan(round_, carry, jnp.asarray(program.table))
-    grads = nnx.State({**carry.other_grads,
-                       "blocks": jax.tree.map(lambda g: g[:, None], carry.block_grads)})
+    grads = nnx.State(
+      {**carry.other_grads, "blocks": jax.tree.map(lambda g: g[:, None], carry.block_grads)}
+    )
     # In `loaded`'s structure and dtypes, for its load's VJP (which casts back to float32).
     grads = jax.tree.unflatten(jax.tree.structure(loaded), jax.tree.leaves(grads))
     return carry.loss, jax.tree.map(lambda g, p: g.astype(p.dtype), grads, loaded)

@@ -1,6 +1,7 @@
 """Tables and plots for sweeps: the layout ablation (every layout against `single`) and a generic
 table for sweeps that define no report of their own. Input: each point's summary.json as a dict (with
 its metrics.jsonl records under "metrics"), or {"error": message} for a point that failed."""
+
 import pathlib
 
 import numpy as np
@@ -13,8 +14,10 @@ LOSS_RTOL = 1e-5
 def headline(result: dict) -> str:
   """A few words for a sweep's progress line."""
   if "final_loss" in result:
-    return (f": loss {result['final_loss']:.4f}, val {result['final_eval_loss']:.4f}, "
-            f"{result['tokens_per_s']:,.0f} tokens/s")
+    return (
+      f": loss {result['final_loss']:.4f}, val {result['final_eval_loss']:.4f}, "
+      f"{result['tokens_per_s']:,.0f} tokens/s"
+    )
   if "memory_per_device_bytes" in result:
     return f": {result['memory_per_device_bytes']['total_bytes'] / 2**30:.2f} GiB per device"
   return ""
@@ -55,10 +58,12 @@ def layouts_table(results: dict, reference: str = "single") -> list[str]:
   compiled HLO against comm.py's formula, the pipeline bubble, and the loss against the
   reference's at every logged step."""
   ref = results[reference]
-  lines = ["| layout | mesh (data x pipe x fsdp x tensor) | tokens/s | vs single | memory/device GiB "
-           "| vs single | collective MB/step measured | analytic | measured/analytic | bubble "
-           f"| final loss | - single | max rel. diff, all steps | within {LOSS_RTOL:g} |",
-           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+  lines = [
+    "| layout | mesh (data x pipe x fsdp x tensor) | tokens/s | vs single | memory/device GiB "
+    "| vs single | collective MB/step measured | analytic | measured/analytic | bubble "
+    f"| final loss | - single | max rel. diff, all steps | within {LOSS_RTOL:g} |",
+    "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+  ]
   for name, s in results.items():
     if "error" in s:
       lines.append(f"| {name} | error: {s['error']} |" + " |" * 12)
@@ -68,12 +73,13 @@ def layouts_table(results: dict, reference: str = "single") -> list[str]:
     memory = s["memory_per_device_bytes"]["total_bytes"]
     rdiff = max_loss_rdiff(s, ref)
     lines.append(
-        f"| {name} | {mesh_text(s)} | {s['tokens_per_s']:,.0f} | "
-        f"{s['tokens_per_s'] / ref['tokens_per_s']:.2f} | {memory / 2**30:.2f} | "
-        f"{memory / ref['memory_per_device_bytes']['total_bytes']:.2f} | {measured / 1e6:.1f} | "
-        f"{analytic / 1e6:.1f} | {measured / analytic if analytic else float('nan'):.3f} | "
-        f"{bubble(s):.3f} | {s['final_loss']:.6f} | {s['final_loss'] - ref['final_loss']:+.1e} | "
-        f"{rdiff:.1e} | {'yes' if rdiff <= LOSS_RTOL else '**no**'} |")
+      f"| {name} | {mesh_text(s)} | {s['tokens_per_s']:,.0f} | "
+      f"{s['tokens_per_s'] / ref['tokens_per_s']:.2f} | {memory / 2**30:.2f} | "
+      f"{memory / ref['memory_per_device_bytes']['total_bytes']:.2f} | {measured / 1e6:.1f} | "
+      f"{analytic / 1e6:.1f} | {measured / analytic if analytic else float('nan'):.3f} | "
+      f"{bubble(s):.3f} | {s['final_loss']:.6f} | {s['final_loss'] - ref['final_loss']:+.1e} | "
+      f"{rdiff:.1e} | {'yes' if rdiff <= LOSS_RTOL else '**no**'} |"
+    )
   return lines
 
 
@@ -84,23 +90,26 @@ def pipeline_table(results: dict, reference: str = "single") -> list[str]:
   1F1B family's idle rounds compute nothing), compiled FLOPs against single's, and the ppermute
   bytes against the formula's one activation per hop and round."""
   ref = results[reference]
-  lines = ["| pipeline | schedule | S | M | R | bubble formula | table | peak in flight "
-           "| layer FLOPs ratio | step FLOPs ratio theory | measured | step time vs single "
-           "| temp memory vs single | ppermute MB measured | analytic |",
-           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+  lines = [
+    "| pipeline | schedule | S | M | R | bubble formula | table | peak in flight "
+    "| layer FLOPs ratio | step FLOPs ratio theory | measured | step time vs single "
+    "| temp memory vs single | ppermute MB measured | analytic |",
+    "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+  ]
   for name, s in results.items():
     if "pipeline" not in s:
       continue
     p = s["pipeline"]
     temp = s["memory_per_device_bytes"]["temp_bytes"] / ref["memory_per_device_bytes"]["temp_bytes"]
     lines.append(
-        f"| {name} | {p['schedule']} | {p['stages']} | {p['microbatches']} | {p['repeats']} | "
-        f"{p['bubble_fraction_theory']:.3f} | {p['bubble_fraction_table']:.3f} | "
-        f"{max(p['peak_in_flight_per_stage'])} | {p['layer_flops_ratio_theory']:.3f} | "
-        f"{p['step_flops_ratio_theory']:.3f} | {p['step_flops_ratio_measured']:.3f} | "
-        f"{s['step_ms'] / ref['step_ms']:.2f} | {temp:.2f} | "
-        f"{s['collective_bytes_per_step'].get('collective-permute', 0) / 1e6:.1f} | "
-        f"{s['analytic_collective_terms']['pipeline_hops'] / 1e6:.1f} |")
+      f"| {name} | {p['schedule']} | {p['stages']} | {p['microbatches']} | {p['repeats']} | "
+      f"{p['bubble_fraction_theory']:.3f} | {p['bubble_fraction_table']:.3f} | "
+      f"{max(p['peak_in_flight_per_stage'])} | {p['layer_flops_ratio_theory']:.3f} | "
+      f"{p['step_flops_ratio_theory']:.3f} | {p['step_flops_ratio_measured']:.3f} | "
+      f"{s['step_ms'] / ref['step_ms']:.2f} | {temp:.2f} | "
+      f"{s['collective_bytes_per_step'].get('collective-permute', 0) / 1e6:.1f} | "
+      f"{s['analytic_collective_terms']['pipeline_hops'] / 1e6:.1f} |"
+    )
   return lines
 
 
@@ -108,19 +117,22 @@ def wafer_table(results: dict, reference: str = "single") -> list[str]:
   """Weight streaming: bytes streamed inside the layer scan against 3 P_layers b (n-1)/n, and the
   working set (temp: activations plus the layer streamed in) beside the sharded store (arguments)."""
   ref = results[reference]["memory_per_device_bytes"]
-  lines = ["| layout | streamed MB/step measured | analytic | measured/analytic | working set MiB "
-           "| vs single | store MiB/device | vs single |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|"]
+  lines = [
+    "| layout | streamed MB/step measured | analytic | measured/analytic | working set MiB "
+    "| vs single | store MiB/device | vs single |",
+    "|---|---:|---:|---:|---:|---:|---:|---:|",
+  ]
   for name, s in results.items():
     if "wafer" not in s:
       continue
     w, memory = s["wafer"], s["memory_per_device_bytes"]
     lines.append(
-        f"| {name} | {w['streamed_bytes_per_step'] / 1e6:.1f} | "
-        f"{w['analytic_streamed_bytes_per_step'] / 1e6:.1f} | "
-        f"{w['streamed_bytes_per_step'] / w['analytic_streamed_bytes_per_step']:.3f} | "
-        f"{memory['temp_bytes'] / 2**20:.0f} | {memory['temp_bytes'] / ref['temp_bytes']:.2f} | "
-        f"{memory['argument_bytes'] / 2**20:.0f} | {memory['argument_bytes'] / ref['argument_bytes']:.2f} |")
+      f"| {name} | {w['streamed_bytes_per_step'] / 1e6:.1f} | "
+      f"{w['analytic_streamed_bytes_per_step'] / 1e6:.1f} | "
+      f"{w['streamed_bytes_per_step'] / w['analytic_streamed_bytes_per_step']:.3f} | "
+      f"{memory['temp_bytes'] / 2**20:.0f} | {memory['temp_bytes'] / ref['temp_bytes']:.2f} | "
+      f"{memory['argument_bytes'] / 2**20:.0f} | {memory['argument_bytes'] / ref['argument_bytes']:.2f} |"
+    )
   return lines
 
 
@@ -128,6 +140,7 @@ def layouts_plot(results: dict, path: pathlib.Path, reference: str = "single") -
   """Four panels, one bar or curve per layout that ran: tokens/s against single, memory per device,
   collective bytes measured beside analytic, and |loss - single's| per step (log scale)."""
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
@@ -141,10 +154,18 @@ def layouts_plot(results: dict, path: pathlib.Path, reference: str = "single") -
   ax[0, 0].set_xlabel("tokens/s vs single")
   ax[0, 1].barh(y, [s["memory_per_device_bytes"]["total_bytes"] / 2**30 for s in ok.values()])
   ax[0, 1].set_xlabel("memory per device (GiB, compiled)")
-  ax[1, 0].barh(y - 0.2, [sum(s["collective_bytes_per_step"].values()) / 1e6 for s in ok.values()],
-                height=0.4, label="measured (HLO)")
-  ax[1, 0].barh(y + 0.2, [s["analytic_collective_bytes_per_step"] / 1e6 for s in ok.values()],
-                height=0.4, label="analytic (comm.py)")
+  ax[1, 0].barh(
+    y - 0.2,
+    [sum(s["collective_bytes_per_step"].values()) / 1e6 for s in ok.values()],
+    height=0.4,
+    label="measured (HLO)",
+  )
+  ax[1, 0].barh(
+    y + 0.2,
+    [s["analytic_collective_bytes_per_step"] / 1e6 for s in ok.values()],
+    height=0.4,
+    label="analytic (comm.py)",
+  )
   ax[1, 0].set_xlabel("collective MB per device per step")
   ax[1, 0].legend(loc="lower right")
   for a in (ax[0, 0], ax[0, 1], ax[1, 0]):
@@ -154,8 +175,9 @@ def layouts_plot(results: dict, path: pathlib.Path, reference: str = "single") -
   for name, s in ok.items():
     if name == reference:
       continue
-    steps, diff = zip(*[(t, abs(v - ref_losses[t]) / ref_losses[t])
-                        for t, v in losses(s) if t in ref_losses])
+    steps, diff = zip(
+      *[(t, abs(v - ref_losses[t]) / ref_losses[t]) for t, v in losses(s) if t in ref_losses]
+    )
     ax[1, 1].semilogy(steps, np.maximum(diff, 1e-9), marker=".", label=name)
   ax[1, 1].axhline(LOSS_RTOL, color="k", ls="--", lw=0.8, label=f"tolerance {LOSS_RTOL:g}")
   ax[1, 1].set_xlabel("step")

@@ -14,6 +14,7 @@ Pure functions of a plan.json dict (train.plan) and a hardware spec. Two views:
   would move; activations and gathered weights halve in bf16, float32 gradients do not.
 Both assume perfect overlap of compute and communication: the step takes at least the larger.
 """
+
 import dataclasses
 import math
 
@@ -37,19 +38,29 @@ class Hardware:
 # GPUs of a DGX/HGX H100 node. Between nodes one ConnectX-7 NIC per GPU, 400 Gb/s = 50 GB/s
 # (DGX H100 user guide, network modules). C/W = 989e12 / 450e9 = 2,198 (REFERENCE.md: ≈ 2,200).
 H100 = Hardware(
-    name="H100 SXM", peak_flops=989e12, hbm_bytes=80e9, link_bytes_per_s=450e9, node_size=8,
-    network_bytes_per_s=50e9,
-    source="NVIDIA H100 datasheet (989 TFLOP/s dense BF16, 80 GB HBM3, NVLink 900 GB/s "
-           "bidirectional); DGX H100 user guide (8 GPUs per node, one 400 Gb/s ConnectX-7 per GPU)")
+  name="H100 SXM",
+  peak_flops=989e12,
+  hbm_bytes=80e9,
+  link_bytes_per_s=450e9,
+  node_size=8,
+  network_bytes_per_s=50e9,
+  source="NVIDIA H100 datasheet (989 TFLOP/s dense BF16, 80 GB HBM3, NVLink 900 GB/s "
+  "bidirectional); DGX H100 user guide (8 GPUs per node, one 400 Gb/s ConnectX-7 per GPU)",
+)
 # Cloud TPU v5p docs: 459 TFLOP/s bf16 per chip, 95 GB HBM2e, 3D torus, ICI 1,200 GB/s per chip
 # both directions over 6 links. "How to Scale Your Model" (part 2) rounds a link to 9e10 B/s each
 # way; a ring along one torus axis uses both neighbours: 1.8e11 B/s, C/W = 2,550 (REFERENCE.md:
 # ≈ 2,500). Slices of up to 6,144 chips are one torus, so every mesh here is ICI only.
 TPU_V5P = Hardware(
-    name="TPU v5p", peak_flops=459e12, hbm_bytes=95e9, link_bytes_per_s=1.8e11, node_size=None,
-    network_bytes_per_s=1.8e11,
-    source="Cloud TPU v5p docs (459 TFLOP/s bf16, 95 GB HBM2e, ICI 1,200 GB/s per chip, 3D torus); "
-           "How to Scale Your Model, part 2 (9e10 B/s per ICI link each way, 2 links per axis)")
+  name="TPU v5p",
+  peak_flops=459e12,
+  hbm_bytes=95e9,
+  link_bytes_per_s=1.8e11,
+  node_size=None,
+  network_bytes_per_s=1.8e11,
+  source="Cloud TPU v5p docs (459 TFLOP/s bf16, 95 GB HBM2e, ICI 1,200 GB/s per chip, 3D torus); "
+  "How to Scale Your Model, part 2 (9e10 B/s per ICI link each way, 2 links per axis)",
+)
 HARDWARE = (H100, TPU_V5P)
 
 
@@ -61,7 +72,7 @@ def critical_tokens(hw: Hardware, bandwidth: float) -> float:
 def axis_span(mesh: dict, axis: str) -> int:
   """Consecutive device ids one group of `axis` covers: its size times the sizes inside it (the
   mesh is row-major over AXES, so tensor neighbours are adjacent devices)."""
-  inner = AXES[AXES.index(axis):]
+  inner = AXES[AXES.index(axis) :]
   return math.prod(mesh[a] for a in inner)
 
 
@@ -134,18 +145,20 @@ def analyse(plan: dict, hw: Hardware) -> dict:
   comm_accelerator = terms_seconds(plan, hw, plan["accelerator_collective_terms"])
   memory = plan["memory_per_device_bytes"]["total_bytes"]
   return {
-      "hardware": hw.name,
-      "memory_bytes": memory,
-      "fits": memory <= hw.hbm_bytes,
-      "compute_s": compute,
-      "comm_s": comm,
-      "comm_s_analytic": comm_analytic,
-      "comm_s_accelerator_wire": comm_accelerator,
-      "bound": "compute" if compute >= comm else "communication",
-      "bound_accelerator_wire": "compute" if compute >= comm_accelerator else "communication",
-      # Model FLOPs over peak for the step time max(compute, comm): what MFU could reach at best.
-      "mfu_bound": plan["model_flops_per_step"] / plan["devices"] / hw.peak_flops
-                   / max(compute, comm),
-      "data": data_condition(plan, hw),
-      "tensor": tensor_condition(plan, hw),
+    "hardware": hw.name,
+    "memory_bytes": memory,
+    "fits": memory <= hw.hbm_bytes,
+    "compute_s": compute,
+    "comm_s": comm,
+    "comm_s_analytic": comm_analytic,
+    "comm_s_accelerator_wire": comm_accelerator,
+    "bound": "compute" if compute >= comm else "communication",
+    "bound_accelerator_wire": "compute" if compute >= comm_accelerator else "communication",
+    # Model FLOPs over peak for the step time max(compute, comm): what MFU could reach at best.
+    "mfu_bound": plan["model_flops_per_step"]
+    / plan["devices"]
+    / hw.peak_flops
+    / max(compute, comm),
+    "data": data_condition(plan, hw),
+    "tensor": tensor_condition(plan, hw),
   }

@@ -8,6 +8,7 @@ PAPER = (f / 5.984e22)^(-0.0737) + 0.5066.
 count of order 1e20 that a least-squares solver cannot step in sensibly, and reports 1-sigma
 standard errors from the fit's covariance; `bootstrap_b` gives a spread of b over resampled points.
 """
+
 import dataclasses
 
 import numpy as np
@@ -58,17 +59,24 @@ def check_points(flops, losses) -> tuple[np.ndarray, np.ndarray]:
   """(flops, losses) as float arrays, or InputError saying what is wrong with them."""
   flops, losses = np.asarray(flops, dtype=float), np.asarray(losses, dtype=float)
   if flops.ndim != 1 or flops.shape != losses.shape:
-    raise InputError(f"scaling-law fit: flops and losses must be 1-D and of equal length, got shapes "
-                     f"{flops.shape} and {losses.shape}.")
+    raise InputError(
+      f"scaling-law fit: flops and losses must be 1-D and of equal length, got shapes "
+      f"{flops.shape} and {losses.shape}."
+    )
   if not np.all(np.isfinite(flops)) or np.any(flops <= 0):
-    raise InputError(f"scaling-law fit: training FLOPs must be finite and positive, got "
-                     f"{flops.tolist()}.")
+    raise InputError(
+      f"scaling-law fit: training FLOPs must be finite and positive, got {flops.tolist()}."
+    )
   if len(np.unique(flops)) < MIN_POINTS:
-    raise InputError(f"scaling-law fit: {len(np.unique(flops))} distinct compute values; a fit of "
-                     f"a, b and c with an uncertainty needs at least {MIN_POINTS}. Add model sizes.")
+    raise InputError(
+      f"scaling-law fit: {len(np.unique(flops))} distinct compute values; a fit of "
+      f"a, b and c with an uncertainty needs at least {MIN_POINTS}. Add model sizes."
+    )
   if not np.all(np.isfinite(losses)) or np.any(losses <= 0):
-    raise InputError(f"scaling-law fit: losses must be finite and positive (cross-entropies), got "
-                     f"{losses.tolist()} (a diverged run?).")
+    raise InputError(
+      f"scaling-law fit: losses must be finite and positive (cross-entropies), got "
+      f"{losses.tolist()} (a diverged run?)."
+    )
   return flops, losses
 
 
@@ -100,10 +108,15 @@ def fit(flops, losses) -> Fit:
   alpha, b, c = params
   sigma = np.sqrt(np.diag(cov))
   residuals = _model(x, *params) - losses
-  return Fit(law=PowerLaw(a=float(np.exp(alpha)), b=float(b), c=float(c)),
-             sigma_log_a=float(sigma[0]), sigma_b=float(sigma[1]), sigma_c=float(sigma[2]),
-             rms_residual=float(np.sqrt(np.mean(residuals**2))), n_points=len(losses),
-             floor_at_bound=bool(np.isclose(c, 0, atol=1e-9) or np.isclose(c, losses.min())))
+  return Fit(
+    law=PowerLaw(a=float(np.exp(alpha)), b=float(b), c=float(c)),
+    sigma_log_a=float(sigma[0]),
+    sigma_b=float(sigma[1]),
+    sigma_c=float(sigma[2]),
+    rms_residual=float(np.sqrt(np.mean(residuals**2))),
+    n_points=len(losses),
+    floor_at_bound=bool(np.isclose(c, 0, atol=1e-9) or np.isclose(c, losses.min())),
+  )
 
 
 def fit_pure(flops, losses) -> Fit:
@@ -119,9 +132,15 @@ def fit_pure(flops, losses) -> Fit:
   b, log_a = -slope, k / -slope
   grad = np.array([-1 / slope, k / slope**2])  # d(ln a) / d(k, slope), ln a = -k / slope
   law = PowerLaw(a=float(np.exp(log_a)), b=float(b), c=0.0)
-  return Fit(law=law, sigma_log_a=float(np.sqrt(grad @ cov @ grad)), sigma_b=float(np.sqrt(cov[1, 1])),
-             sigma_c=0.0, rms_residual=float(np.sqrt(np.mean((law(flops) - losses) ** 2))),
-             n_points=len(losses), floor_at_bound=False)
+  return Fit(
+    law=law,
+    sigma_log_a=float(np.sqrt(grad @ cov @ grad)),
+    sigma_b=float(np.sqrt(cov[1, 1])),
+    sigma_c=0.0,
+    rms_residual=float(np.sqrt(np.mean((law(flops) - losses) ** 2))),
+    n_points=len(losses),
+    floor_at_bound=False,
+  )
 
 
 def bootstrap_b(flops, losses, samples: int = 1000, seed: int = 0) -> np.ndarray:

@@ -21,6 +21,7 @@ collective over them is one of these, decided by the layout's tables alone:
 (measured equal to the formula), and sequence parallelism's transitions are written in mesh.py's
 tensor regions.
 """
+
 import functools
 import math
 
@@ -60,8 +61,14 @@ def _within_tensor(f, tensor: P):
   a manual all-gather: it would replicate the weight over tensor first (measured: 9x the bytes)."""
   if not is_split(tensor):
     return f
-  return jax.shard_map(f, mesh=jax.sharding.get_abstract_mesh(), axis_names={"tensor"},
-                       in_specs=tensor, out_specs=tensor, check_vma=False)
+  return jax.shard_map(
+    f,
+    mesh=jax.sharding.get_abstract_mesh(),
+    axis_names={"tensor"},
+    in_specs=tensor,
+    out_specs=tensor,
+    check_vma=False,
+  )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
@@ -70,12 +77,14 @@ def gather(shard: jax.Array, spec: P, tensor: P, dtype) -> jax.Array:
   over the tensor axis, which it stays), cast to `dtype` first so that a bfloat16 run gathers
   bfloat16. Its gradient is reduce-scattered back in float32, the precision of the master weights
   and the optimizer."""
+
   def gather_all(x):
     x = x.astype(dtype)
     for dim, entry in enumerate(spec):
       if axes_of(entry):
         x = jax.lax.all_gather(x, axes_of(entry), axis=dim, tiled=True)
     return x
+
   return _within_tensor(gather_all, tensor)(shard)
 
 
@@ -90,6 +99,7 @@ def _gather_bwd(spec, tensor, dtype, _, g):
       if axes_of(entry):
         g = jax.lax.psum_scatter(g, axes_of(entry), scatter_dimension=dim, tiled=True)
     return g
+
   return (_within_tensor(scatter_all, tensor)(g),)
 
 
@@ -114,8 +124,9 @@ def _gathers(prim, params) -> bool:
     return True
   for key in ("call_jaxpr", "jaxpr"):
     called = params.get(key)
-    if called is not None and any(_gathers(e.primitive, e.params)
-                                  for e in getattr(called, "jaxpr", called).eqns):
+    if called is not None and any(
+      _gathers(e.primitive, e.params) for e in getattr(called, "jaxpr", called).eqns
+    ):
       return True
   return False
 

@@ -15,6 +15,7 @@ A point is finished when its result file exists and point.json matches the point
 finished points are skipped, so rerunning the command resumes an interrupted sweep. A failed point is
 reported and the sweep goes on; its next attempt starts afresh (or resumes from its checkpoints).
 """
+
 import dataclasses
 import importlib.util
 import json
@@ -67,22 +68,28 @@ def points(module: ModuleType, arg: str | None, default_devices: int) -> list[Po
   where = f"{module.__file__}: get_sweep"
   raw = module.get_sweep(arg)
   if not isinstance(raw, (list, tuple)) or not raw:
-    raise InputError(f"{where} returned {type(raw).__name__}; it must return a non-empty list of "
-                     "dicts, one per point.")
+    raise InputError(
+      f"{where} returned {type(raw).__name__}; it must return a non-empty list of "
+      "dicts, one per point."
+    )
   result, seen = [], set()
   for i, p in enumerate(raw):
     if not isinstance(p, dict) or not isinstance(p.get("name"), str):
       raise InputError(f"{where}: point {i} must be a dict with a string 'name', got {p!r}.")
     name = p["name"]
     if not re.fullmatch(r"[A-Za-z0-9._-]+", name) or name in (".", ".."):
-      raise InputError(f"{where}: point name {name!r} is not a folder name; use letters, digits, "
-                       "'-', '_' and '.' only.")
+      raise InputError(
+        f"{where}: point name {name!r} is not a folder name; use letters, digits, "
+        "'-', '_' and '.' only."
+      )
     if name in seen:
       raise InputError(f"{where}: two points are named {name!r}; names must be unique.")
     seen.add(name)
     mode, devices = p.get("mode", "train"), p.get("devices", default_devices)
     if mode not in MODES:
-      raise InputError(f"{where}: point {name!r} has mode {mode!r}; choose one of {', '.join(MODES)}.")
+      raise InputError(
+        f"{where}: point {name!r} has mode {mode!r}; choose one of {', '.join(MODES)}."
+      )
     if not isinstance(devices, int) or devices < 1:
       raise InputError(f"{where}: point {name!r} has devices={devices!r}; it must be an int >= 1.")
     overrides = {k: v for k, v in p.items() if k not in RESERVED}
@@ -94,9 +101,16 @@ def command(point: Point, config_path: str, workdir: pathlib.Path, common: dict)
   """The point's launch.py command line; the sweep's own command-line overrides come last and win."""
   config = f"{config_path}:{point.config_arg}" if point.config_arg is not None else config_path
   overrides = {**point.overrides, **common}
-  return [sys.executable, str(LAUNCH), f"--config={config}", f"--workdir={workdir}",
-          f"--devices={point.devices}", f"--mode={point.mode}", "--nosweep",
-          *[f"--config.{k}={v}" for k, v in overrides.items()]]
+  return [
+    sys.executable,
+    str(LAUNCH),
+    f"--config={config}",
+    f"--workdir={workdir}",
+    f"--devices={point.devices}",
+    f"--mode={point.mode}",
+    "--nosweep",
+    *[f"--config.{k}={v}" for k, v in overrides.items()],
+  ]
 
 
 def read_json(path: pathlib.Path, lines: bool = False):
@@ -105,8 +119,10 @@ def read_json(path: pathlib.Path, lines: bool = False):
     text = path.read_text()
     return [json.loads(line) for line in text.splitlines()] if lines else json.loads(text)
   except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise InputError(f"{path} cannot be read ({type(e).__name__}: {e}). Delete the point's folder "
-                     f"{path.parent} to run it again.") from None
+    raise InputError(
+      f"{path} cannot be read ({type(e).__name__}: {e}). Delete the point's folder "
+      f"{path.parent} to run it again."
+    ) from None
 
 
 def load_result(point: Point, folder: pathlib.Path) -> dict:
@@ -121,8 +137,10 @@ def is_finished(point: Point, folder: pathlib.Path, common: dict) -> bool:
     return False
   asked = read_json(folder / "point.json")
   if asked != json.loads(json.dumps(point.record(common))):
-    raise InputError(f"{folder} holds a finished run of a different point ({asked}); the sweep now "
-                     "defines it differently. Use a new --workdir, or delete that folder to rerun it.")
+    raise InputError(
+      f"{folder} holds a finished run of a different point ({asked}); the sweep now "
+      "defines it differently. Use a new --workdir, or delete that folder to rerun it."
+    )
   return True
 
 
@@ -141,8 +159,9 @@ def last_error_line(log: str) -> str:
   return (errors or lines or ["no output"])[-1]
 
 
-def run(module: ModuleType, config_name: str, workdir: str, common: dict,
-        default_devices: int) -> dict:
+def run(
+  module: ModuleType, config_name: str, workdir: str, common: dict, default_devices: int
+) -> dict:
   """Runs every point of the experiment `module` (loaded from `config_name`'s path) not yet
   finished, then writes WORKDIR/report.md and report.json."""
   config_path, arg = split_config_name(config_name)
@@ -153,9 +172,11 @@ def run(module: ModuleType, config_name: str, workdir: str, common: dict,
   if out.is_dir() and not (out / RUN_MARKER).exists() and not (out / "points").is_dir():
     others = sorted(p.name for p in out.iterdir())
     if others:
-      raise InputError(f"--workdir {out} holds files that no sweep of this project wrote "
-                       f"({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}); refusing to "
-                       "write into it. Choose a new or empty --workdir.")
+      raise InputError(
+        f"--workdir {out} holds files that no sweep of this project wrote "
+        f"({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}); refusing to "
+        "write into it. Choose a new or empty --workdir."
+      )
   out.mkdir(parents=True, exist_ok=True)
   (out / RUN_MARKER).touch()
   results = {}
@@ -170,8 +191,9 @@ def run(module: ModuleType, config_name: str, workdir: str, common: dict,
     t0 = time.perf_counter()
     with open(folder / "log.txt", "w") as log:
       # In this process's working directory, as if the user had typed the point's command.
-      proc = subprocess.run(command(point, config_path, folder, common), stdout=log,
-                            stderr=subprocess.STDOUT)
+      proc = subprocess.run(
+        command(point, config_path, folder, common), stdout=log, stderr=subprocess.STDOUT
+      )
     seconds = time.perf_counter() - t0
     if proc.returncode == 0:
       results[point.name] = load_result(point, folder)
@@ -187,8 +209,14 @@ def run(module: ModuleType, config_name: str, workdir: str, common: dict,
     body = report_lib.generic_table(results)
   failed = sum("error" in r for r in results.values())
   title = body.pop(0) if body and body[0].startswith("# ") else f"# Sweep `{config_name}`"
-  lines = [title, "", f"`{config_name}`: {len(sweep)} points, {failed} failed. Point folders: "
-           "`points/NAME/` (log.txt, point.json, the run's own files).", "", *body]
+  lines = [
+    title,
+    "",
+    f"`{config_name}`: {len(sweep)} points, {failed} failed. Point folders: "
+    "`points/NAME/` (log.txt, point.json, the run's own files).",
+    "",
+    *body,
+  ]
   (out / "report.md").write_text("\n".join(lines) + "\n")
   (out / "report.json").write_text(json.dumps({"points": records, "results": results}, indent=2))
   print(f"report -> {out / 'report.md'}", flush=True)

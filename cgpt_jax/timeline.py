@@ -31,6 +31,7 @@ gpipe and circular run as one SPMD loop differentiated by autodiff (pipeline.py)
 interleaved_1f1b and zb_h1 run these tables round by round with a hand-written backward
 (pipeline_1f1b.py). plan.json puts every schedule's table beside the others at the same S, M and R.
 """
+
 import dataclasses
 import pathlib
 
@@ -72,8 +73,10 @@ def _order(name: str, S: int, M: int, R: int, s: int) -> list[tuple[str, int, in
     ops = [("F", microbatch_of(k), chunk_of(k, False)) for k in range(warm)]
     for i in range(total - warm):
       k = warm + i
-      ops += [("F", microbatch_of(k), chunk_of(k, False)),
-              ("B", microbatch_of(i), chunk_of(i, True))]
+      ops += [
+        ("F", microbatch_of(k), chunk_of(k, False)),
+        ("B", microbatch_of(i), chunk_of(i, True)),
+      ]
     return ops + [("B", microbatch_of(k), chunk_of(k, True)) for k in range(total - warm, total)]
   raise ValueError(f"unknown schedule {name!r}")
 
@@ -97,8 +100,7 @@ def simulate(name: str, S: int, M: int, R: int = 1, rounds: bool = False) -> lis
     if kind == "F":
       dep = [("F", s - 1, j, c)] if s > 0 else ([("F", S - 1, j, c - 1)] if c > 0 else [])
     elif kind == "B":
-      nxt = [("B", s + 1, j, c)] if s < S - 1 else (
-          [("B", 0, j, c + 1)] if c < R - 1 else [])
+      nxt = [("B", s + 1, j, c)] if s < S - 1 else ([("B", 0, j, c + 1)] if c < R - 1 else [])
       dep = [("F", s, j, c)] + nxt
     else:
       dep = [("B", s, j, c)]
@@ -166,8 +168,11 @@ def peak_in_flight(ops: list[Op], S: int) -> list[int]:
   last = "W" if any(o.kind == "W" for o in ops) else "B"
   peaks = []
   for s in range(S):
-    events = sorted((o.start, 1) if o.kind == "F" else (o.start + o.duration, -1)
-                    for o in ops if o.stage == s and o.kind in ("F", last))
+    events = sorted(
+      (o.start, 1) if o.kind == "F" else (o.start + o.duration, -1)
+      for o in ops
+      if o.stage == s and o.kind in ("F", last)
+    )
     alive = peak = 0
     for _, delta in events:  # at equal times a backward's end (-1) frees before a forward holds
       alive += delta
@@ -186,22 +191,26 @@ def valid(name: str, S: int, M: int, R: int) -> bool:
 
 def compare(S: int, M: int, R: int) -> dict:
   """Every schedule defined at these sizes (and R = 1 for the unchunked ones)."""
-  return {name: describe(name, S, M, r) for name in NAMES for r in sorted({1, R})
-          if valid(name, S, M, r)}
+  return {
+    name: describe(name, S, M, r) for name in NAMES for r in sorted({1, R}) if valid(name, S, M, r)
+  }
 
 
 def describe(name: str, S: int, M: int, R: int = 1) -> dict:
   """The numbers plan.json and summary.json report for a schedule."""
   ops = simulate(name, S, M, R)
-  return {"bubble_fraction_table": bubble_fraction(ops, S),
-          "bubble_fraction_formula": formula_bubble(name, S, M, R),
-          "peak_in_flight_per_stage": peak_in_flight(ops, S),
-          "span_units": span(ops)}
+  return {
+    "bubble_fraction_table": bubble_fraction(ops, S),
+    "bubble_fraction_formula": formula_bubble(name, S, M, R),
+    "peak_in_flight_per_stage": peak_in_flight(ops, S),
+    "span_units": span(ops),
+  }
 
 
 def plot(ops: list[Op], S: int, title: str, path: pathlib.Path) -> None:
   """Stage x time, F blue, B green, W orange, each labelled with its microbatch (and chunk)."""
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
@@ -211,15 +220,20 @@ def plot(ops: list[Op], S: int, title: str, path: pathlib.Path) -> None:
   for o in ops:
     ax.barh(o.stage, o.duration, left=o.start, color=colours[o.kind], edgecolor="white")
     label = f"{o.microbatch}" + (f".{o.chunk}" if chunked else "")
-    ax.text(o.start + o.duration / 2, o.stage, label, ha="center", va="center", fontsize=6,
-            color="white")
+    ax.text(
+      o.start + o.duration / 2, o.stage, label, ha="center", va="center", fontsize=6, color="white"
+    )
   ax.set_yticks(range(S), [f"stage {s}" for s in range(S)])
   ax.invert_yaxis()
   ax.set_xlabel("time (a chunk's forward = 1)")
   ax.set_title(f"{title}: bubble {bubble_fraction(ops, S):.3f}", fontsize=9)
   kinds = [k for k in colours if any(o.kind == k for o in ops)]
-  ax.legend([plt.Rectangle((0, 0), 1, 1, color=colours[k]) for k in kinds], kinds,
-            loc="lower right", fontsize=7)
+  ax.legend(
+    [plt.Rectangle((0, 0), 1, 1, color=colours[k]) for k in kinds],
+    kinds,
+    loc="lower right",
+    fontsize=7,
+  )
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)

@@ -4,6 +4,7 @@ config -> data -> validated config -> layout -> abstract state and its shardings
 one AOT-compiled train step -> loop with logging and periodic eval -> summary.json.
 Everything that can reject bad input runs before the first compile.
 """
+
 import functools
 import json
 import math
@@ -25,11 +26,29 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 
-from cgpt_jax import (analysis, checkpoint, comm, config as config_lib, data, distributed, hf,
-                      mesh as mesh_lib, model as model_lib, optim, pipeline, pipeline_1f1b, spmd,
-                      wafer)
+from cgpt_jax import (
+  analysis,
+  checkpoint,
+  comm,
+  data,
+  distributed,
+  hf,
+  optim,
+  pipeline,
+  pipeline_1f1b,
+  spmd,
+  wafer,
+)
+from cgpt_jax import (
+  config as config_lib,
+)
+from cgpt_jax import (
+  mesh as mesh_lib,
+)
+from cgpt_jax import (
+  model as model_lib,
+)
 from cgpt_jax.errors import Diverged, InputError, Stopped
-
 
 
 class TrainState(NamedTuple):
@@ -61,18 +80,24 @@ def check_workdir(workdir: str, markers=()) -> pathlib.Path:
   if path.is_dir() and not is_run_dir(path):
     others = sorted(p.name for p in path.iterdir())
     if others:
-      raise InputError(f"--workdir {path} holds files that no run of this project wrote "
-                       f"({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}); refusing to "
-                       "write into it. Choose a new or empty --workdir.")
+      raise InputError(
+        f"--workdir {path} holds files that no run of this project wrote "
+        f"({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}); refusing to "
+        "write into it. Choose a new or empty --workdir."
+      )
   found = [m for m in markers if (path / m).exists()]
   if found:
-    raise InputError(f"--workdir {path} already holds a run ({', '.join(found)} exist); refusing to "
-                     "overwrite it. Choose a new --workdir or delete the old one.")
+    raise InputError(
+      f"--workdir {path} already holds a run ({', '.join(found)} exist); refusing to "
+      "overwrite it. Choose a new --workdir or delete the old one."
+    )
   ancestor = next(p for p in (path, *path.absolute().parents) if p.exists())
   if not (ancestor.is_dir() and os.access(ancestor, os.W_OK | os.X_OK)):
-    raise InputError(f"--workdir {path} is not writable ({ancestor} is "
-                     f"{'read-only' if ancestor.is_dir() else 'a file'}). "
-                     "Choose a directory you can write to.")
+    raise InputError(
+      f"--workdir {path} is not writable ({ancestor} is "
+      f"{'read-only' if ancestor.is_dir() else 'a file'}). "
+      "Choose a directory you can write to."
+    )
   return path
 
 
@@ -82,26 +107,37 @@ def create_workdir(path: pathlib.Path) -> None:
     path.mkdir(parents=True, exist_ok=True)
     (path / RUN_MARKER).touch()
   except OSError as e:
-    raise InputError(f"--workdir {path} cannot be created ({e.strerror}). "
-                     "Choose a directory you can write to.") from None
+    raise InputError(
+      f"--workdir {path} cannot be created ({e.strerror}). Choose a directory you can write to."
+    ) from None
 
 
 def check_resumable(out: pathlib.Path) -> None:
   """A workdir may hold an unfinished run only if it has a checkpoint to continue from."""
   if (out / "summary.json").exists():
-    raise InputError(f"--workdir {out} already holds a run (summary.json: it finished); refusing to "
-                     "overwrite it. Choose a new --workdir, or raise --config.train.steps and delete "
-                     "summary.json to train it further.")
+    raise InputError(
+      f"--workdir {out} already holds a run (summary.json: it finished); refusing to "
+      "overwrite it. Choose a new --workdir, or raise --config.train.steps and delete "
+      "summary.json to train it further."
+    )
 
 
 def data_dir(cfg: ml_collections.ConfigDict) -> str:
-  return cfg.data.data_dir or os.environ.get("CGPT_DATA_DIR") or os.path.expanduser(
-      "~/.cache/cgpt_jax/tfds")
+  return (
+    cfg.data.data_dir
+    or os.environ.get("CGPT_DATA_DIR")
+    or os.path.expanduser("~/.cache/cgpt_jax/tfds")
+  )
 
 
 def load_data(cfg: ml_collections.ConfigDict) -> data.Corpus:
-  return data.load_corpus(cfg.data.source, data_dir(cfg), cfg.data.tokenizer, cfg.data.tokenizer_path,
-                          allow_binary=cfg.data.allow_binary)
+  return data.load_corpus(
+    cfg.data.source,
+    data_dir(cfg),
+    cfg.data.tokenizer,
+    cfg.data.tokenizer_path,
+    allow_binary=cfg.data.allow_binary,
+  )
 
 
 def check_batches(cfg: ml_collections.ConfigDict, layout: mesh_lib.Layout) -> None:
@@ -109,11 +145,14 @@ def check_batches(cfg: ml_collections.ConfigDict, layout: mesh_lib.Layout) -> No
   k = cfg.train.grad_accum
   for key, ways in (("global_batch", n * k), ("eval_batch", n)):
     if cfg.data[key] % ways:
-      split = f"{k} micro-steps x {n} devices" if key == "global_batch" and k > 1 else f"{n} devices"
+      split = (
+        f"{k} micro-steps x {n} devices" if key == "global_batch" and k > 1 else f"{n} devices"
+      )
       raise InputError(
-          f"config data.{key}={cfg.data[key]}: not divisible by the {split} of the batch axes "
-          f"({layout.name}: {layout.axis_sizes}). Use a multiple of {ways}, e.g. "
-          f"--config.data.{key}={max(ways, cfg.data[key] // ways * ways)}.")
+        f"config data.{key}={cfg.data[key]}: not divisible by the {split} of the batch axes "
+        f"({layout.name}: {layout.axis_sizes}). Use a multiple of {ways}, e.g. "
+        f"--config.data.{key}={max(ways, cfg.data[key] // ways * ways)}."
+      )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -128,8 +167,9 @@ def state_shardings(layout, abstract_params, tx, factor_min_dim: int = 0):
     return jax.tree.map(lambda spec: rule(tuple(spec)), logical, is_leaf=mesh_lib.is_spec)
 
   params, state = by(layout.sharding), by(layout.state_sharding)
-  opt = opt_state_shardings(layout, jax.eval_shape(tx.init, abstract_params), abstract_params,
-                            logical, factor_min_dim)
+  opt = opt_state_shardings(
+    layout, jax.eval_shape(tx.init, abstract_params), abstract_params, logical, factor_min_dim
+  )
   return TrainState(layout.replicated, params, opt), state
 
 
@@ -150,7 +190,7 @@ def opt_state_shardings(layout, abstract_opt, abstract_params, logical, factor_m
       dims = optim.factored_dims(p.shape, factor_min_dim)
       if dims is None or reduced is None:
         return layout.replicated  # a (1,) placeholder for the moment this parameter does not use
-      names = names[:dims[reduced]] + names[dims[reduced] + 1:]
+      names = names[: dims[reduced]] + names[dims[reduced] + 1 :]
     return layout.state_sharding(names)
 
   def assign(path, sub):
@@ -158,8 +198,7 @@ def opt_state_shardings(layout, abstract_opt, abstract_params, logical, factor_m
       return layout.replicated
     field = getattr(path[-1], "name", None) if path else None
     reduced = {"v_row": 1, "v_col": 0}.get(field)  # index into factored_dims' (col, row) axes
-    return jax.tree.map(lambda x, p, spec: leaf(reduced, x, p, spec), sub, abstract_params,
-                        logical)
+    return jax.tree.map(lambda x, p, spec: leaf(reduced, x, p, spec), sub, abstract_params, logical)
 
   return jax.tree_util.tree_map_with_path(assign, abstract_opt, is_leaf=is_param_tree)
 
@@ -186,8 +225,10 @@ def _initial_state(s: Setup, params) -> TrainState:
 
 def make_init(s: Setup):
   """The initial state from train.seed, created in place on its shardings."""
+
   def init():
     return _initial_state(s, nnx.state(model_lib.GPT(s.cfg.model, rngs=nnx.Rngs(s.cfg.train.seed))))
+
   return jax.jit(init, out_shardings=s.shardings)
 
 
@@ -198,6 +239,7 @@ def make_init_from(s: Setup):
 
 class StepSpecs(NamedTuple):
   """The manual parts (spmd.MANUAL) of the specs the step's shard_map works with."""
+
   params: Any  # where each parameter is held
   tensor: Any  # ... and over the tensor axis, which the shard_map leaves to the partitioner
   states: Any  # where each parameter's optimizer state is held: its gradient's destination
@@ -209,14 +251,20 @@ def step_specs(s: Setup) -> StepSpecs:
   logical = nnx.get_partition_spec(s.abstract_params)
 
   def by(rules, part=spmd.manual_part):
-    return jax.tree.map(lambda names: part(s.layout.spec(tuple(names), rules)), logical,
-                        is_leaf=mesh_lib.is_spec)
+    return jax.tree.map(
+      lambda names: part(s.layout.spec(tuple(names), rules)), logical, is_leaf=mesh_lib.is_spec
+    )
 
   dtypes = jax.tree_util.tree_map_with_path(
-      lambda path, _: model_lib.compute_dtype(path, s.cfg.model.dtype), s.abstract_params)
-  return StepSpecs(by(s.layout.rules), by(s.layout.rules, spmd.tensor_part), by(s.layout.state_rules),
-                   dtypes,
-                   spmd.manual_part(s.layout.spec(("batch", None))))
+    lambda path, _: model_lib.compute_dtype(path, s.cfg.model.dtype), s.abstract_params
+  )
+  return StepSpecs(
+    by(s.layout.rules),
+    by(s.layout.rules, spmd.tensor_part),
+    by(s.layout.state_rules),
+    dtypes,
+    spmd.manual_part(s.layout.spec(("batch", None))),
+  )
 
 
 def make_load(s: Setup):
@@ -230,9 +278,14 @@ def make_load(s: Setup):
     gathered)."""
     whole = (None,) * stacked
     return jax.tree.map(
-        lambda x, spec, tensor, dtype: spmd.materialise(x, P(*whole, *spec[lead:]),
-                                                        P(*whole, *tensor[lead:]), dtype),
-        blocks, specs.params["blocks"], specs.tensor["blocks"], specs.dtypes["blocks"])
+      lambda x, spec, tensor, dtype: spmd.materialise(
+        x, P(*whole, *spec[lead:]), P(*whole, *tensor[lead:]), dtype
+      ),
+      blocks,
+      specs.params["blocks"],
+      specs.tensor["blocks"],
+      specs.dtypes["blocks"],
+    )
 
   def load_all(params, blocks_too: bool = False):
     """The embedding, positions and final norm gathered once, and with `blocks_too` a pipeline
@@ -240,8 +293,9 @@ def make_load(s: Setup):
     params = nnx.State(dict(params))
     for key in params:
       if key != "blocks":
-        params[key] = jax.tree.map(spmd.materialise, params[key], specs.params[key],
-                                   specs.tensor[key], specs.dtypes[key])
+        params[key] = jax.tree.map(
+          spmd.materialise, params[key], specs.params[key], specs.tensor[key], specs.dtypes[key]
+        )
       elif blocks_too:
         params[key] = load(params[key], 3)
     return params
@@ -256,14 +310,21 @@ def make_local_loss(s: Setup, bubble_fill: float = 0.0, per_token: bool = False)
   head and loss (per-token work, shared evenly rather than left to the first and last stage)."""
   cfg, graphdef, layout = s.cfg.model, s.graphdef, s.layout
   stages = layout.axis_sizes["pipe"]
-  streams = any(spmd.is_split(p) for p in jax.tree.leaves(step_specs(s).params["blocks"],
-                                                            is_leaf=mesh_lib.is_spec))
+  streams = any(
+    spmd.is_split(p)
+    for p in jax.tree.leaves(step_specs(s).params["blocks"], is_leaf=mesh_lib.is_spec)
+  )
   load, load_all = make_load(s)
   if s.schedule:  # the forward loop: the step's under gpipe and circular, every schedule's eval
     run_blocks = pipeline.make_run_blocks(cfg, s.schedule, load, bubble_fill)
   else:  # the wafer recomputes each layer in the backward (wafer.py)
-    run_blocks = functools.partial(model_lib.scan_blocks, cfg, load=load, streams=streams,
-                                   remat="full" if layout.streams_weights else None)
+    run_blocks = functools.partial(
+      model_lib.scan_blocks,
+      cfg,
+      load=load,
+      streams=streams,
+      remat="full" if layout.streams_weights else None,
+    )
 
   def local_loss(params, rows):
     with layout.active():
@@ -272,10 +333,12 @@ def make_local_loss(s: Setup, bubble_fill: float = 0.0, per_token: bool = False)
       if stages > 1:
         part = inputs.shape[1] // stages
         start = jax.lax.axis_index(pipeline.AXIS) * part
-        inputs, targets = (jax.lax.dynamic_slice_in_dim(a, start, part, axis=1)
-                           for a in (inputs, targets))
+        inputs, targets = (
+          jax.lax.dynamic_slice_in_dim(a, start, part, axis=1) for a in (inputs, targets)
+        )
       nll = nnx.merge(graphdef, params).token_nll(inputs, targets, run_blocks, start)
       return nll if per_token else jnp.mean(nll)
+
   return local_loss
 
 
@@ -287,8 +350,9 @@ def make_local_value_and_grad(s: Setup, weight: float, bubble_fill: float = 0.0)
     local_loss = make_local_loss(s, bubble_fill)
     return jax.value_and_grad(lambda params, rows: local_loss(params, rows) * weight)
   _, load_all = make_load(s)
-  value_and_grad = pipeline_1f1b.make_value_and_grad(s.cfg.model, s.schedule.program, s.graphdef,
-                                                     bubble_fill)
+  value_and_grad = pipeline_1f1b.make_value_and_grad(
+    s.cfg.model, s.schedule.program, s.graphdef, bubble_fill
+  )
   # The last stage computes the loss of whole sequences, the other S - 1 stages none: S times the
   # weight of a device's share (1/S of the sequence) under the other schedules, over M microbatches.
   scale = weight * s.schedule.stages / s.schedule.microbatches
@@ -307,8 +371,14 @@ def _shard_map(s: Setup, f, out_specs):
   # check_vma=False: exact GELU's erf polynomial fails jax 0.12's varying-axes check inside a
   # shard_map (a JAX bug; its error message suggests this workaround).
   specs = step_specs(s)
-  return jax.shard_map(f, mesh=s.layout.mesh, axis_names=set(spmd.MANUAL), check_vma=False,
-                       in_specs=(specs.params, specs.batch), out_specs=out_specs)
+  return jax.shard_map(
+    f,
+    mesh=s.layout.mesh,
+    axis_names=set(spmd.MANUAL),
+    check_vma=False,
+    in_specs=(specs.params, specs.batch),
+    out_specs=out_specs,
+  )
 
 
 def make_loss(s: Setup, bubble_fill: float = 0.0, per_token: bool = False):
@@ -351,8 +421,9 @@ def make_gradients(s: Setup, bubble_fill: float = 0.0):
 
       zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
       (loss, grads), _ = jax.lax.scan(accumulate, zeros, rows.reshape(b // k, k, t).swapaxes(0, 1))
-    grads = jax.tree.map(lambda g, p, q: spmd.reduce_gradient(g, p, q, sizes), grads,
-                         specs.params, specs.states)
+    grads = jax.tree.map(
+      lambda g, p, q: spmd.reduce_gradient(g, p, q, sizes), grads, specs.params, specs.states
+    )
     return jax.lax.psum(loss, spmd.sized(sizes)), grads
 
   return _shard_map(s, body, (P(), specs.states))
@@ -365,8 +436,11 @@ def keep_finite(old: TrainState, new: TrainState, metrics: dict):
   finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
   finite &= jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(new.params)]))
   keep = lambda n, o: jnp.where(finite, n, o)
-  state = TrainState(new.step, jax.tree.map(keep, new.params, old.params),
-                     jax.tree.map(keep, new.opt_state, old.opt_state))
+  state = TrainState(
+    new.step,
+    jax.tree.map(keep, new.params, old.params),
+    jax.tree.map(keep, new.opt_state, old.opt_state),
+  )
   return state, {**metrics, "finite": finite}
 
 
@@ -382,17 +456,27 @@ def make_train_step(s: Setup):
     with jax.named_scope("optimizer"):
       updates, opt_state = tx.update(grads, state.opt_state, state.params)
       params = optax.apply_updates(state.params, updates)
-      metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
-                 "learning_rate": s.lr_schedule(state.step)}
+      metrics = {
+        "loss": loss,
+        "grad_norm": optax.tree.norm(grads),
+        "learning_rate": s.lr_schedule(state.step),
+      }
       return keep_finite(state, TrainState(state.step + 1, params, opt_state), metrics)
 
-  return jax.jit(train_step, in_shardings=(shardings, s.batch_sharding),
-                 out_shardings=(shardings, s.layout.replicated), donate_argnums=0)
+  return jax.jit(
+    train_step,
+    in_shardings=(shardings, s.batch_sharding),
+    out_shardings=(shardings, s.layout.replicated),
+    donate_argnums=0,
+  )
 
 
 def make_eval_step(s: Setup):
-  return jax.jit(make_loss(s), in_shardings=(s.shardings.params, s.batch_sharding),
-                 out_shardings=s.layout.replicated)
+  return jax.jit(
+    make_loss(s),
+    in_shardings=(s.shardings.params, s.batch_sharding),
+    out_shardings=s.layout.replicated,
+  )
 
 
 def build(cfg: ml_collections.ConfigDict, vocab_size: int) -> Setup:
@@ -408,11 +492,23 @@ def build(cfg: ml_collections.ConfigDict, vocab_size: int) -> Setup:
   mesh_lib.check_divisible(layout, abstract_params)
   lr_schedule = optim.schedule(cfg.optim, cfg.train.steps)
   tx = optim.make_optimizer(cfg.optim, cfg.train.steps, cfg.model.hidden_lr_multiplier)
-  shardings, grad_shardings = state_shardings(layout, abstract_params, tx,
-                                              cfg.optim.adafactor.factor_min_dim)
+  shardings, grad_shardings = state_shardings(
+    layout, abstract_params, tx, cfg.optim.adafactor.factor_min_dim
+  )
   batch_sharding = layout.sharding(("batch", None))
-  return Setup(cfg, layout, graphdef, abstract_params, tx, lr_schedule, shardings, grad_shardings,
-               batch_sharding, n_params, schedule)
+  return Setup(
+    cfg,
+    layout,
+    graphdef,
+    abstract_params,
+    tx,
+    lr_schedule,
+    shardings,
+    grad_shardings,
+    batch_sharding,
+    n_params,
+    schedule,
+  )
 
 
 def compiled_costs(s: Setup, compiled) -> dict:
@@ -425,46 +521,58 @@ def compiled_costs(s: Setup, compiled) -> dict:
   tokens = d.global_batch * d.seq_len
   held = sum(x.size for x in jax.tree.leaves(s.abstract_params))
   streams = s.layout.streams_weights
-  terms = comm.analytic_terms(s.layout, s.abstract_params, m, d.global_batch, d.seq_len, s.schedule,
-                             s.cfg.train.grad_accum)
+  terms = comm.analytic_terms(
+    s.layout, s.abstract_params, m, d.global_batch, d.seq_len, s.schedule, s.cfg.train.grad_accum
+  )
   # The same step compiled for a GPU or TPU, which move the compute dtype (spmd.wire_dtype).
-  accelerator_terms = comm.analytic_terms(s.layout, s.abstract_params, m, d.global_batch, d.seq_len,
-                                          s.schedule, s.cfg.train.grad_accum, backend="gpu")
+  accelerator_terms = comm.analytic_terms(
+    s.layout,
+    s.abstract_params,
+    m,
+    d.global_batch,
+    d.seq_len,
+    s.schedule,
+    s.cfg.train.grad_accum,
+    backend="gpu",
+  )
   # A hand-written schedule's rounds are one conditional: which branch runs how often is the
   # schedule's table.
   shares = s.schedule.program.branch_shares() if s.schedule and s.schedule.hand_written else None
   by_dtype = analysis.collective_bytes_by_dtype(hlo, branch_shares=shares)
   opt_state = abstract_state(s).opt_state
   costs = {
-      "optimizer_state_bytes": analysis.tree_bytes(opt_state),
-      "optimizer_state_bytes_per_device": analysis.per_device_bytes(opt_state),
-      "compiled_matmul_flops_per_step": analysis.dot_flops(hlo, shares) * s.layout.mesh.size,
-      "expected_matmul_flops_per_step": analysis.expected_matmul_flops(
-          m, d.seq_len, tokens, vocab, s.schedule, remat="full" if streams else None),
-      "collective_bytes_per_step": {k: sum(v.values()) for k, v in by_dtype.items()},
-      "collective_bytes_by_dtype": by_dtype,
-      "analytic_collective_bytes_per_step": sum(terms.values()),
-      "analytic_collective_bytes_by_kind": comm.by_kind(terms),
-      "analytic_collective_terms": terms,
-      "accelerator_collective_terms": accelerator_terms,
+    "optimizer_state_bytes": analysis.tree_bytes(opt_state),
+    "optimizer_state_bytes_per_device": analysis.per_device_bytes(opt_state),
+    "compiled_matmul_flops_per_step": analysis.dot_flops(hlo, shares) * s.layout.mesh.size,
+    "expected_matmul_flops_per_step": analysis.expected_matmul_flops(
+      m, d.seq_len, tokens, vocab, s.schedule, remat="full" if streams else None
+    ),
+    "collective_bytes_per_step": {k: sum(v.values()) for k, v in by_dtype.items()},
+    "collective_bytes_by_dtype": by_dtype,
+    "analytic_collective_bytes_per_step": sum(terms.values()),
+    "analytic_collective_bytes_by_kind": comm.by_kind(terms),
+    "analytic_collective_terms": terms,
+    "accelerator_collective_terms": accelerator_terms,
   }
   if s.cfg.optim.name == "adamw":  # REFERENCE.md §2's formula is for Adam's two moments
     costs["analytic_state_bytes_per_device"] = analysis.analytic_state_bytes(
-        sizes, m, held, vocab, s.layout.name == "zero1")
+      sizes, m, held, vocab, s.layout.name == "zero1"
+    )
   if streams:
     loops = analysis.collective_bytes(hlo, loops_only=True)
     costs["wafer"] = {
-        "mode": wafer.MODE,
-        "streamed_bytes_per_step": loops.get("all-gather", 0) + loops.get("reduce-scatter", 0),
-        "analytic_streamed_bytes_per_step": terms["layer_weight_gather"] + terms["layer_grad_scatter"],
+      "mode": wafer.MODE,
+      "streamed_bytes_per_step": loops.get("all-gather", 0) + loops.get("reduce-scatter", 0),
+      "analytic_streamed_bytes_per_step": terms["layer_weight_gather"]
+      + terms["layer_grad_scatter"],
     }
   if s.schedule:
     # What the same step costs without the pipeline's bubbles: the single-device program.
     unpipelined = analysis.expected_matmul_flops(m, d.seq_len, tokens, vocab)
     costs["pipeline"] = {
-        **s.schedule.describe(),
-        "step_flops_ratio_theory": costs["expected_matmul_flops_per_step"] / unpipelined,
-        "step_flops_ratio_measured": costs["compiled_matmul_flops_per_step"] / unpipelined,
+      **s.schedule.describe(),
+      "step_flops_ratio_theory": costs["expected_matmul_flops_per_step"] / unpipelined,
+      "step_flops_ratio_measured": costs["compiled_matmul_flops_per_step"] / unpipelined,
     }
   return costs
 
@@ -472,11 +580,11 @@ def compiled_costs(s: Setup, compiled) -> dict:
 def describe(s: Setup) -> dict:
   m = s.cfg.model
   return {
-      "params": s.n_params,
-      "layout": s.layout.name,
-      "mesh": s.layout.axis_sizes,
-      "devices": s.layout.mesh.size,
-      "flops_per_token": analysis.flops_per_token(m, s.cfg.data.seq_len),
+    "params": s.n_params,
+    "layout": s.layout.name,
+    "mesh": s.layout.axis_sizes,
+    "devices": s.layout.mesh.size,
+    "flops_per_token": analysis.flops_per_token(m, s.cfg.data.seq_len),
   }
 
 
@@ -485,15 +593,17 @@ def restore(s: Setup, ckpt: checkpoint.Checkpointer, step: int, resume: bool) ->
   another model or tokenizer (or, to `resume` training, another data order) is refused first."""
   ckpt.check(step, resume)
   like = abstract_state(s)
-  split = jax.jit(lambda tree: checkpoint.from_layer_order(tree, s.schedule, like),
-                  out_shardings=s.shardings)
+  split = jax.jit(
+    lambda tree: checkpoint.from_layer_order(tree, s.schedule, like), out_shardings=s.shardings
+  )
   return ckpt.restore(step, like, s.schedule, s.layout.mesh, split)
 
 
 def abstract_state(s: Setup) -> TrainState:
   shapes = jax.eval_shape(make_init(s))
-  return jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
-                      shapes, s.shardings)
+  return jax.tree.map(
+    lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), shapes, s.shardings
+  )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -509,8 +619,9 @@ def plan(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     vocab = data.make_tokenizer(cfg.data.tokenizer, path=cfg.data.tokenizer_path).vocab_size
   s = build(cfg, vocab)
   state = abstract_state(s)
-  batch = jax.ShapeDtypeStruct((s.cfg.data.global_batch, s.cfg.data.seq_len + 1), jnp.int32,
-                               sharding=s.batch_sharding)
+  batch = jax.ShapeDtypeStruct(
+    (s.cfg.data.global_batch, s.cfg.data.seq_len + 1), jnp.int32, sharding=s.batch_sharding
+  )
   t0 = time.perf_counter()
   compiled = make_train_step(s).lower(state, batch).compile()
   compile_s = time.perf_counter() - t0
@@ -518,18 +629,19 @@ def plan(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   tokens_per_step = s.cfg.data.global_batch * s.cfg.data.seq_len
   budget = config_lib.TOKENS_PER_PARAM * s.n_params
   result = {
-      **describe(s),
-      "chinchilla_tokens": budget,
-      "chinchilla_steps": math.ceil(budget / tokens_per_step),
-      "tokens_per_step": tokens_per_step,
-      "param_bytes": analysis.tree_bytes(state.params),
-      "model_flops_per_step": analysis.flops_per_token(s.cfg.model, s.cfg.data.seq_len) * tokens_per_step,
-      "compile_s": round(compile_s, 3),
-      "memory_per_device_bytes": memory,
-      "fits_80GB": memory["total_bytes"] <= 80e9,
-      **compiled_costs(s, compiled),
-      **({"cs2_streaming": wafer.cs2_streaming_table()} if s.layout.streams_weights else {}),
-      "config": s.cfg.to_dict(),
+    **describe(s),
+    "chinchilla_tokens": budget,
+    "chinchilla_steps": math.ceil(budget / tokens_per_step),
+    "tokens_per_step": tokens_per_step,
+    "param_bytes": analysis.tree_bytes(state.params),
+    "model_flops_per_step": analysis.flops_per_token(s.cfg.model, s.cfg.data.seq_len)
+    * tokens_per_step,
+    "compile_s": round(compile_s, 3),
+    "memory_per_device_bytes": memory,
+    "fits_80GB": memory["total_bytes"] <= 80e9,
+    **compiled_costs(s, compiled),
+    **({"cs2_streaming": wafer.cs2_streaming_table()} if s.layout.streams_weights else {}),
+    "config": s.cfg.to_dict(),
   }
   create_workdir(out)
   (out / "plan.json").write_text(json.dumps(result, indent=2))
@@ -547,7 +659,10 @@ class Logger:
   A last line cut short by a kill is dropped."""
 
   def __init__(self, workdir: pathlib.Path, start: int):
-    from tensorboardX import SummaryWriter  # imported here: it is slow to import and plan needs none
+    from tensorboardX import (
+      SummaryWriter,
+    )  # imported here: it is slow to import and plan needs none
+
     path = workdir / "metrics.jsonl"
     self.records = read_metrics(path, start) if start else []
     path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
@@ -559,8 +674,10 @@ class Logger:
       self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
       self.jsonl.flush()
     except OSError as e:  # a full disk: the checkpoints written so far are whole
-      raise InputError(f"cannot write {self.jsonl.name} at step {step} ({e.strerror}). Free space, "
-                       "then rerun the same command to resume from the last checkpoint.") from None
+      raise InputError(
+        f"cannot write {self.jsonl.name} at step {step} ({e.strerror}). Free space, "
+        "then rerun the same command to resume from the last checkpoint."
+      ) from None
     for key, value in metrics.items():
       self.tb.add_scalar(key, value, step)
 
@@ -591,9 +708,11 @@ def read_metrics(path: pathlib.Path, upto: int) -> list[dict]:
       records.append(json.loads(line))
     except json.JSONDecodeError:
       if i < len(lines) - 1:
-        raise InputError(f"{path}: line {i + 1} is not JSON, and it is not the last line (which a "
-                         "kill can cut short). Repair or delete that line, or use a new "
-                         "--workdir.") from None
+        raise InputError(
+          f"{path}: line {i + 1} is not JSON, and it is not the last line (which a "
+          "kill can cut short). Repair or delete that line, or use a new "
+          "--workdir."
+        ) from None
   return [r for r in records if r["step"] <= upto]
 
 
@@ -604,8 +723,9 @@ def perplexity(loss: float) -> float:
 def evaluate(eval_step, params, batches, sharding) -> dict:
   # Every process holds every eval batch whole: the global shape tells jax to take each device's
   # rows from it.
-  losses = [eval_step(params, jax.make_array_from_process_local_data(sharding, b, b.shape))
-            for b in batches]
+  losses = [
+    eval_step(params, jax.make_array_from_process_local_data(sharding, b, b.shape)) for b in batches
+  ]
   loss = float(np.mean(jax.device_get(losses)))
   return {"eval_loss": loss, "eval_perplexity": perplexity(loss)}
 
@@ -652,24 +772,33 @@ class NonFinite:
 
   def stops(self, step: int, metrics: dict) -> str | None:
     """None to go on, or why the run stops (after `step`, whose update was dropped)."""
-    what = (f"loss {float(metrics['loss'])}, gradient norm {float(metrics['grad_norm'])}"
-            if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"]))
-            else "the update made the parameters non-finite")
+    what = (
+      f"loss {float(metrics['loss'])}, gradient norm {float(metrics['grad_norm'])}"
+      if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"]))
+      else "the update made the parameters non-finite"
+    )
     self.skipped += 1
     self.in_a_row += 1
     if self.policy == "skip" and self.in_a_row <= self.max_skips:
-      tqdm.tqdm.write(f"warning: step {step}: {what}; update skipped ({self.in_a_row} in a row, "
-                      f"train.max_skips={self.max_skips})", file=sys.stderr)
+      tqdm.tqdm.write(
+        f"warning: step {step}: {what}; update skipped ({self.in_a_row} in a row, "
+        f"train.max_skips={self.max_skips})",
+        file=sys.stderr,
+      )
       return None
     if self.policy == "skip":
-      return (f"steps {step - self.in_a_row + 1}..{step} were all non-finite (last: {what}), more "
-              f"than train.max_skips={self.max_skips} in a row")
+      return (
+        f"steps {step - self.in_a_row + 1}..{step} were all non-finite (last: {what}), more "
+        f"than train.max_skips={self.max_skips} in a row"
+      )
     return f"step {step}: non-finite ({what}), train.on_nonfinite=stop"
 
   def advice(self) -> str:
-    return (f"Lower --config.optim.lr (now {self.lr}) or raise warm-up"
-            + ("." if self.policy == "skip" else
-               ", or rerun with --config.train.on_nonfinite=skip to drop such updates."))
+    return f"Lower --config.optim.lr (now {self.lr}) or raise warm-up" + (
+      "."
+      if self.policy == "skip"
+      else ", or rerun with --config.train.on_nonfinite=skip to drop such updates."
+    )
 
 
 def prepare_run(cfg: ml_collections.ConfigDict, workdir: str):
@@ -689,11 +818,15 @@ def prepare_run(cfg: ml_collections.ConfigDict, workdir: str):
     ckpt = checkpoint.Checkpointer(out / "checkpoints", cfg, tokenizer)
     start = ckpt.latest_step() or 0
   if not start and (out / "metrics.jsonl").exists():
-    raise InputError(f"--workdir {out} already holds a run with no complete checkpoint to resume "
-                     "from; refusing to overwrite it. Choose a new --workdir or delete the old one.")
+    raise InputError(
+      f"--workdir {out} already holds a run with no complete checkpoint to resume "
+      "from; refusing to overwrite it. Choose a new --workdir or delete the old one."
+    )
   if start > cfg.train.steps:
-    raise InputError(f"--workdir {out} has a checkpoint at step {start}, past "
-                     f"train.steps={cfg.train.steps}. Raise --config.train.steps to train further.")
+    raise InputError(
+      f"--workdir {out} has a checkpoint at step {start}, past "
+      f"train.steps={cfg.train.steps}. Raise --config.train.steps to train further."
+    )
   # The starting state is read now, so that a damaged or mismatched checkpoint (or imported folder)
   # is refused before anything is written.
   if start:
@@ -714,13 +847,23 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   cfg, d = s.cfg, s.cfg.data
   # A run killed after its last checkpoint but before its summary is finished, not retrained.
   finishing = start == cfg.train.steps
-  eval_batches = data.eval_batches(corpus.tokens["validation"], seq_len=d.seq_len, batch=d.eval_batch,
-                                   max_batches=d.eval_batches or None)
+  eval_batches = data.eval_batches(
+    corpus.tokens["validation"],
+    seq_len=d.seq_len,
+    batch=d.eval_batch,
+    max_batches=d.eval_batches or None,
+  )
   batch_shape = (d.global_batch, d.seq_len + 1)
   block, blocks = distributed.process_rows(s.batch_sharding, batch_shape)
-  batches = data.train_batches(corpus.tokens["train"], seq_len=d.seq_len, global_batch=d.global_batch,
-                               seed=d.seed, start_step=start, process_index=block,
-                               process_count=blocks)
+  batches = data.train_batches(
+    corpus.tokens["train"],
+    seq_len=d.seq_len,
+    global_batch=d.global_batch,
+    seed=d.seed,
+    start_step=start,
+    process_index=block,
+    process_count=blocks,
+  )
   # Every process has checked the workdir before process 0 writes to it.
   distributed.barrier("inputs checked")
   main = distributed.is_main()
@@ -754,8 +897,13 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   flops_per_token = analysis.flops_per_token(cfg.model, d.seq_len)
   train_time, last_log, last_log_step, saved = 0.0, time.perf_counter(), start, start
   last, eval_metrics = {}, {}
-  bar = tqdm.tqdm(initial=start, total=cfg.train.steps, disable=not (cfg.train.progress and main),
-                  mininterval=1.0, dynamic_ncols=True)
+  bar = tqdm.tqdm(
+    initial=start,
+    total=cfg.train.steps,
+    disable=not (cfg.train.progress and main),
+    mininterval=1.0,
+    dynamic_ncols=True,
+  )
   signals = StopSignals()
   run_start = time.perf_counter()
   try:
@@ -789,8 +937,10 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
           eval_metrics = evaluate(eval_step, state.params, eval_batches, s.batch_sharding)
           record.update(eval_metrics)
         logger.write(step, record)
-        bar.set_postfix(loss=f"{last['loss']:.4f}", **({"val": f"{eval_metrics['eval_loss']:.4f}"}
-                                                        if is_eval else {}))
+        bar.set_postfix(
+          loss=f"{last['loss']:.4f}",
+          **({"val": f"{eval_metrics['eval_loss']:.4f}"} if is_eval else {}),
+        )
         last_log, last_log_step = time.perf_counter(), step
       signum = signals.received(step)
       if signum and step < cfg.train.steps:
@@ -813,24 +963,24 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     wall_s, trained = train_time, cfg.train.steps
   tokens_per_s = tokens_per_step * trained / train_time
   summary = {
-      **describe(s),
-      "steps": cfg.train.steps,
-      "resumed_from_step": start,
-      "tokens": tokens_per_step * cfg.train.steps,
-      "final_loss": last["loss"],
-      "final_eval_loss": eval_metrics["eval_loss"],
-      "final_eval_perplexity": eval_metrics["eval_perplexity"],
-      "skipped_steps": nonfinite.skipped,
-      "tokens_per_s": tokens_per_s,
-      "step_ms": 1000 * train_time / trained,
-      "mfu": tokens_per_s * flops_per_token / peak,
-      "matmul_peak_flops": peak,
-      "compile_s": compile_s,
-      "init_s": init_s,
-      "train_wall_s": wall_s,
-      "model_flops_per_step": flops_per_token * tokens_per_step,
-      "memory_per_device_bytes": memory,
-      **compiled_costs(s, train_step),
+    **describe(s),
+    "steps": cfg.train.steps,
+    "resumed_from_step": start,
+    "tokens": tokens_per_step * cfg.train.steps,
+    "final_loss": last["loss"],
+    "final_eval_loss": eval_metrics["eval_loss"],
+    "final_eval_perplexity": eval_metrics["eval_perplexity"],
+    "skipped_steps": nonfinite.skipped,
+    "tokens_per_s": tokens_per_s,
+    "step_ms": 1000 * train_time / trained,
+    "mfu": tokens_per_s * flops_per_token / peak,
+    "matmul_peak_flops": peak,
+    "compile_s": compile_s,
+    "init_s": init_s,
+    "train_wall_s": wall_s,
+    "model_flops_per_step": flops_per_token * tokens_per_step,
+    "memory_per_device_bytes": memory,
+    **compiled_costs(s, train_step),
   }
   if main:
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -845,20 +995,27 @@ def save_last_finite(ckpt, s: Setup, state: TrainState, step: int, saved: int) -
     saved = step
   if not (ckpt and saved):
     return "No checkpoint was saved (none was due yet)."
-  return (f"The last finite state is checkpoint {saved} in {ckpt.directory} (--mode=eval and "
-          "--mode=generate read it).")
+  return (
+    f"The last finite state is checkpoint {saved} in {ckpt.directory} (--mode=eval and "
+    "--mode=generate read it)."
+  )
 
 
-def stopped_message(ckpt, s: Setup, state: TrainState, step: int, saved: int, signum: int,
-                    out: pathlib.Path) -> str:
+def stopped_message(
+  ckpt, s: Setup, state: TrainState, step: int, saved: int, signum: int, out: pathlib.Path
+) -> str:
   name = signal.Signals(signum).name
   if not ckpt:
-    return (f"stopped by {name} after step {step}; checkpoint.every=0, so nothing was saved to "
-            "resume from.")
+    return (
+      f"stopped by {name} after step {step}; checkpoint.every=0, so nothing was saved to "
+      "resume from."
+    )
   if step > saved:
     ckpt.save(step, state, s.schedule, force=True)
-  return (f"stopped by {name} after step {step}; saved checkpoint {step} in {ckpt.directory}. "
-          f"Rerun the same command to resume (--workdir={out}).")
+  return (
+    f"stopped by {name} after step {step}; saved checkpoint {step} in {ckpt.directory}. "
+    f"Rerun the same command to resume (--workdir={out})."
+  )
 
 
 def logged_finish(out: pathlib.Path, logged: list[dict], steps: int) -> tuple[dict, float]:
@@ -866,8 +1023,10 @@ def logged_finish(out: pathlib.Path, logged: list[dict], steps: int) -> tuple[di
   summary was not, from its metrics.jsonl."""
   final = [r for r in logged if r["step"] == steps]
   if not final:
-    raise InputError(f"{out / 'metrics.jsonl'} has no record of the final step {steps}, so the run "
-                     "cannot be summarised. Delete the last checkpoint directory "
-                     f"({out / 'checkpoints' / str(steps)}) to redo the last steps.")
+    raise InputError(
+      f"{out / 'metrics.jsonl'} has no record of the final step {steps}, so the run "
+      "cannot be summarised. Delete the last checkpoint directory "
+      f"({out / 'checkpoints' / str(steps)}) to redo the last steps."
+    )
   steps_between = np.diff([0] + [r["step"] for r in logged])
   return final[0], float(sum(r["step_s"] * n for r, n in zip(logged, steps_between)))

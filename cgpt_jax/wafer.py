@@ -19,9 +19,11 @@ one device_put per layer) is not built: XLA's CPU compiler ignores memory kinds 
 program has no host memory space and memory_analysis() counts pinned_host arguments as device
 memory), so here it could be neither measured nor told apart from this one.
 """
+
 import ml_collections
 
-from cgpt_jax import analysis, config as config_lib
+from cgpt_jax import analysis
+from cgpt_jax import config as config_lib
 
 MODE = "per-layer all-gather from shards across the wafer"
 
@@ -34,7 +36,9 @@ CS2_IO_BYTES_PER_S = 1.2e12 / 8
 # Dense 16-bit compute of one CS-2: Andromeda's 16 CS-2s give 120 PFLOP/s (Cerebras, SC22,
 # reported by Tom's Hardware, 2022-11-14: "120 Petaflops of 16-bit half-precision").
 CS2_PEAK_FLOPS = 120e15 / 16
-STREAM_BYTES_PER_PARAM = 6  # 16-bit weights in for the forward and again for the backward, 16-bit gradients out
+STREAM_BYTES_PER_PARAM = (
+  6  # 16-bit weights in for the forward and again for the backward, 16-bit gradients out
+)
 
 
 def cs2_streaming_table(seq_len: int = 2048) -> list[dict]:
@@ -44,14 +48,23 @@ def cs2_streaming_table(seq_len: int = 2048) -> list[dict]:
   rows = []
   for name, p in config_lib.CEREBRAS_GPT.items():
     params = config_lib.closed_form_params(p.n_layers, p.d_model)
-    m = ml_collections.ConfigDict(dict(n_layers=p.n_layers, d_model=p.d_model, d_ff=4 * p.d_model,
-                                       vocab_size=50257))
+    m = ml_collections.ConfigDict(
+      dict(n_layers=p.n_layers, d_model=p.d_model, d_ff=4 * p.d_model, vocab_size=50257)
+    )
     tokens = p.batch * seq_len
     stream_s = STREAM_BYTES_PER_PARAM * params / CS2_IO_BYTES_PER_S
     compute_s = analysis.flops_per_token(m, seq_len) * tokens / CS2_PEAK_FLOPS
-    rows.append({"model": name, "params": params, "batch": p.batch, "tokens_per_step": tokens,
-                 "stream_bytes_per_step": STREAM_BYTES_PER_PARAM * params,
-                 "stream_s": stream_s, "compute_s_at_peak": compute_s,
-                 "compute_over_stream": compute_s / stream_s,
-                 "bound": "compute" if compute_s >= stream_s else "streaming"})
+    rows.append(
+      {
+        "model": name,
+        "params": params,
+        "batch": p.batch,
+        "tokens_per_step": tokens,
+        "stream_bytes_per_step": STREAM_BYTES_PER_PARAM * params,
+        "stream_s": stream_s,
+        "compute_s_at_peak": compute_s,
+        "compute_over_stream": compute_s / stream_s,
+        "bound": "compute" if compute_s >= stream_s else "streaming",
+      }
+    )
   return rows

@@ -12,39 +12,66 @@ against single's at every step; pipeline and wafer details; WORKDIR/layouts.png.
 The 8 devices share this machine's cores, so tokens/s ratios measure replicated work and collective
 copies, not a real interconnect; bytes, FLOPs and memory are exact.
 """
+
 from cgpt_jax import config as config_lib
 from cgpt_jax import report as report_lib
 
 STEPS = 6
 PP = {"mesh.layout": "pp"}
 LAYOUTS = {  # point name -> config overrides; `single` first: it is the reference
-    "single": {"mesh.layout": "single"},
-    "dp": {"mesh.layout": "dp"},
-    "zero1": {"mesh.layout": "zero1"},
-    "fsdp": {"mesh.layout": "fsdp"},
-    "tp": {"mesh.layout": "tp"},
-    "sp": {"mesh.layout": "sp"},
-    "dp2_x_tp4": {"mesh.layout": "tp", "mesh.data": 2, "mesh.tensor": 4},
-    "fsdp2_x_tp4": {"mesh.layout": "fsdp", "mesh.fsdp": 2, "mesh.tensor": 4},
-    "gpipe_S4_M4_x_dp2": {**PP, "mesh.pipe": 4, "mesh.data": 2, "pipeline.microbatches": 4},
-    "gpipe_S4_M8_x_dp2": {**PP, "mesh.pipe": 4, "mesh.data": 2, "pipeline.microbatches": 8},
-    "gpipe_S4_M8_x_dp2_remat": {**PP, "mesh.pipe": 4, "mesh.data": 2, "pipeline.microbatches": 8,
-                                "model.remat": "full"},
-    "gpipe_S2_M4_x_dp4": {**PP, "mesh.pipe": 2, "mesh.data": 4, "pipeline.microbatches": 4},
-    "circular_S2_R2_M4_x_dp4": {**PP, "mesh.pipe": 2, "mesh.data": 4, "pipeline.microbatches": 4,
-                                "pipeline.schedule": "circular", "pipeline.repeats": 2},
-    # The 1F1B family: the backward written by hand, idle rounds computing nothing.
-    "1f1b_S4_M8_x_dp2": {**PP, "mesh.pipe": 4, "mesh.data": 2, "pipeline.microbatches": 8,
-                         "pipeline.schedule": "1f1b"},
-    "interleaved_1f1b_S2_R2_M4_x_dp4": {**PP, "mesh.pipe": 2, "mesh.data": 4,
-                                        "pipeline.microbatches": 4, "pipeline.repeats": 2,
-                                        "pipeline.schedule": "interleaved_1f1b"},
-    "zb_h1_S4_M8_x_dp2": {**PP, "mesh.pipe": 4, "mesh.data": 2, "pipeline.microbatches": 8,
-                          "pipeline.schedule": "zb_h1"},
-    "3d_dp2_pp2_tp2_M4": {"mesh.layout": "3d", "pipeline.microbatches": 4},
-    "fsdp_remat": {"mesh.layout": "fsdp", "model.remat": "full"},
-    "wafer": {"mesh.layout": "wafer"},
-    "swarm_2x4": {"mesh.layout": "swarm"},
+  "single": {"mesh.layout": "single"},
+  "dp": {"mesh.layout": "dp"},
+  "zero1": {"mesh.layout": "zero1"},
+  "fsdp": {"mesh.layout": "fsdp"},
+  "tp": {"mesh.layout": "tp"},
+  "sp": {"mesh.layout": "sp"},
+  "dp2_x_tp4": {"mesh.layout": "tp", "mesh.data": 2, "mesh.tensor": 4},
+  "fsdp2_x_tp4": {"mesh.layout": "fsdp", "mesh.fsdp": 2, "mesh.tensor": 4},
+  "gpipe_S4_M4_x_dp2": {**PP, "mesh.pipe": 4, "mesh.data": 2, "pipeline.microbatches": 4},
+  "gpipe_S4_M8_x_dp2": {**PP, "mesh.pipe": 4, "mesh.data": 2, "pipeline.microbatches": 8},
+  "gpipe_S4_M8_x_dp2_remat": {
+    **PP,
+    "mesh.pipe": 4,
+    "mesh.data": 2,
+    "pipeline.microbatches": 8,
+    "model.remat": "full",
+  },
+  "gpipe_S2_M4_x_dp4": {**PP, "mesh.pipe": 2, "mesh.data": 4, "pipeline.microbatches": 4},
+  "circular_S2_R2_M4_x_dp4": {
+    **PP,
+    "mesh.pipe": 2,
+    "mesh.data": 4,
+    "pipeline.microbatches": 4,
+    "pipeline.schedule": "circular",
+    "pipeline.repeats": 2,
+  },
+  # The 1F1B family: the backward written by hand, idle rounds computing nothing.
+  "1f1b_S4_M8_x_dp2": {
+    **PP,
+    "mesh.pipe": 4,
+    "mesh.data": 2,
+    "pipeline.microbatches": 8,
+    "pipeline.schedule": "1f1b",
+  },
+  "interleaved_1f1b_S2_R2_M4_x_dp4": {
+    **PP,
+    "mesh.pipe": 2,
+    "mesh.data": 4,
+    "pipeline.microbatches": 4,
+    "pipeline.repeats": 2,
+    "pipeline.schedule": "interleaved_1f1b",
+  },
+  "zb_h1_S4_M8_x_dp2": {
+    **PP,
+    "mesh.pipe": 4,
+    "mesh.data": 2,
+    "pipeline.microbatches": 8,
+    "pipeline.schedule": "zb_h1",
+  },
+  "3d_dp2_pp2_tp2_M4": {"mesh.layout": "3d", "pipeline.microbatches": 4},
+  "fsdp_remat": {"mesh.layout": "fsdp", "model.remat": "full"},
+  "wafer": {"mesh.layout": "wafer"},
+  "swarm_2x4": {"mesh.layout": "swarm"},
 }
 
 
@@ -74,10 +101,24 @@ def get_sweep(arg=None):
 def report(sweep, results, workdir):
   del sweep
   if "error" in results.get("single", {"error": "not run"}):
-    return ["`single` failed, so nothing can be compared with it:", "",
-            *report_lib.generic_table(results)]
+    return [
+      "`single` failed, so nothing can be compared with it:",
+      "",
+      *report_lib.generic_table(results),
+    ]
   report_lib.layouts_plot(results, workdir / "layouts.png")
-  return ["## Layouts against single", "", *report_lib.layouts_table(results), "",
-          "![layouts](layouts.png)", "", "## Pipelines: bubble theory and measurement", "",
-          *report_lib.pipeline_table(results), "", "## Weight streaming", "",
-          *report_lib.wafer_table(results)]
+  return [
+    "## Layouts against single",
+    "",
+    *report_lib.layouts_table(results),
+    "",
+    "![layouts](layouts.png)",
+    "",
+    "## Pipelines: bubble theory and measurement",
+    "",
+    *report_lib.pipeline_table(results),
+    "",
+    "## Weight streaming",
+    "",
+    *report_lib.wafer_table(results),
+  ]

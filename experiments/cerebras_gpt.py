@@ -6,6 +6,7 @@ peak LR, AdamW, 375M warm-up tokens, decay to 10% at 20 tokens per parameter, on
 selection in ../shared/data. On this CPU use --plan, or override train.steps / data.global_batch
 for a short run.
 """
+
 from cgpt_jax import config as config_lib
 from cgpt_jax.errors import InputError
 

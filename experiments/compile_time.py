@@ -8,6 +8,7 @@ holds one layer's body whatever the depth: compile time should barely move with 
 gives each point's seconds and its ratio to the 2-layer compile, with the compiled FLOPs beside
 their formula to show the deeper programs really do the deeper work.
 """
+
 import ml_collections
 
 from cgpt_jax import config as config_lib
@@ -30,8 +31,12 @@ def get_sweep(arg=None) -> list[dict]:
 def report(sweep, results, workdir):
   del sweep, workdir
   base = results.get("L2", {}).get("compile_s")
-  lines = ["## Compile time against depth (111M widths, batch 8 x 2048, one device)", "",
-           "| layers | compile s | / 2 layers | compiled FLOPs / formula |", "|---:|---:|---:|---:|"]
+  lines = [
+    "## Compile time against depth (111M widths, batch 8 x 2048, one device)",
+    "",
+    "| layers | compile s | / 2 layers | compiled FLOPs / formula |",
+    "|---:|---:|---:|---:|",
+  ]
   for n in DEPTHS:
     p = results.get(f"L{n}", {"error": "not run"})
     if "error" in p:

@@ -12,6 +12,7 @@ activations. Writes coord_check.png (RMS vs width per layer, one panel per param
 step) and coord_check.md (the table at the last step, and each layer's log-log slope in width),
 both in --workdir.
 """
+
 import pathlib
 import sys
 
@@ -29,27 +30,48 @@ flags.DEFINE_string("data", "../shared/data/tinyshakespeare/input.txt", "trainin
 FLAGS = flags.FLAGS
 
 
-def coordinates(width: int, mup: bool, steps: int, layers: int, batch: int, seq_len: int,
-                source: str, data_dir: str) -> list[dict]:
+def coordinates(
+  width: int,
+  mup: bool,
+  steps: int,
+  layers: int,
+  batch: int,
+  seq_len: int,
+  source: str,
+  data_dir: str,
+) -> list[dict]:
   """Activation RMS per layer on one fixed batch, at init and after each of `steps` steps."""
   import jax
   import numpy as np
   from flax import nnx
 
-  from cgpt_jax import config as config_lib, data, mup as mup_lib, train
+  from cgpt_jax import config as config_lib
+  from cgpt_jax import data, train
+  from cgpt_jax import mup as mup_lib
 
   c = config_lib.base_config()
-  c.model.update(n_layers=layers, d_model=width, n_heads=width // 64, n_positions=seq_len,
-                 mup=mup, init_std=mup_lib.BASE_INIT_STD, embed_multiplier=mup_lib.EMBED_MULTIPLIER)
-  c.data.update(source=source, data_dir=data_dir, tokenizer="char", seq_len=seq_len,
-                global_batch=batch)
+  c.model.update(
+    n_layers=layers,
+    d_model=width,
+    n_heads=width // 64,
+    n_positions=seq_len,
+    mup=mup,
+    init_std=mup_lib.BASE_INIT_STD,
+    embed_multiplier=mup_lib.EMBED_MULTIPLIER,
+  )
+  c.data.update(
+    source=source, data_dir=data_dir, tokenizer="char", seq_len=seq_len, global_batch=batch
+  )
   c.optim.update(lr=mup_lib.BASE_LR, schedule="constant", warmup_steps=0, weight_decay=0.0)
   c.train.steps = steps + 1
   corpus = data.load_corpus(source, data_dir, "char", "")
   s = train.build(c, corpus.tokenizer.vocab_size)
   state, step = train.make_init(s)(), train.make_train_step(s)
-  batch_rows = np.asarray(next(iter(data.train_batches(corpus.tokens["train"], seq_len=seq_len,
-                                                  global_batch=batch, seed=0))))
+  batch_rows = np.asarray(
+    next(
+      iter(data.train_batches(corpus.tokens["train"], seq_len=seq_len, global_batch=batch, seed=0))
+    )
+  )
 
   @jax.jit
   def measure(params):
@@ -66,11 +88,13 @@ def coordinates(width: int, mup: bool, steps: int, layers: int, batch: int, seq_
 def slope(widths, values):
   """Least-squares slope of log(value) against log(width): 0 is flat, 1 grows like the width."""
   import numpy as np
+
   return float(np.polyfit(np.log(widths), np.log(values), 1)[0])
 
 
 def main(_):
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
@@ -84,12 +108,14 @@ def main(_):
   for name, mup in (("standard", False), ("muP", True)):
     for w in widths:
       print(f"{name} width {w} ...", flush=True)
-      results[name, w] = coordinates(w, mup, FLAGS.steps, FLAGS.layers, FLAGS.batch, FLAGS.seq_len,
-                                     FLAGS.data, data_dir)
+      results[name, w] = coordinates(
+        w, mup, FLAGS.steps, FLAGS.layers, FLAGS.batch, FLAGS.seq_len, FLAGS.data, data_dir
+      )
   layers = ["embedding", *(f"block {i + 1}" for i in range(FLAGS.layers)), "logits"]
 
-  fig, axes = plt.subplots(2, FLAGS.steps + 1, figsize=(3.2 * (FLAGS.steps + 1), 6.4),
-                           sharex=True, sharey="row")
+  fig, axes = plt.subplots(
+    2, FLAGS.steps + 1, figsize=(3.2 * (FLAGS.steps + 1), 6.4), sharex=True, sharey="row"
+  )
   for row, name in enumerate(("standard", "muP")):
     for t in range(FLAGS.steps + 1):
       ax = axes[row][t]
@@ -106,19 +132,33 @@ def main(_):
   fig.savefig(out / "coord_check.png", dpi=110)
 
   last = FLAGS.steps
-  lines = [f"Activation RMS after {last} AdamW steps (LR {train.config_lib.mup.BASE_LR}), "
-           f"{FLAGS.layers} layers, batch {FLAGS.batch}x{FLAGS.seq_len}.", "",
-           "| parameterisation | width | " + " | ".join(layers) + " |",
-           "|---|---:|" + "---:|" * len(layers)]
+  lines = [
+    f"Activation RMS after {last} AdamW steps (LR {train.config_lib.mup.BASE_LR}), "
+    f"{FLAGS.layers} layers, batch {FLAGS.batch}x{FLAGS.seq_len}.",
+    "",
+    "| parameterisation | width | " + " | ".join(layers) + " |",
+    "|---|---:|" + "---:|" * len(layers),
+  ]
   for name in ("standard", "muP"):
     for w in widths:
-      lines.append(f"| {name} | {w} | " +
-                   " | ".join(f"{results[name, w][last][l]:.3g}" for l in layers) + " |")
-  lines += ["", "Slope of log RMS in log width (0 = flat in width):", "",
-            "| parameterisation | " + " | ".join(layers) + " |", "|---|" + "---:|" * len(layers)]
+      lines.append(
+        f"| {name} | {w} | " + " | ".join(f"{results[name, w][last][l]:.3g}" for l in layers) + " |"
+      )
+  lines += [
+    "",
+    "Slope of log RMS in log width (0 = flat in width):",
+    "",
+    "| parameterisation | " + " | ".join(layers) + " |",
+    "|---|" + "---:|" * len(layers),
+  ]
   for name in ("standard", "muP"):
-    lines.append(f"| {name} | " + " | ".join(
-        f"{slope(widths, [results[name, w][last][l] for w in widths]):+.2f}" for l in layers) + " |")
+    lines.append(
+      f"| {name} | "
+      + " | ".join(
+        f"{slope(widths, [results[name, w][last][l] for w in widths]):+.2f}" for l in layers
+      )
+      + " |"
+    )
   table = "\n".join(lines) + "\n"
   (out / "coord_check.md").write_text(table)
   print(table)

@@ -12,6 +12,7 @@ family's keep what the schedule has in flight (cgpt_jax/pipeline_1f1b.py). Two m
 the 13B preset on 64 devices (pipe 4 x fsdp 4 x tensor 4, M = 8, bf16, full remat) under GPipe and
 1F1B.
 """
+
 import ml_collections
 
 from cgpt_jax import config as config_lib
@@ -39,12 +40,30 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
 
 def get_sweep(arg=None) -> list[dict]:
   del arg
-  points = [{"name": f"{schedule}-M{m}", "devices": 8, "mode": "plan",
-             "pipeline.schedule": schedule, "pipeline.repeats": repeats,
-             "pipeline.microbatches": m, "data.global_batch": 2 * m, "data.eval_batch": 2 * m}
-            for schedule, repeats in SCHEDULES.items() for m in MICROBATCHES]
-  points += [{"name": f"13b-{schedule}", "devices": 64, "mode": "plan", "config_arg": "13b",
-              "pipeline.schedule": schedule} for schedule in ("gpipe", "1f1b")]
+  points = [
+    {
+      "name": f"{schedule}-M{m}",
+      "devices": 8,
+      "mode": "plan",
+      "pipeline.schedule": schedule,
+      "pipeline.repeats": repeats,
+      "pipeline.microbatches": m,
+      "data.global_batch": 2 * m,
+      "data.eval_batch": 2 * m,
+    }
+    for schedule, repeats in SCHEDULES.items()
+    for m in MICROBATCHES
+  ]
+  points += [
+    {
+      "name": f"13b-{schedule}",
+      "devices": 64,
+      "mode": "plan",
+      "config_arg": "13b",
+      "pipeline.schedule": schedule,
+    }
+    for schedule in ("gpipe", "1f1b")
+  ]
   return points
 
 
@@ -54,23 +73,34 @@ def _gib(n: float) -> str:
 
 def report(sweep, results, workdir):
   del sweep, workdir
-  lines = ["## Temporary memory per device against M (S = 4, one row per microbatch and device)",
-           "", "| schedule | R | " + " | ".join(f"M = {m} GiB" for m in MICROBATCHES)
-           + " | M = 16 / M = 4 |", "|---|---:|" + "---:|" * (len(MICROBATCHES) + 1)]
+  lines = [
+    "## Temporary memory per device against M (S = 4, one row per microbatch and device)",
+    "",
+    "| schedule | R | " + " | ".join(f"M = {m} GiB" for m in MICROBATCHES) + " | M = 16 / M = 4 |",
+    "|---|---:|" + "---:|" * (len(MICROBATCHES) + 1),
+  ]
   for schedule, repeats in SCHEDULES.items():
     plans = [results.get(f"{schedule}-M{m}", {"error": "not run"}) for m in MICROBATCHES]
     if any("error" in p for p in plans):
-      lines.append(f"| {schedule} | {repeats} | error: "
-                   f"{next(p['error'] for p in plans if 'error' in p)} |")
+      lines.append(
+        f"| {schedule} | {repeats} | error: {next(p['error'] for p in plans if 'error' in p)} |"
+      )
       continue
     temp = [p["memory_per_device_bytes"]["temp_bytes"] for p in plans]
-    lines.append(f"| {schedule} | {repeats} | " + " | ".join(map(_gib, temp))
-                 + f" | {temp[-1] / temp[0]:.2f} |")
-  lines += ["", "## Bubble, in-flight microbatches, FLOPs and ppermute bytes", "",
-            "| point | bubble formula | table | lockstep rounds | peak in flight "
-            "| FLOPs / unpipelined | compiled / formula | ppermute MB | formula | all bytes / formula "
-            "| memory GiB/device | fits 80 GB |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    lines.append(
+      f"| {schedule} | {repeats} | "
+      + " | ".join(map(_gib, temp))
+      + f" | {temp[-1] / temp[0]:.2f} |"
+    )
+  lines += [
+    "",
+    "## Bubble, in-flight microbatches, FLOPs and ppermute bytes",
+    "",
+    "| point | bubble formula | table | lockstep rounds | peak in flight "
+    "| FLOPs / unpipelined | compiled / formula | ppermute MB | formula | all bytes / formula "
+    "| memory GiB/device | fits 80 GB |",
+    "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+  ]
   for name, p in results.items():
     if "error" in p:
       lines.append(f"| {name} | error: {p['error']} |" + " |" * 10)
@@ -79,11 +109,12 @@ def report(sweep, results, workdir):
     rounds = q.get("executed", {}).get("rounds", q["iterations"])
     measured = sum(p["collective_bytes_per_step"].values())
     lines.append(
-        f"| {name} | {q['bubble_fraction_theory']:.3f} | {q['bubble_fraction_table']:.3f} | "
-        f"{rounds} | {max(q['peak_in_flight_per_stage'])} | {q['step_flops_ratio_measured']:.3f} | "
-        f"{p['compiled_matmul_flops_per_step'] / p['expected_matmul_flops_per_step']:.4f} | "
-        f"{p['collective_bytes_per_step'].get('collective-permute', 0) / 1e6:.1f} | "
-        f"{p['analytic_collective_terms']['pipeline_hops'] / 1e6:.1f} | "
-        f"{measured / p['analytic_collective_bytes_per_step']:.4f} | "
-        f"{_gib(p['memory_per_device_bytes']['total_bytes'])} | {p['fits_80GB']} |")
+      f"| {name} | {q['bubble_fraction_theory']:.3f} | {q['bubble_fraction_table']:.3f} | "
+      f"{rounds} | {max(q['peak_in_flight_per_stage'])} | {q['step_flops_ratio_measured']:.3f} | "
+      f"{p['compiled_matmul_flops_per_step'] / p['expected_matmul_flops_per_step']:.4f} | "
+      f"{p['collective_bytes_per_step'].get('collective-permute', 0) / 1e6:.1f} | "
+      f"{p['analytic_collective_terms']['pipeline_hops'] / 1e6:.1f} | "
+      f"{measured / p['analytic_collective_bytes_per_step']:.4f} | "
+      f"{_gib(p['memory_per_device_bytes']['total_bytes'])} | {p['fits_80GB']} |"
+    )
   return lines

@@ -36,6 +36,7 @@ this range, so the paper's three-term fit pins its floor c at 0 (b = 0.048, its 
 meaningless); as a pure power law L = (f / 1.70e19)^(-b), b = 0.0489 +- 0.0046
 (1 sigma), RMS residual 0.037 nats.
 """
+
 import functools
 import math
 import pathlib
@@ -65,8 +66,10 @@ EVAL_BATCH = 64
 def corpus_chars() -> tuple[int, int]:
   """(distinct characters, training characters) of SOURCE, read as the data pipeline reads it: the
   char vocabulary is every character of the corpus; training is the first 90% of each book."""
-  texts = [text_builder.decode_text(text_builder.read_bytes(f))[0]
-           for f in text_builder.resolve_files(SOURCE)]
+  texts = [
+    text_builder.decode_text(text_builder.read_bytes(f))[0]
+    for f in text_builder.resolve_files(SOURCE)
+  ]
   return len(set().union(*texts)), sum(len(text_builder.split_text(t)[0]) for t in texts)
 
 
@@ -88,7 +91,9 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   """One size's full recipe; the default is the smallest size."""
   name = arg or next(iter(SIZES))
   if name not in SIZES:
-    raise InputError(f"experiments/scaling.py:{arg}: unknown size. Choose one of: {', '.join(SIZES)}.")
+    raise InputError(
+      f"experiments/scaling.py:{arg}: unknown size. Choose one of: {', '.join(SIZES)}."
+    )
   n_layers, d_model = SIZES[name]
   n_params = params(n_layers, d_model)
   batch = batch_size(n_params)
@@ -140,36 +145,57 @@ def report(sweep: list[dict], results: dict, workdir: pathlib.Path) -> list[str]
   # power law (c = 0) is then the model the points support, with meaningful error bars.
   pure = scaling_law.fit_pure(flops, losses) if fit.floor_at_bound else None
   plot(done, pure or fit, workdir / "scaling.png")
-  return [*failed, "", *fit_lines(fit, exponents, pure), "",
-          *points_table(done, (pure or fit).law, workdir), "",
-          "![validation loss against training FLOPs](scaling.png)", "", *comparison_lines()]
+  return [
+    *failed,
+    "",
+    *fit_lines(fit, exponents, pure),
+    "",
+    *points_table(done, (pure or fit).law, workdir),
+    "",
+    "![validation loss against training FLOPs](scaling.png)",
+    "",
+    *comparison_lines(),
+  ]
 
 
-def fit_lines(fit: scaling_law.Fit, exponents: np.ndarray,
-              pure: scaling_law.Fit | None) -> list[str]:
+def fit_lines(
+  fit: scaling_law.Fit, exponents: np.ndarray, pure: scaling_law.Fit | None
+) -> list[str]:
   law, paper = fit.law, scaling_law.PAPER
   low, high = np.percentile(exponents, [16, 84])
   return [
-      "## Fitted law", "",
-      f"L(f) = {law}, f = training FLOPs, L = validation loss (nats per character).", "",
-      "| | a | b | c |", "|---|---:|---:|---:|",
-      f"| this sweep ({fit.n_points} sizes) | {law.a:.4g} (ln a ± {fit.sigma_log_a:.2g}) "
-      f"| **{law.b:.4f} ± {fit.sigma_b:.4f}** | {law.c:.4f} ± {fit.sigma_c:.4f} |",
-      f"| Cerebras-GPT paper (111M-13B, Pile, GPT-2 BPE) | {paper.a:.4g} | {paper.b:.4f} "
-      f"| {paper.c:.4f} |", "",
-      f"± is 1 sigma from the least-squares covariance. Bootstrap over the points "
-      f"({len(exponents)} fittable resamples): b 16th-84th percentile {low:.4f}-{high:.4f}, median "
-      f"{np.median(exponents):.4f}. RMS residual {fit.rms_residual:.4f} nats.",
-      *([] if not fit.floor_at_bound else [
-          "", f"**The floor c ended on its bound ({law.c:.3g}).** The losses do not flatten "
-          "towards a floor over this range, so c is not determined, the ± above are not "
-          "meaningful, and the bootstrap, whose resamples mostly pin c too, understates the "
-          "spread: b here is the exponent of a pure power law, not the paper's three-term fit.",
-          "", "Fitted as what it is, a pure power law L(f) = (f / a)^(-b) (c = 0; a straight line "
-          "in log-log, ordinary least squares, 1 sigma over n - 2 degrees of freedom):", "",
-          f"**L(f) = (f / {pure.law.a:.4g})^(-{pure.law.b:.4f}), b = {pure.law.b:.4f} ± "
-          f"{pure.sigma_b:.4f}** (ln a ± {pure.sigma_log_a:.2g}), RMS residual "
-          f"{pure.rms_residual:.4f} nats. The table's `fit` column and the plot use this law."]),
+    "## Fitted law",
+    "",
+    f"L(f) = {law}, f = training FLOPs, L = validation loss (nats per character).",
+    "",
+    "| | a | b | c |",
+    "|---|---:|---:|---:|",
+    f"| this sweep ({fit.n_points} sizes) | {law.a:.4g} (ln a ± {fit.sigma_log_a:.2g}) "
+    f"| **{law.b:.4f} ± {fit.sigma_b:.4f}** | {law.c:.4f} ± {fit.sigma_c:.4f} |",
+    f"| Cerebras-GPT paper (111M-13B, Pile, GPT-2 BPE) | {paper.a:.4g} | {paper.b:.4f} "
+    f"| {paper.c:.4f} |",
+    "",
+    f"± is 1 sigma from the least-squares covariance. Bootstrap over the points "
+    f"({len(exponents)} fittable resamples): b 16th-84th percentile {low:.4f}-{high:.4f}, median "
+    f"{np.median(exponents):.4f}. RMS residual {fit.rms_residual:.4f} nats.",
+    *(
+      []
+      if not fit.floor_at_bound
+      else [
+        "",
+        f"**The floor c ended on its bound ({law.c:.3g}).** The losses do not flatten "
+        "towards a floor over this range, so c is not determined, the ± above are not "
+        "meaningful, and the bootstrap, whose resamples mostly pin c too, understates the "
+        "spread: b here is the exponent of a pure power law, not the paper's three-term fit.",
+        "",
+        "Fitted as what it is, a pure power law L(f) = (f / a)^(-b) (c = 0; a straight line "
+        "in log-log, ordinary least squares, 1 sigma over n - 2 degrees of freedom):",
+        "",
+        f"**L(f) = (f / {pure.law.a:.4g})^(-{pure.law.b:.4f}), b = {pure.law.b:.4f} ± "
+        f"{pure.sigma_b:.4f}** (ln a ± {pure.sigma_log_a:.2g}), RMS residual "
+        f"{pure.rms_residual:.4f} nats. The table's `fit` column and the plot use this law.",
+      ]
+    ),
   ]
 
 
@@ -182,43 +208,61 @@ def process_seconds(workdir: pathlib.Path, name: str) -> float:
 
 def points_table(done: dict, law: scaling_law.PowerLaw | None, workdir: pathlib.Path) -> list[str]:
   _, train_chars = corpus_chars()
-  lines = ["| size | layers | d_model | params | tokens | tokens/param | epochs | batch | steps "
-           "| peak LR | training FLOPs | val loss | fit | tokens/s | train s | process s |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+  lines = [
+    "| size | layers | d_model | params | tokens | tokens/param | epochs | batch | steps "
+    "| peak LR | training FLOPs | val loss | fit | tokens/s | train s | process s |",
+    "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+  ]
   for name, r in done.items():
     n_layers, d_model = SIZES[name]
     f = training_flops(r)
     predicted = f"{float(law(f)):.4f}" if law else "-"
     lr = learning_rate(d_model)
     lines.append(
-        f"| {name} | {n_layers} | {d_model} | {r['params']:,} | {r['tokens']:,} "
-        f"| {r['tokens'] / r['params']:.2f} | {r['tokens'] / train_chars:.2f} "
-        f"| {r['tokens'] // r['steps'] // SEQ_LEN} | {r['steps']} | {lr:.2g} | {f:.3g} "
-        f"| {r['final_eval_loss']:.4f} | {predicted} | {r['tokens_per_s']:,.0f} "
-        f"| {r['train_wall_s']:.0f} | {process_seconds(workdir, name):.0f} |")
+      f"| {name} | {n_layers} | {d_model} | {r['params']:,} | {r['tokens']:,} "
+      f"| {r['tokens'] / r['params']:.2f} | {r['tokens'] / train_chars:.2f} "
+      f"| {r['tokens'] // r['steps'] // SEQ_LEN} | {r['steps']} | {lr:.2g} | {f:.3g} "
+      f"| {r['final_eval_loss']:.4f} | {predicted} | {r['tokens_per_s']:,.0f} "
+      f"| {r['train_wall_s']:.0f} | {process_seconds(workdir, name):.0f} |"
+    )
   train_s = sum(r["train_wall_s"] for r in done.values())
   process_s = sum(process_seconds(workdir, name) for name in done)
-  return [*lines, "", f"Wall time of the sweep's processes: {process_s:.0f} s, of which training "
-          f"(with the final evaluation) {train_s:.0f} s; the rest is start-up, data loading, the "
-          "matmul-peak probe and compilation."]
+  return [
+    *lines,
+    "",
+    f"Wall time of the sweep's processes: {process_s:.0f} s, of which training "
+    f"(with the final evaluation) {train_s:.0f} s; the rest is start-up, data loading, the "
+    "matmul-peak probe and compilation.",
+  ]
 
 
 def plot(done: dict, fit: scaling_law.Fit, path: pathlib.Path) -> None:
   """Each size's training loss against FLOPs so far, its final validation loss, the fitted law."""
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+
   fig, ax = plt.subplots(figsize=(8, 5))
   for name, r in done.items():
     per_step = r["model_flops_per_step"]
     curve = np.array([(m["step"] * per_step, m["loss"]) for m in r["metrics"] if "loss" in m])
-    line, = ax.plot(curve[:, 0], curve[:, 1], lw=0.8, alpha=0.6)
+    (line,) = ax.plot(curve[:, 0], curve[:, 1], lw=0.8, alpha=0.6)
     ax.plot(training_flops(r), r["final_eval_loss"], "o", color=line.get_color(), label=name)
-  f = np.geomspace(min(training_flops(r) for r in done.values()) / 3,
-                   max(training_flops(r) for r in done.values()) * 3, 200)
-  ax.plot(f, fit.law(f), "k--", label=f"fit: (f/{fit.law.a:.3g})^-{fit.law.b:.4f} + {fit.law.c:.3f}")
-  ax.set(xscale="log", xlabel="training FLOPs", ylabel="loss (nats per character)",
-         title="Gutenberg, char level, 20 tokens/param: training curves, final validation loss")
+  f = np.geomspace(
+    min(training_flops(r) for r in done.values()) / 3,
+    max(training_flops(r) for r in done.values()) * 3,
+    200,
+  )
+  ax.plot(
+    f, fit.law(f), "k--", label=f"fit: (f/{fit.law.a:.3g})^-{fit.law.b:.4f} + {fit.law.c:.3f}"
+  )
+  ax.set(
+    xscale="log",
+    xlabel="training FLOPs",
+    ylabel="loss (nats per character)",
+    title="Gutenberg, char level, 20 tokens/param: training curves, final validation loss",
+  )
   lowest = min(r["final_eval_loss"] for r in done.values())
   ax.set_ylim(max(fit.law.c, lowest - 0.4), 3.6)
   ax.legend(fontsize=8)
@@ -229,19 +273,20 @@ def plot(done: dict, fit: scaling_law.Fit, path: pathlib.Path) -> None:
 
 def comparison_lines() -> list[str]:
   return [
-      "## Against the paper", "",
-      f"The paper's b = {scaling_law.PAPER.b} is not directly comparable with this one:",
-      "- Corpus and tokenizer: the loss here is nats per character on 5.4M characters of 13 "
-      "Gutenberg books; the paper's is nats per GPT-2 BPE token on the Pile (a token is about 3.8 "
-      "characters of this corpus: 6.05 MB, 1.61M tokens). "
-      "Losses per character and per token differ in scale, so a and c, and the curvature b "
-      "measures, differ with them.",
-      "- Scale: 20k-214k parameters and ~6e10-7e12 FLOPs here, against 111M-13B parameters and "
-      "~1e18-2e22 FLOPs in the paper: the fit spans two decades of compute rather than four, "
-      "nine orders of magnitude below. The context is 128 characters, not 2048 tokens, and at "
-      "20k-200k parameters the losses still fall ever faster with compute (no floor in sight), "
-      "where the paper's sizes are on the flattening part of the curve.",
-      "- Recipe: the batch, LR and warm-up rules here are scaled-down analogues, untuned at "
-      "this scale; the paper's per-size batches and LRs (REFERENCE.md §1) were chosen for "
-      "111M-13B models.",
+    "## Against the paper",
+    "",
+    f"The paper's b = {scaling_law.PAPER.b} is not directly comparable with this one:",
+    "- Corpus and tokenizer: the loss here is nats per character on 5.4M characters of 13 "
+    "Gutenberg books; the paper's is nats per GPT-2 BPE token on the Pile (a token is about 3.8 "
+    "characters of this corpus: 6.05 MB, 1.61M tokens). "
+    "Losses per character and per token differ in scale, so a and c, and the curvature b "
+    "measures, differ with them.",
+    "- Scale: 20k-214k parameters and ~6e10-7e12 FLOPs here, against 111M-13B parameters and "
+    "~1e18-2e22 FLOPs in the paper: the fit spans two decades of compute rather than four, "
+    "nine orders of magnitude below. The context is 128 characters, not 2048 tokens, and at "
+    "20k-200k parameters the losses still fall ever faster with compute (no floor in sight), "
+    "where the paper's sizes are on the flattening part of the curve.",
+    "- Recipe: the batch, LR and warm-up rules here are scaled-down analogues, untuned at "
+    "this scale; the paper's per-size batches and LRs (REFERENCE.md §1) were chosen for "
+    "111M-13B models.",
   ]

@@ -13,6 +13,7 @@ Two choices the recipe leaves open, measured here (val loss after 2000 steps, se
 Together: 1.8877 / 1.8858 (seeds 0/1), nanoGPT's 1.8857. Also tried: Cerebras' beta2 0.95 (1.919),
 no weight decay (1.903), i.i.d. random windows instead of shuffled epochs (1.912).
 """
+
 from cgpt_jax.config import base_config
 from cgpt_jax.model import TRUNCATED_STD_RATIO
 

@@ -1,5 +1,6 @@
 """Eight virtual CPU devices for every test, set before jax is imported anywhere, and the two
 settings that keep the suite's compile time down."""
+
 import atexit
 import os
 import pathlib
@@ -10,8 +11,9 @@ import tempfile
 # for a few steps, so code generation is a large share of their time (-O0 took a tenth off the
 # suite). The HLO passes, and so every collective, FLOP and memory figure the tests assert, are the
 # same at any level.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
-                      "--xla_backend_optimization_level=0")
+os.environ.setdefault(
+  "XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
+)
 # One compilation cache for the session, shared with the launch.py processes tests start (they
 # inherit the environment): the same tiny programs are compiled by many tests. Keyed on the
 # program and the flags, so a hit is the program that would have been compiled.
@@ -42,8 +44,10 @@ def shared_data() -> pathlib.Path:
 @pytest.fixture(scope="module")
 def data_flags(shared_data, tmp_path_factory) -> list[str]:
   """launch.py flags for tiny Shakespeare, prepared into a data dir of the test module's own."""
-  return [f"--config.data.source={shared_data / 'tinyshakespeare' / 'input.txt'}",
-          f"--config.data.data_dir={tmp_path_factory.mktemp('tfds')}"]
+  return [
+    f"--config.data.source={shared_data / 'tinyshakespeare' / 'input.txt'}",
+    f"--config.data.data_dir={tmp_path_factory.mktemp('tfds')}",
+  ]
 
 
 import sys  # noqa: E402

@@ -1,5 +1,6 @@
 """The timing benchmarks as a user runs them, at their smallest: each writes a report whose numbers
 hang together (the figures themselves are this machine's, not the test's)."""
+
 import importlib.util
 import json
 import os
@@ -7,22 +8,33 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO
 
 
-def bench(script: str, workdir, *args, devices: int = 1,
-          pythonpath: str | None = None) -> tuple[dict, str]:
+def bench(
+  script: str, workdir, *args, devices: int = 1, pythonpath: str | None = None
+) -> tuple[dict, str]:
   """(report.json, stdout) of benchmarks/SCRIPT run on `devices` virtual CPU devices."""
   # The suite's XLA flags (conftest.py), with this run's device count.
-  flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
-           if not f.startswith("--xla_force_host_platform_device_count")]
-  env = {**os.environ, "XLA_FLAGS": " ".join(flags + [
-      f"--xla_force_host_platform_device_count={devices}"])}
+  flags = [
+    f
+    for f in os.environ.get("XLA_FLAGS", "").split()
+    if not f.startswith("--xla_force_host_platform_device_count")
+  ]
+  env = {
+    **os.environ,
+    "XLA_FLAGS": " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"]),
+  }
   if pythonpath:
     env["PYTHONPATH"] = pythonpath
-  r = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), f"--workdir={workdir}",
-                      *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  r = subprocess.run(
+    [sys.executable, str(REPO / "benchmarks" / script), f"--workdir={workdir}", *args],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert r.returncode == 0, r.stderr[-3000:]
   return json.loads((workdir / "report.json").read_text()), r.stdout
 
@@ -41,8 +53,15 @@ def check_char(report: dict) -> dict:
   assert report["matmul_peak_flops"] > 0
   assert list(report["shapes"]) == ["char"]
   r = report["shapes"]["char"]
-  assert (r["n_layers"], r["d_model"], r["n_heads"], r["vocab_size"], r["batch"], r["seq_len"],
-          r["steps"]) == (4, 128, 4, 65, 12, 64, 2)
+  assert (
+    r["n_layers"],
+    r["d_model"],
+    r["n_heads"],
+    r["vocab_size"],
+    r["batch"],
+    r["seq_len"],
+    r["steps"],
+  ) == (4, 128, 4, 65, 12, 64, 2)
   assert_rate(r["ours"], r["flops_per_token"], report["matmul_peak_flops"])
   return r
 
@@ -56,13 +75,16 @@ def test_peers_times_both_sides(tmp_path):
     return
   assert not report["peer_skipped"]
   assert_rate(r["peer"], r["flops_per_token"], report["matmul_peak_flops"])
-  assert r["ratio"] == pytest.approx(r["ours"]["tokens_per_s"] / r["peer"]["tokens_per_s"],
-                                     rel=1e-12)
+  assert r["ratio"] == pytest.approx(
+    r["ours"]["tokens_per_s"] / r["peer"]["tokens_per_s"], rel=1e-12
+  )
   assert "| char |" in (tmp_path / "report.md").read_text()
 
 
-@pytest.mark.skipif(importlib.util.find_spec("torch") is None,
-                    reason="without torch, test_peers_times_both_sides runs this path")
+@pytest.mark.skipif(
+  importlib.util.find_spec("torch") is None,
+  reason="without torch, test_peers_times_both_sides runs this path",
+)
 def test_peers_without_torch_reports_ours(tmp_path):
   """A torch that fails to import (as when requirements-hf.txt is not installed): one line says the
   peer is skipped, and our side is still reported."""
@@ -70,8 +92,9 @@ def test_peers_without_torch_reports_ours(tmp_path):
   (fake / "torch").mkdir(parents=True)
   (fake / "torch" / "__init__.py").write_text("raise ImportError('no torch here')\n")
   report, stdout = bench(*PEERS[:1], tmp_path / "out", *PEERS[1:], pythonpath=str(fake))
-  assert ("peer skipped: torch/transformers not installed (pip install -r requirements-hf.txt)"
-          in stdout)
+  assert (
+    "peer skipped: torch/transformers not installed (pip install -r requirements-hf.txt)" in stdout
+  )
   assert report["peer_skipped"]
   r = check_char(report)
   assert r["peer"] is None and "ratio" not in r
@@ -92,19 +115,36 @@ def test_gpu_tiny_on_eight_cpu_devices(tmp_path):
     assert r["memory_per_device_bytes"]["total_bytes"] > 0
     assert r["seq_len"] == 64
   assert runs["fsdp"]["scaling_efficiency"] == pytest.approx(
-      runs["fsdp"]["tokens_per_s"] / (8 * runs["single"]["tokens_per_s"]), rel=1e-12)
+    runs["fsdp"]["tokens_per_s"] / (8 * runs["single"]["tokens_per_s"]), rel=1e-12
+  )
   assert "| fsdp | 8 |" in (tmp_path / "report.md").read_text()
 
 
 def test_step_profile_accounts_for_the_whole_step(tmp_path, data_flags):
   """The default experiment's step, op by op: every op of the compiled step is filed under a kind
   and a model part, and the parts add up to the traced span."""
-  report, _ = bench("step_profile.py", tmp_path, "--config=experiments/shakespeare_char.py",
-                    *data_flags, "--steps=2", "--traced_steps=1")
+  report, _ = bench(
+    "step_profile.py",
+    tmp_path,
+    "--config=experiments/shakespeare_char.py",
+    *data_flags,
+    "--steps=2",
+    "--traced_steps=1",
+  )
   parts = {key.split("|")[1] for key in report["seconds_per_step"]}
   # Every named scope of the model and the step shows up, forward and backward.
-  assert {"embed", "attention", "mlp", "head", "loss", "optimizer", "attention (backward)",
-          "mlp (backward)", "head (backward)", "loss (backward)"} <= parts
+  assert {
+    "embed",
+    "attention",
+    "mlp",
+    "head",
+    "loss",
+    "optimizer",
+    "attention (backward)",
+    "mlp (backward)",
+    "head (backward)",
+    "loss (backward)",
+  } <= parts
   kinds = {key.split("|")[0] for key in report["seconds_per_step"]}
   assert {"matmul", "elementwise/reduce"} <= kinds
   total = sum(report["seconds_per_step"].values())

@@ -1,6 +1,7 @@
 """Faults and bad inputs (issue 15): a diverging run exits 3 and keeps a finite checkpoint, a signal
 saves and stops, no folder of someone else's is written into, the tokenizer is part of the model,
 and every bad input is one line with exit 2 (none a traceback)."""
+
 import json
 import os
 import pathlib
@@ -14,22 +15,28 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-
-from cgpt_jax import checkpoint, config as config_lib, data, evaluate as evaluate_lib, generate
-from cgpt_jax import hf, inference, train
-from cgpt_jax.data import text_builder
-from cgpt_jax.errors import Diverged, InputError
-
 from conftest import REPO
 from test_checkpoint import files_digest
 from test_hf import model_cfg, random_params
 from test_launch import SHAKESPEARE, assert_bad_input, launch
 from test_train import losses, tiny_config
 
+from cgpt_jax import checkpoint, data, generate, hf, inference, train
+from cgpt_jax import config as config_lib
+from cgpt_jax import evaluate as evaluate_lib
+from cgpt_jax.data import text_builder
+from cgpt_jax.errors import Diverged, InputError
+
 # A short run on one device, logged every step.
-TINY = [SHAKESPEARE, "--config.model.preset=tiny", "--config.train.progress=False",
-        "--config.data.eval_batches=1", "--config.train.log_every=1",
-        "--config.optim.warmup_steps=1", "--config.data.global_batch=8"]
+TINY = [
+  SHAKESPEARE,
+  "--config.model.preset=tiny",
+  "--config.train.progress=False",
+  "--config.data.eval_batches=1",
+  "--config.train.log_every=1",
+  "--config.optim.warmup_steps=1",
+  "--config.data.global_batch=8",
+]
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +62,11 @@ def kept_steps(workdir):
 def saved_params_finite(workdir, step) -> bool:
   """Whether every array of checkpoint `step` is finite, read as saved (no model needed)."""
   state = ocp.PyTreeCheckpointer().restore(workdir / "checkpoints" / str(step) / "state")
-  return all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state)
-             if np.issubdtype(np.asarray(x).dtype, np.floating))
+  return all(
+    np.isfinite(np.asarray(x)).all()
+    for x in jax.tree.leaves(state)
+    if np.issubdtype(np.asarray(x).dtype, np.floating)
+  )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -65,8 +75,15 @@ def saved_params_finite(workdir, step) -> bool:
 def test_a_diverging_run_exits_3_and_keeps_finite_checkpoints(tmp_path, data_flags):
   """lr=1e6 goes non-finite within a few steps. Before: exit 0, and keep=2 rotated every finite
   checkpoint out. Now: exit 3 naming the step, every kept checkpoint finite, --mode=eval reads it."""
-  run = [*TINY, *data_flags, "--config.optim.lr=1e6", "--config.train.steps=30",
-         "--config.checkpoint.every=2", "--config.checkpoint.keep=2", f"--workdir={tmp_path}"]
+  run = [
+    *TINY,
+    *data_flags,
+    "--config.optim.lr=1e6",
+    "--config.train.steps=30",
+    "--config.checkpoint.every=2",
+    "--config.checkpoint.keep=2",
+    f"--workdir={tmp_path}",
+  ]
   r = launch(*run)
   assert r.returncode == 3, r.stderr[-3000:]
   message = r.stderr.strip().splitlines()[-1]
@@ -97,8 +114,11 @@ def test_skip_drops_non_finite_updates_and_counts_them(shared_data, data_dir, tm
 def test_too_many_skips_in_a_row_stop_the_run(shared_data, data_dir, tmp_path):
   c = config(shared_data, data_dir, on_nonfinite="skip", max_skips=2)
   c.optim.lr = 1e6
-  with pytest.raises(Diverged, match=r"steps \d+\.\.\d+ were all non-finite .* more than "
-                                     r"train.max_skips=2 in a row"):
+  with pytest.raises(
+    Diverged,
+    match=r"steps \d+\.\.\d+ were all non-finite .* more than "
+    r"train.max_skips=2 in a row",
+  ):
     train.run(c, str(tmp_path))
 
 
@@ -131,7 +151,9 @@ def test_eval_generate_and_export_refuse_non_finite_parameters(shared_data, data
   c = config(shared_data, data_dir, steps=4)
   tokenizer = train.load_data(c).tokenizer
   s = train.build(c, tokenizer.vocab_size)
-  ckpt = checkpoint.Checkpointer(tmp_path / "checkpoints", s.cfg, data.tokenizer_identity(tokenizer))
+  ckpt = checkpoint.Checkpointer(
+    tmp_path / "checkpoints", s.cfg, data.tokenizer_identity(tokenizer)
+  )
   state = train.restore(s, ckpt, 3, resume=True)
   nan = jax.tree.map(lambda x: x * jnp.nan, state.params)
   ckpt.save(4, train.TrainState(state.step + 1, nan, state.opt_state), None, force=True)
@@ -159,12 +181,20 @@ def test_from_hf_refuses_non_finite_weights(tmp_path):
 def interrupted(run, workdir, signum, after_lines):
   """Runs `run`, sends `signum` once `after_lines` steps are logged; the finished process."""
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  proc = subprocess.Popen([sys.executable, str(REPO / "launch.py"), "--devices=1", *run],
-                          cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True)
+  proc = subprocess.Popen(
+    [sys.executable, str(REPO / "launch.py"), "--devices=1", *run],
+    cwd=REPO,
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   metrics, deadline = workdir / "metrics.jsonl", time.time() + 300
-  while proc.poll() is None and time.time() < deadline and not (
-      metrics.exists() and len(metrics.read_text().splitlines()) >= after_lines):
+  while (
+    proc.poll() is None
+    and time.time() < deadline
+    and not (metrics.exists() and len(metrics.read_text().splitlines()) >= after_lines)
+  ):
     time.sleep(0.02)
   proc.send_signal(signum)
   out, err = proc.communicate(timeout=300)
@@ -173,8 +203,14 @@ def interrupted(run, workdir, signum, after_lines):
 
 def long_run(data_flags, workdir, steps=150):
   # No periodic checkpoint: what the rerun resumes from is the one the signal saved.
-  return [*TINY, *data_flags, f"--config.train.steps={steps}", "--config.train.eval_every=100",
-          "--config.checkpoint.every=100000", f"--workdir={workdir}"]
+  return [
+    *TINY,
+    *data_flags,
+    f"--config.train.steps={steps}",
+    "--config.train.eval_every=100",
+    "--config.checkpoint.every=100000",
+    f"--workdir={workdir}",
+  ]
 
 
 # Slow: two whole runs (30 s); SIGINT's save-and-exit and the bit-identical rerun stay in the default run.
@@ -206,8 +242,11 @@ def test_sigint_saves_and_exits_130(tmp_path, data_flags):
 @pytest.mark.slow
 def test_sigterm_to_a_processes_parent_stops_every_child(tmp_path, data_flags):
   """--processes 2: the parent passes SIGTERM on; both children save after the same step."""
-  run = [*long_run(data_flags, tmp_path, steps=100000), "--config.mesh.layout=fsdp",
-         "--processes=2"]
+  run = [
+    *long_run(data_flags, tmp_path, steps=100000),
+    "--config.mesh.layout=fsdp",
+    "--processes=2",
+  ]
   code, _, err = interrupted(run, tmp_path, signal.SIGTERM, 5)
   assert code == 143, err[-3000:]
   assert "stopped by SIGTERM after step" in err and "Traceback" not in err
@@ -263,8 +302,10 @@ def test_an_empty_workdir_flag_is_refused(data_flags):
 
 
 def test_a_refused_run_leaves_no_folder_behind(tmp_path, data_flags):
-  assert_bad_input(launch(*TINY, *data_flags, "--config.optim.b1=1.5",
-                          f"--workdir={tmp_path / 'run'}"), "optim.b1=1.5")
+  assert_bad_input(
+    launch(*TINY, *data_flags, "--config.optim.b1=1.5", f"--workdir={tmp_path / 'run'}"),
+    "optim.b1=1.5",
+  )
   assert not (tmp_path / "run").exists()
 
 
@@ -310,15 +351,25 @@ def test_another_tokenizer_or_data_order_is_refused(shared_data, data_dir, shake
 # ----------------------------------------------------------------------------------------------
 # 5. Value checks
 # ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("key,value,phrase", [
-    ("optim.b1", 1.0, "[0, 1)"), ("optim.b2", -0.1, "[0, 1)"), ("optim.b2", float("nan"), "[0, 1)"),
-    ("optim.eps", -1e-8, ">= 0"), ("optim.clip_norm", -1.0, "positive"),
-    ("optim.weight_decay", -0.1, ">= 0"), ("optim.lr", float("inf"), "finite"),
-    ("optim.lr", float("nan"), "finite"), ("optim.lr", -1e-3, ">= 0"),
-    ("model.ln_eps", -1.0, "positive"), ("model.ln_eps", 0.0, "positive"),
+@pytest.mark.parametrize(
+  "key,value,phrase",
+  [
+    ("optim.b1", 1.0, "[0, 1)"),
+    ("optim.b2", -0.1, "[0, 1)"),
+    ("optim.b2", float("nan"), "[0, 1)"),
+    ("optim.eps", -1e-8, ">= 0"),
+    ("optim.clip_norm", -1.0, "positive"),
+    ("optim.weight_decay", -0.1, ">= 0"),
+    ("optim.lr", float("inf"), "finite"),
+    ("optim.lr", float("nan"), "finite"),
+    ("optim.lr", -1e-3, ">= 0"),
+    ("model.ln_eps", -1.0, "positive"),
+    ("model.ln_eps", 0.0, "positive"),
     ("model.n_positions", 0, "model.n_positions=0: must be positive"),
-    ("train.on_nonfinite", "ignore", "stop or skip"), ("train.max_skips", 0, ">= 1"),
-])
+    ("train.on_nonfinite", "ignore", "stop or skip"),
+    ("train.max_skips", 0, ">= 1"),
+  ],
+)
 def test_values_that_diverge_or_mean_nothing_are_refused(key, value, phrase):
   c = config_lib.base_config()
   c.model.preset = "tiny"
@@ -331,8 +382,11 @@ def test_values_that_diverge_or_mean_nothing_are_refused(key, value, phrase):
 
 
 def test_a_bad_value_exits_2_before_anything_is_written(tmp_path, data_flags):
-  assert_bad_input(launch(*TINY, *data_flags, "--config.optim.lr=nan", f"--workdir={tmp_path}"),
-                   "optim.lr=nan", "finite")
+  assert_bad_input(
+    launch(*TINY, *data_flags, "--config.optim.lr=nan", f"--workdir={tmp_path}"),
+    "optim.lr=nan",
+    "finite",
+  )
   assert not any(tmp_path.iterdir())
 
 
@@ -347,8 +401,9 @@ def test_a_global_batch_of_one(shakespeare, data_dir):
   """grain's slice of an endless one-row batch stream overflowed (OverflowError) before."""
   tokens = data.load_corpus(str(shakespeare), str(data_dir), "char").tokens["train"]
   one = data.train_batches(tokens, seq_len=8, global_batch=1, seed=0)
-  two = data.train_batches(tokens, seq_len=8, global_batch=2, seed=0, process_index=1,
-                           process_count=2)
+  two = data.train_batches(
+    tokens, seq_len=8, global_batch=2, seed=0, process_index=1, process_count=2
+  )
   assert next(one).shape == (1, 9) and next(two).shape == (1, 9)
 
 
@@ -373,15 +428,24 @@ def get_config(arg=None):
 """
 
 
-@pytest.mark.parametrize("body,phrases", [
+@pytest.mark.parametrize(
+  "body,phrases",
+  [
     ("def get_config(:\n", [":1: SyntaxError"]),
-    ("def get_config(arg=None):\n  raise ValueError('no such size')\n",
-     [":2 (in get_config): ValueError: no such size"]),
-    ("def get_config(arg=None):\n  return {}.missing\n",
-     [":2 (in get_config): AttributeError: 'dict' object has no attribute 'missing'"]),
-    (GET_CONFIG + "def get_sweep(arg=None):\n  return 1 / 0\n",
-     ["(in get_sweep): ZeroDivisionError: division by zero"]),
-])
+    (
+      "def get_config(arg=None):\n  raise ValueError('no such size')\n",
+      [":2 (in get_config): ValueError: no such size"],
+    ),
+    (
+      "def get_config(arg=None):\n  return {}.missing\n",
+      [":2 (in get_config): AttributeError: 'dict' object has no attribute 'missing'"],
+    ),
+    (
+      GET_CONFIG + "def get_sweep(arg=None):\n  return 1 / 0\n",
+      ["(in get_sweep): ZeroDivisionError: division by zero"],
+    ),
+  ],
+)
 def test_an_experiment_that_fails_is_one_line(tmp_path, body, phrases):
   exp = tmp_path / "exp.py"
   exp.write_text(body)
@@ -395,15 +459,19 @@ def test_an_experiment_that_fails_is_one_line(tmp_path, body, phrases):
 def test_a_report_that_fails_is_one_line(tmp_path):
   """The sweep's only point fails at once (a bad value); then report() raises."""
   exp = tmp_path / "exp.py"
-  exp.write_text(GET_CONFIG + "def get_sweep(arg=None):\n  return [{'name': 'a', 'optim.b1': 2}]\n"
-                 "def report(sweep, results, workdir):\n  raise KeyError('loss')\n")
+  exp.write_text(
+    GET_CONFIG + "def get_sweep(arg=None):\n  return [{'name': 'a', 'optim.b1': 2}]\n"
+    "def report(sweep, results, workdir):\n  raise KeyError('loss')\n"
+  )
   r = launch(f"--config={exp}", f"--workdir={tmp_path / 'sweep'}")
   assert_bad_input(r, "(in report): KeyError: 'loss'")
 
 
 def test_a_missing_config_file(tmp_path):
-  assert_bad_input(launch(f"--config={tmp_path / 'nope.py'}", f"--workdir={tmp_path / 'run'}"),
-                   "nope.py does not exist")
+  assert_bad_input(
+    launch(f"--config={tmp_path / 'nope.py'}", f"--workdir={tmp_path / 'run'}"),
+    "nope.py does not exist",
+  )
 
 
 def test_a_damaged_sweep_point_record(tmp_path):
@@ -413,15 +481,18 @@ def test_a_damaged_sweep_point_record(tmp_path):
   point.mkdir(parents=True)
   (point / "summary.json").write_text("{}")
   (point / "point.json").write_text('{"name": "a", "dev')
-  assert_bad_input(launch(f"--config={exp}", f"--workdir={tmp_path / 'sweep'}"),
-                   "point.json cannot be read", "Delete the point's folder")
+  assert_bad_input(
+    launch(f"--config={exp}", f"--workdir={tmp_path / 'sweep'}"),
+    "point.json cannot be read",
+    "Delete the point's folder",
+  )
 
 
 def test_a_damaged_prepared_dataset_names_the_folder(shakespeare, tmp_path):
   builder = text_builder.prepare_text_dataset(str(shakespeare), str(tmp_path))
   folder = builder.data_dir
   for path in pathlib.Path(folder).glob("*.array_record*"):
-    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
   with pytest.raises(InputError, match=rf"prepared dataset in {folder} cannot be read.*Delete"):
     data.load_corpus(str(shakespeare), str(tmp_path), "char")
   (pathlib.Path(folder) / "dataset_info.json").write_text('{"broken')
@@ -434,16 +505,23 @@ def small_disk(tmp_path):
   """A 3 MiB tmpfs (needs root); skipped where it cannot be mounted."""
   mount = tmp_path / "disk"
   mount.mkdir()
-  if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)],
-                    capture_output=True).returncode:
+  if subprocess.run(
+    ["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], capture_output=True
+  ).returncode:
     pytest.skip("cannot mount a tmpfs here")
   yield mount
   subprocess.run(["umount", str(mount)], check=True)
 
 
 def test_a_full_disk_is_one_line_and_keeps_the_checkpoints(tmp_path, data_flags, small_disk):
-  run = [*TINY, *data_flags, "--config.train.steps=30", "--config.checkpoint.every=1",
-         "--config.checkpoint.keep=50", f"--workdir={small_disk / 'run'}"]
+  run = [
+    *TINY,
+    *data_flags,
+    "--config.train.steps=30",
+    "--config.checkpoint.every=1",
+    "--config.checkpoint.keep=50",
+    f"--workdir={small_disk / 'run'}",
+  ]
   r = launch(*run)
   assert_bad_input(r, "no room for checkpoint", "are intact")
   assert len(r.stderr.strip().splitlines()) < 5  # before: a thousand lines of tracebacks

@@ -1,5 +1,6 @@
 """KV-cached decoding: the cache changes the cost, never the tokens; sampling and beam search do
 what Hugging Face's options promise."""
+
 import itertools
 
 import jax
@@ -40,11 +41,11 @@ def model():
 
 def full_logits(graphdef, params, cfg, seq) -> np.ndarray:
   """The training forward over the whole sequence: [len(seq), vocab]."""
-  return np.asarray(nnx.merge(graphdef, params)(np.asarray(seq)[None]))[0, :, :cfg.vocab_size]
+  return np.asarray(nnx.merge(graphdef, params)(np.asarray(seq)[None]))[0, :, : cfg.vocab_size]
 
 
 def has_repeated_ngram(seq, n: int) -> bool:
-  grams = [tuple(seq[i:i + n]) for i in range(len(seq) - n + 1)]
+  grams = [tuple(seq[i : i + n]) for i in range(len(seq) - n + 1)]
   return len(set(grams)) < len(grams)
 
 
@@ -63,14 +64,20 @@ def test_cached_greedy_is_the_full_forward(mup):
   decoder = gen.cached_decoder(graphdef, cfg, gen.cache_len(cfg, len(seq)), None)
 
   def close(got, pos):  # atol for the logits near zero, where a relative error means nothing
-    np.testing.assert_allclose(np.asarray(got)[0], full[pos], rtol=1e-5,
-                               atol=1e-5 * np.abs(full[pos]).max(), err_msg=f"position {pos}")
+    np.testing.assert_allclose(
+      np.asarray(got)[0],
+      full[pos],
+      rtol=1e-5,
+      atol=1e-5 * np.abs(full[pos]).max(),
+      err_msg=f"position {pos}",
+    )
 
   logits, cache = decoder.prefill(params, PROMPT[None])
   close(logits, len(PROMPT) - 1)
   for pos in range(len(PROMPT), len(seq) - 1):
-    logits, cache = decoder.step(params, cache, seq[None, pos:pos + 1].astype(np.int32),
-                                 np.int32(pos))
+    logits, cache = decoder.step(
+      params, cache, seq[None, pos : pos + 1].astype(np.int32), np.int32(pos)
+    )
     close(logits, pos)
 
 
@@ -84,11 +91,14 @@ def test_sharded_greedy_equals_single(layout):
   sharded = mesh_lib.make_layout(mesh)
   assert sharded.mesh.size == 8
   ref = gen.generate(graphdef, params, cfg, PROMPT, NEW)
-  np.testing.assert_array_equal(gen.generate(graphdef, params, cfg, PROMPT, NEW, layout=sharded),
-                                ref)
+  np.testing.assert_array_equal(
+    gen.generate(graphdef, params, cfg, PROMPT, NEW, layout=sharded), ref
+  )
   decoding = gen.decoding_layout(sharded)
   placed = gen.place(params, cfg, decoding)
-  fc = placed["blocks"]["mlp"]["fc_kernel"][...]  # [layers, embed, mlp]: mlp on tensor, embed on fsdp
+  fc = placed["blocks"]["mlp"]["fc_kernel"][
+    ...
+  ]  # [layers, embed, mlp]: mlp on tensor, embed on fsdp
   assert fc.sharding.shard_shape(fc.shape) == ((2, 64, 32) if layout == "tp" else (2, 8, 256))
   _, cache = gen.cached_decoder(graphdef, cfg, 32, decoding).prefill(placed, PROMPT[None])
   heads_split = 8 if layout == "tp" else 1
@@ -133,7 +143,9 @@ def test_sampling(model):
   assert hot.max() < cfg.vocab_size and len(set(hot)) > NEW // 2
 
 
-@pytest.mark.parametrize("top_k,top_p,kept", [
+@pytest.mark.parametrize(
+  "top_k,top_p,kept",
+  [
     (0, 1.0, {0, 1, 2, 3}),
     (1, 1.0, {1}),
     (2, 1.0, {1, 3}),
@@ -142,7 +154,8 @@ def test_sampling(model):
     (0, 0.85, {0, 1, 3}),
     (3, 0.6, {1, 3}),
     (2, 0.6, {1}),  # after top-k the best holds 0.5 / 0.8 = 0.625 >= 0.6 on its own
-])
+  ],
+)
 def test_filter_logits_keeps_the_expected_tokens(top_k, top_p, kept):
   probs = np.array([0.15, 0.5, 0.05, 0.3])
   logits = np.log(np.stack([probs, probs[::-1]])).astype(np.float32)
@@ -155,8 +168,9 @@ def test_filter_logits_keeps_the_expected_tokens(top_k, top_p, kept):
 def test_one_beam_is_greedy(model):
   graphdef, params, cfg = model
   np.testing.assert_array_equal(
-      gen.generate(graphdef, params, cfg, PROMPT, NEW, method="beam", num_beams=1),
-      gen.generate(graphdef, params, cfg, PROMPT, NEW))
+    gen.generate(graphdef, params, cfg, PROMPT, NEW, method="beam", num_beams=1),
+    gen.generate(graphdef, params, cfg, PROMPT, NEW),
+  )
 
 
 def test_beam_search_finds_the_exhaustive_best():
@@ -166,12 +180,13 @@ def test_beam_search_finds_the_exhaustive_best():
   prompt, new = np.array([4, 2, 1]), 3  # greedy starts with 3, the best sequence with 4
   continuations = np.array(list(itertools.product(range(5), repeat=new)))
   seqs = np.concatenate([np.tile(prompt, (len(continuations), 1)), continuations], axis=1)
-  logits = np.asarray(nnx.merge(graphdef, params)(seqs), np.float64)[:, len(prompt) - 1:-1, :5]
+  logits = np.asarray(nnx.merge(graphdef, params)(seqs), np.float64)[:, len(prompt) - 1 : -1, :5]
   logprobs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
   scores = np.take_along_axis(logprobs, continuations[..., None], -1).sum((1, 2))
   best = continuations[np.argmax(scores)]
-  beam = gen.generate(graphdef, params, cfg, prompt, new, method="beam", num_beams=25,
-                      length_penalty=0.0)
+  beam = gen.generate(
+    graphdef, params, cfg, prompt, new, method="beam", num_beams=25, length_penalty=0.0
+  )
   np.testing.assert_array_equal(beam, best)
   assert not np.array_equal(gen.generate(graphdef, params, cfg, prompt, new), best)
 
@@ -181,8 +196,9 @@ def test_eos_ends_decoding(model):
   greedy = gen.generate(graphdef, params, cfg, PROMPT, NEW)
   eos = int(greedy[3])
   stop = list(greedy).index(eos) + 1
-  np.testing.assert_array_equal(gen.generate(graphdef, params, cfg, PROMPT, NEW, eos_id=eos),
-                                greedy[:stop])
+  np.testing.assert_array_equal(
+    gen.generate(graphdef, params, cfg, PROMPT, NEW, eos_id=eos), greedy[:stop]
+  )
   beam = gen.generate(graphdef, params, cfg, PROMPT, NEW, method="beam", eos_id=eos)
   assert eos not in beam[:-1]
 
@@ -198,13 +214,14 @@ def test_no_repeat_ngram(model):
   greedy = gen.generate(graphdef, params, cfg, PROMPT, NEW)
   assert has_repeated_ngram(np.concatenate([PROMPT, greedy]), 2)
   for method in gen.METHODS:
-    tokens = gen.generate(graphdef, params, cfg, PROMPT, NEW, method=method,
-                          no_repeat_ngram_size=2)
+    tokens = gen.generate(graphdef, params, cfg, PROMPT, NEW, method=method, no_repeat_ngram_size=2)
     assert len(tokens) == NEW, method
     assert not has_repeated_ngram(np.concatenate([PROMPT, tokens]), 2), method
 
 
-@pytest.mark.parametrize("prompt,new,options,message", [
+@pytest.mark.parametrize(
+  "prompt,new,options,message",
+  [
     ([], 4, {}, "non-empty 1-D"),
     ([[1, 2]], 4, {}, "non-empty 1-D"),
     ([1, 65], 4, {}, "[0, 65)"),
@@ -219,7 +236,8 @@ def test_no_repeat_ngram(model):
     ([1], 4, {"num_beams": 0}, "num_beams=0"),
     ([1], 4, {"no_repeat_ngram_size": -2}, "no_repeat_ngram_size=-2"),
     ([1], 4, {"eos_id": 65}, "eos_id=65"),
-])
+  ],
+)
 def test_bad_input_is_an_input_error(model, prompt, new, options, message):
   graphdef, params, cfg = model
   with pytest.raises(InputError) as error:

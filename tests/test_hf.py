@@ -1,5 +1,6 @@
 """Hugging Face GPT-2-format import/export: exact round trips, clear refusals, and (when transformers
 and torch are installed, requirements-hf.txt) the same logits as transformers' GPT2LMHeadModel."""
+
 import json
 import shutil
 
@@ -35,16 +36,19 @@ def random_params(cfg, seed=0):
 
   def draw(path, shape):
     return jnp.asarray(rng.normal(1.0 if path[-1] == "scale" else 0.0, 0.1, shape), jnp.float32)
-  flat = [(p, v.replace(value=draw(p, v.shape)))
-          for p, v in nnx.to_flat_state(model_lib.abstract_model(cfg)[1])]
+
+  flat = [
+    (p, v.replace(value=draw(p, v.shape)))
+    for p, v in nnx.to_flat_state(model_lib.abstract_model(cfg)[1])
+  ]
   params = nnx.from_flat_state(flat)
-  params["wte"] = params["wte"].replace(value=params["wte"][...].at[cfg.vocab_size:].set(0))
+  params["wte"] = params["wte"].replace(value=params["wte"][...].at[cfg.vocab_size :].set(0))
   return params
 
 
 def logits(cfg, params, tokens):
   graphdef, _ = model_lib.abstract_model(cfg)
-  return np.asarray(nnx.merge(graphdef, params)(tokens))[..., :cfg.vocab_size]
+  return np.asarray(nnx.merge(graphdef, params)(tokens))[..., : cfg.vocab_size]
 
 
 TOKENS = jax.random.randint(jax.random.key(1), (2, 48), 0, VOCAB)
@@ -87,7 +91,9 @@ def test_round_trip_is_exact(exported):
 def test_config_json_gives_the_same_model(exported):
   folder, cfg, _ = exported
   written = json.loads((folder / hf.CONFIG).read_text())
-  assert written["architectures"] == ["GPT2LMHeadModel"] and written["activation_function"] == "gelu"
+  assert (
+    written["architectures"] == ["GPT2LMHeadModel"] and written["activation_function"] == "gelu"
+  )
   assert written["tie_word_embeddings"] and written["n_inner"] == 4 * 64
   assert written["eos_token_id"] is None  # 50256 is no token of a 65-word vocabulary
   overrides = hf.read_config(folder)
@@ -104,21 +110,34 @@ def test_accepts_unprefixed_names_buffers_and_tied_head(exported, tmp_path):
       tensors[key.removeprefix("transformer.")] = tensors.pop(key)
     tensors["h.0.attn.bias"] = np.tril(np.ones((1, 1, 64, 64), np.float32))
     tensors["lm_head.weight"] = tensors["wte.weight"]
+
   rewrite(folder, as_gpt2_model)
   back = hf.import_params(folder, cfg)
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(back)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-@pytest.mark.parametrize("spoil, phrases", [
-    (lambda t: t.pop("transformer.h.1.mlp.c_fc.bias"), ["transformer.h.1.mlp.c_fc.bias", "missing"]),
-    (lambda t: t.update({"transformer.h.0.attn.c_attn.weight": np.zeros((64, 190), np.float32)}),
-     ["transformer.h.0.attn.c_attn.weight", "shape [64, 190]", "implies [64, 192]"]),
-    (lambda t: t.update({"transformer.h.2.ln_1.weight": np.ones(64, np.float32)}),
-     ["does not have", "transformer.h.2.ln_1.weight", "n_layers=2"]),
-    (lambda t: t.update({"lm_head.weight": t["transformer.wte.weight"] + 1}),
-     ["lm_head.weight differs", "tied"]),
-])
+@pytest.mark.parametrize(
+  "spoil, phrases",
+  [
+    (
+      lambda t: t.pop("transformer.h.1.mlp.c_fc.bias"),
+      ["transformer.h.1.mlp.c_fc.bias", "missing"],
+    ),
+    (
+      lambda t: t.update({"transformer.h.0.attn.c_attn.weight": np.zeros((64, 190), np.float32)}),
+      ["transformer.h.0.attn.c_attn.weight", "shape [64, 190]", "implies [64, 192]"],
+    ),
+    (
+      lambda t: t.update({"transformer.h.2.ln_1.weight": np.ones(64, np.float32)}),
+      ["does not have", "transformer.h.2.ln_1.weight", "n_layers=2"],
+    ),
+    (
+      lambda t: t.update({"lm_head.weight": t["transformer.wte.weight"] + 1}),
+      ["lm_head.weight differs", "tied"],
+    ),
+  ],
+)
 def test_refuses_weights_that_do_not_fit(exported, tmp_path, spoil, phrases):
   folder = copy(exported, tmp_path)
   rewrite(folder, spoil)
@@ -136,7 +155,7 @@ def test_refuses_missing_and_corrupt_files(exported, tmp_path):
     hf.read_config(tmp_path / "nowhere")
   folder = copy(exported, tmp_path)
   data = (folder / hf.WEIGHTS).read_bytes()
-  (folder / hf.WEIGHTS).write_bytes(data[:len(data) // 2])
+  (folder / hf.WEIGHTS).write_bytes(data[: len(data) // 2])
   with pytest.raises(InputError, match="model.safetensors: not a readable safetensors file"):
     hf.import_params(folder, cfg)
   (folder / hf.WEIGHTS).unlink()
@@ -147,7 +166,9 @@ def test_refuses_missing_and_corrupt_files(exported, tmp_path):
     hf.read_config(folder)
 
 
-@pytest.mark.parametrize("change, phrases", [
+@pytest.mark.parametrize(
+  "change, phrases",
+  [
     ({"activation_function": "gelu_new"}, ["activation_function='gelu_new'", "exact (erf) GELU"]),
     ({"activation_function": None}, ["activation_function=None"]),
     ({"tie_word_embeddings": False}, ["tie_word_embeddings=false", "output head"]),
@@ -155,7 +176,8 @@ def test_refuses_missing_and_corrupt_files(exported, tmp_path):
     ({"model_type": "gpt_neox"}, ["model_type='gpt_neox'"]),
     ({"n_head": 5}, ["n_head=5 does not divide n_embd=64"]),
     ({"n_layer": None}, ["n_layer=None must be a positive integer"]),
-])
+  ],
+)
 def test_refuses_unsupported_config(exported, tmp_path, change, phrases):
   folder = copy(exported, tmp_path)
   c = json.loads((folder / hf.CONFIG).read_text())
@@ -186,7 +208,9 @@ def test_export_refuses_to_overwrite(exported):
 
 def test_export_refuses_mup_and_mismatched_params(exported, tmp_path):
   mup = model_cfg(mup=True)
-  with pytest.raises(InputError, match="cannot export to GPT-2 format, which has no muP multipliers"):
+  with pytest.raises(
+    InputError, match="cannot export to GPT-2 format, which has no muP multipliers"
+  ):
     hf.export(random_params(mup), mup, tmp_path / "mup")
   with pytest.raises(InputError, match="muP"):
     hf.import_params(exported[0], mup)
@@ -209,8 +233,15 @@ def test_transformers_model_imports_with_same_logits(tmp_path):
   transformers = pytest.importorskip("transformers")
   torch.manual_seed(0)
   config = transformers.GPT2Config(
-      n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64, activation_function="gelu",
-      tie_word_embeddings=True, n_inner=None)
+    n_embd=64,
+    n_layer=2,
+    n_head=4,
+    vocab_size=VOCAB,
+    n_positions=64,
+    activation_function="gelu",
+    tie_word_embeddings=True,
+    n_inner=None,
+  )
   theirs = transformers.GPT2LMHeadModel(config).eval()
   with torch.no_grad():  # biases and norms start at 0 and 1: randomise them so a swap would show
     for p in theirs.parameters():

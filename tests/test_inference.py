@@ -1,5 +1,6 @@
 """A trained workdir: sliding-window evaluation scores every token once with the context the recipe
 promises; generation, export to GPT-2 format and fine-tuning from it work from the checkpoint."""
+
 import json
 import math
 
@@ -7,15 +8,16 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from test_launch import SHAKESPEARE, assert_bad_input, launch
+from test_train import tiny_config
 
 from cgpt_jax import evaluate, inference, train
 from cgpt_jax.errors import InputError
 
-from test_launch import SHAKESPEARE, assert_bad_input, launch
-from test_train import tiny_config
 
-
-@pytest.mark.parametrize("n,window,stride", [(2, 8, 4), (10, 8, 8), (37, 8, 3), (37, 8, 1), (64, 8, 8)])
+@pytest.mark.parametrize(
+  "n,window,stride", [(2, 8, 4), (10, 8, 8), (37, 8, 3), (37, 8, 1), (64, 8, 8)]
+)
 def test_windows_score_every_position_once(n, window, stride):
   scored = [p for _, end, first in evaluate.windows(n, window, stride) for p in range(first, end)]
   assert scored == list(range(1, n))
@@ -43,13 +45,14 @@ def test_sliding_window_loss_is_the_per_token_recipe(trained):
   assert step == 20
   tokens = tokenizer.encode("First Citizen:\nBefore we proceed any further, hear me speak.")
   window, stride = 16, 5
-  got = evaluate.sliding_window_loss(params, train.make_loss(s, per_token=True), tokens, window,
-                                     stride, batch=4)
+  got = evaluate.sliding_window_loss(
+    params, train.make_loss(s, per_token=True), tokens, window, stride, batch=4
+  )
   model = nnx.merge(s.graphdef, params)
   nll = []
   for p in range(1, len(tokens)):
     begin = max(0, math.ceil((p - window) / stride) * stride)
-    logits = model(tokens[None, begin:p])[0, -1, :c.model.vocab_size]
+    logits = model(tokens[None, begin:p])[0, -1, : c.model.vocab_size]
     nll.append(-float(jax.nn.log_softmax(logits)[tokens[p]]))
   assert got["tokens_scored"] == len(tokens) - 1
   np.testing.assert_allclose(got["loss"], np.mean(nll), rtol=1e-5)
@@ -61,7 +64,9 @@ def test_eval_generate_export_and_fine_tune(trained, shared_data, tmp_path):
   c = c.copy_and_resolve_references()
   result = inference.evaluate(c, str(workdir))
   assert result["tokens_scored"] == result["tokens"] - 1 and result["loss"] < math.log(65)
-  assert json.loads((workdir / "evals.jsonl").read_text().splitlines()[-1])["loss"] == result["loss"]
+  assert (
+    json.loads((workdir / "evals.jsonl").read_text().splitlines()[-1])["loss"] == result["loss"]
+  )
 
   c.generate.update(prompt="ROMEO:", max_new_tokens=12, method="greedy")
   sample = inference.generate(c, str(workdir))
@@ -74,8 +79,15 @@ def test_eval_generate_export_and_fine_tune(trained, shared_data, tmp_path):
 
   # Fine-tuning from the export: the first step's loss is the trained model's on batch 0.
   s, params, _, _ = inference.load_trained(c, str(workdir))
-  batch = np.asarray(next(iter(train.data.train_batches(
-      train.load_data(s.cfg).tokens["train"], seq_len=64, global_batch=16, seed=0))))
+  batch = np.asarray(
+    next(
+      iter(
+        train.data.train_batches(
+          train.load_data(s.cfg).tokens["train"], seq_len=64, global_batch=16, seed=0
+        )
+      )
+    )
+  )
   expected = float(train.make_loss(s)(params, batch))
   tuned = c.copy_and_resolve_references()
   tuned.init.from_hf = str(tmp_path / "hf")
@@ -86,6 +98,10 @@ def test_eval_generate_export_and_fine_tune(trained, shared_data, tmp_path):
 
 
 def test_eval_without_a_checkpoint_is_a_clear_error(shared_data, tmp_path):
-  r = launch(SHAKESPEARE, f"--config.data.source={shared_data / 'tinyshakespeare' / 'input.txt'}",
-             "--mode=eval", f"--workdir={tmp_path}")
+  r = launch(
+    SHAKESPEARE,
+    f"--config.data.source={shared_data / 'tinyshakespeare' / 'input.txt'}",
+    "--mode=eval",
+    f"--workdir={tmp_path}",
+  )
   assert_bad_input(r, "has no checkpoint", "Train there first")

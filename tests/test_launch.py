@@ -1,18 +1,24 @@
 """launch.py as a user runs it: bad input exits 2 with a clear message before compiling; plans work."""
+
 import json
 import os
 import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO
 
 
 def launch(*args, devices=1, timeout=300):
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  return subprocess.run([sys.executable, str(REPO / "launch.py"), f"--devices={devices}", *args],
-                        cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+  return subprocess.run(
+    [sys.executable, str(REPO / "launch.py"), f"--devices={devices}", *args],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
 
 
 SHAKESPEARE = "--config=experiments/shakespeare_char.py"
@@ -28,67 +34,114 @@ def assert_bad_input(result, *phrases):
 
 
 def test_missing_data(tmp_path):
-  r = launch(SHAKESPEARE, f"--workdir={tmp_path / 'run'}",
-             f"--config.data.source={tmp_path / 'nope.txt'}", f"--config.data.data_dir={tmp_path}")
+  r = launch(
+    SHAKESPEARE,
+    f"--workdir={tmp_path / 'run'}",
+    f"--config.data.source={tmp_path / 'nope.txt'}",
+    f"--config.data.data_dir={tmp_path}",
+  )
   assert_bad_input(r, str(tmp_path / "nope.txt"))
   assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
 def test_empty_data(tmp_path):
   (tmp_path / "empty.txt").write_text("")
-  r = launch(SHAKESPEARE, f"--workdir={tmp_path / 'run'}",
-             f"--config.data.source={tmp_path / 'empty.txt'}", f"--config.data.data_dir={tmp_path}")
+  r = launch(
+    SHAKESPEARE,
+    f"--workdir={tmp_path / 'run'}",
+    f"--config.data.source={tmp_path / 'empty.txt'}",
+    f"--config.data.data_dir={tmp_path}",
+  )
   assert_bad_input(r, "empty")
 
 
 def test_unknown_preset(tmp_path, data_flags):
-  assert_bad_input(launch("--config=experiments/cerebras_gpt.py:999m", f"--workdir={tmp_path}"),
-                   "999m", "111m")
-  assert_bad_input(launch(SHAKESPEARE, *data_flags, "--config.model.preset=huge",
-                          f"--workdir={tmp_path}"), "huge", "111m")
+  assert_bad_input(
+    launch("--config=experiments/cerebras_gpt.py:999m", f"--workdir={tmp_path}"), "999m", "111m"
+  )
+  assert_bad_input(
+    launch(SHAKESPEARE, *data_flags, "--config.model.preset=huge", f"--workdir={tmp_path}"),
+    "huge",
+    "111m",
+  )
 
 
 def test_seq_len_above_positions(tmp_path, data_flags):
-  assert_bad_input(launch(SHAKESPEARE, *data_flags, "--config.data.seq_len=65", f"--workdir={tmp_path}"),
-                   "seq_len=65", "n_positions")
+  assert_bad_input(
+    launch(SHAKESPEARE, *data_flags, "--config.data.seq_len=65", f"--workdir={tmp_path}"),
+    "seq_len=65",
+    "n_positions",
+  )
 
 
 def test_batch_not_divisible_by_batch_axes(tmp_path, data_flags):
-  r = launch(SHAKESPEARE, *data_flags, "--config.mesh.layout=dp", f"--workdir={tmp_path}", devices=8)
+  r = launch(
+    SHAKESPEARE, *data_flags, "--config.mesh.layout=dp", f"--workdir={tmp_path}", devices=8
+  )
   assert_bad_input(r, "global_batch=12", "8")
 
 
 def test_mesh_that_does_not_fit_the_devices(tmp_path, data_flags):
-  r = launch(SHAKESPEARE, *data_flags, "--config.mesh.layout=dp", "--config.mesh.data=3",
-             "--config.data.global_batch=12", f"--workdir={tmp_path}", devices=8)
+  r = launch(
+    SHAKESPEARE,
+    *data_flags,
+    "--config.mesh.layout=dp",
+    "--config.mesh.data=3",
+    "--config.data.global_batch=12",
+    f"--workdir={tmp_path}",
+    devices=8,
+  )
   assert_bad_input(r, "data=3", "8")
 
 
-@pytest.mark.parametrize("flags,phrases", [
-    (["--config.mesh.layout=tp", "--config.model.n_heads=4", "--config.model.preset=char4"],
-     ["'heads' dimension", "8 devices"]),  # 4 heads over 8 tensor devices
-    (["--config.mesh.layout=tp", "--config.mesh.data=-1", "--config.mesh.tensor=-1"], ["at most one"]),
+@pytest.mark.parametrize(
+  "flags,phrases",
+  [
+    (
+      ["--config.mesh.layout=tp", "--config.model.n_heads=4", "--config.model.preset=char4"],
+      ["'heads' dimension", "8 devices"],
+    ),  # 4 heads over 8 tensor devices
+    (
+      ["--config.mesh.layout=tp", "--config.mesh.data=-1", "--config.mesh.tensor=-1"],
+      ["at most one"],
+    ),
     (["--config.mesh.layout=dp", "--config.mesh.data=0"], ["mesh.data=0", "positive"]),
-    (["--config.mesh.layout=pp", "--config.mesh.pipe=8", "--config.data.global_batch=16"],
-     ["n_layers=4", "pipe stages x repeats", "8"]),
-    (["--config.mesh.layout=single", "--config.mesh.data=2"], ["needs 2 devices", "1 are available"]),
-    (["--config.mesh.layout=fsdp", "--config.model.d_model=132", "--config.data.global_batch=16"],
-     ["'embed' dimension", "132"]),
-])
+    (
+      ["--config.mesh.layout=pp", "--config.mesh.pipe=8", "--config.data.global_batch=16"],
+      ["n_layers=4", "pipe stages x repeats", "8"],
+    ),
+    (
+      ["--config.mesh.layout=single", "--config.mesh.data=2"],
+      ["needs 2 devices", "1 are available"],
+    ),
+    (
+      ["--config.mesh.layout=fsdp", "--config.model.d_model=132", "--config.data.global_batch=16"],
+      ["'embed' dimension", "132"],
+    ),
+  ],
+)
 def test_bad_layouts(tmp_path, data_flags, flags, phrases):
-  assert_bad_input(launch(SHAKESPEARE, *data_flags, *flags, f"--workdir={tmp_path}", devices=8), *phrases)
+  assert_bad_input(
+    launch(SHAKESPEARE, *data_flags, *flags, f"--workdir={tmp_path}", devices=8), *phrases
+  )
 
 
 def test_unknown_override_and_layout(tmp_path, data_flags):
-  assert_bad_input(launch(SHAKESPEARE, "--config.model.colour=red", f"--workdir={tmp_path}"), "colour")
-  assert_bad_input(launch(SHAKESPEARE, *data_flags, "--config.mesh.layout=wafer9",
-                          f"--workdir={tmp_path}"), "wafer9", "single")
+  assert_bad_input(
+    launch(SHAKESPEARE, "--config.model.colour=red", f"--workdir={tmp_path}"), "colour"
+  )
+  assert_bad_input(
+    launch(SHAKESPEARE, *data_flags, "--config.mesh.layout=wafer9", f"--workdir={tmp_path}"),
+    "wafer9",
+    "single",
+  )
 
 
 def test_unwritable_workdir(tmp_path, data_flags):
   (tmp_path / "a_file").write_text("x")
-  assert_bad_input(launch(SHAKESPEARE, *data_flags, f"--workdir={tmp_path / 'a_file' / 'run'}"),
-                   "not writable")
+  assert_bad_input(
+    launch(SHAKESPEARE, *data_flags, f"--workdir={tmp_path / 'a_file' / 'run'}"), "not writable"
+  )
 
 
 def test_existing_run_is_not_overwritten(tmp_path, data_flags):
@@ -98,9 +151,19 @@ def test_existing_run_is_not_overwritten(tmp_path, data_flags):
 
 
 def test_short_dp_run_from_the_command_line(tmp_path, data_flags):
-  r = launch(SHAKESPEARE, *data_flags, "--config.mesh.layout=dp", "--config.data.global_batch=16",
-             "--config.train.steps=20", "--config.optim.warmup_steps=5", "--config.train.eval_every=10", "--config.data.eval_batches=2",
-             "--config.train.progress=False", f"--workdir={tmp_path}", devices=4)
+  r = launch(
+    SHAKESPEARE,
+    *data_flags,
+    "--config.mesh.layout=dp",
+    "--config.data.global_batch=16",
+    "--config.train.steps=20",
+    "--config.optim.warmup_steps=5",
+    "--config.train.eval_every=10",
+    "--config.data.eval_batches=2",
+    "--config.train.progress=False",
+    f"--workdir={tmp_path}",
+    devices=4,
+  )
   assert r.returncode == 0, r.stderr[-3000:]
   summary = json.loads((tmp_path / "summary.json").read_text())
   assert summary["layout"] == "dp" and summary["devices"] == 4 and summary["mesh"]["data"] == 4
@@ -109,8 +172,12 @@ def test_short_dp_run_from_the_command_line(tmp_path, data_flags):
 
 def test_plan_13b_from_abstract_shapes(tmp_path):
   """The 13B preset plans on this 24 GiB machine: nothing is allocated (RSS stays small)."""
-  r = launch("--config=experiments/cerebras_gpt.py:13b", "--plan", f"--workdir={tmp_path}",
-             f"--config.data.tokenizer_path={REPO.parent / 'shared' / 'data' / 'gpt2'}")
+  r = launch(
+    "--config=experiments/cerebras_gpt.py:13b",
+    "--plan",
+    f"--workdir={tmp_path}",
+    f"--config.data.tokenizer_path={REPO.parent / 'shared' / 'data' / 'gpt2'}",
+  )
   assert r.returncode == 0, r.stderr[-3000:]
   plan = json.loads((tmp_path / "plan.json").read_text())
   assert plan["params"] == 12_853_386_240
@@ -126,10 +193,18 @@ def test_plan_13b_from_abstract_shapes(tmp_path):
 
 def test_plan_13b_on_64_devices(tmp_path):
   """fsdp 8 x tensor 8: state is split 64 ways, so per-device arguments are 1/64 of one device's."""
-  r = launch("--config=experiments/cerebras_gpt.py:13b", "--plan", f"--workdir={tmp_path}",
-             "--config.mesh.layout=fsdp", "--config.mesh.fsdp=8", "--config.mesh.tensor=8",
-             "--config.data.global_batch=64", "--config.model.remat=full",
-             f"--config.data.tokenizer_path={REPO.parent / 'shared' / 'data' / 'gpt2'}", devices=64)
+  r = launch(
+    "--config=experiments/cerebras_gpt.py:13b",
+    "--plan",
+    f"--workdir={tmp_path}",
+    "--config.mesh.layout=fsdp",
+    "--config.mesh.fsdp=8",
+    "--config.mesh.tensor=8",
+    "--config.data.global_batch=64",
+    "--config.model.remat=full",
+    f"--config.data.tokenizer_path={REPO.parent / 'shared' / 'data' / 'gpt2'}",
+    devices=64,
+  )
   assert r.returncode == 0, r.stderr[-3000:]
   plan = json.loads((tmp_path / "plan.json").read_text())
   assert plan["devices"] == 64 and plan["mesh"]["fsdp"] == 8 and plan["mesh"]["tensor"] == 8
@@ -142,11 +217,20 @@ def test_plan_13b_on_64_devices(tmp_path):
 def test_plan_13b_with_a_pipeline_on_64_devices(tmp_path):
   """pipe 4 x fsdp 4 x tensor 4: 10 layers per stage, 8 microbatches. The compiled FLOPs are the
   formula's exactly: bubbles included, (M + S - 1) / M = 11/8 on the blocks."""
-  r = launch("--config=experiments/cerebras_gpt.py:13b", "--plan", f"--workdir={tmp_path}",
-             "--config.mesh.layout=pp", "--config.mesh.pipe=4", "--config.mesh.fsdp=4",
-             "--config.mesh.tensor=4", "--config.pipeline.microbatches=8",
-             "--config.data.global_batch=64", "--config.model.remat=full",
-             f"--config.data.tokenizer_path={REPO.parent / 'shared' / 'data' / 'gpt2'}", devices=64)
+  r = launch(
+    "--config=experiments/cerebras_gpt.py:13b",
+    "--plan",
+    f"--workdir={tmp_path}",
+    "--config.mesh.layout=pp",
+    "--config.mesh.pipe=4",
+    "--config.mesh.fsdp=4",
+    "--config.mesh.tensor=4",
+    "--config.pipeline.microbatches=8",
+    "--config.data.global_batch=64",
+    "--config.model.remat=full",
+    f"--config.data.tokenizer_path={REPO.parent / 'shared' / 'data' / 'gpt2'}",
+    devices=64,
+  )
   assert r.returncode == 0, r.stderr[-3000:]
   plan = json.loads((tmp_path / "plan.json").read_text())
   assert plan["mesh"] == {"data": 1, "pipe": 4, "fsdp": 4, "tensor": 4}
@@ -160,11 +244,13 @@ def test_plan_13b_with_a_pipeline_on_64_devices(tmp_path):
 def test_bad_recipe_settings(tmp_path, data_flags):
   """Optimizer, dtype and Adafactor options are checked before anything compiles."""
   for flags, phrases in [
-      (["--config.optim.name=sgd"], ["optim.name='sgd'", "adafactor"]),
-      (["--config.model.dtype=float16"], ["model.dtype='float16'", "bfloat16"]),
-      (["--config.optim.name=adafactor", "--config.optim.adafactor.clip_threshold=0.5"],
-       ["clip_threshold=0.5", ">= 1"]),
-      (["--config.optim.adafactor.relative_step=True"], ["relative_step", "optim.name=adafactor"]),
+    (["--config.optim.name=sgd"], ["optim.name='sgd'", "adafactor"]),
+    (["--config.model.dtype=float16"], ["model.dtype='float16'", "bfloat16"]),
+    (
+      ["--config.optim.name=adafactor", "--config.optim.adafactor.clip_threshold=0.5"],
+      ["clip_threshold=0.5", ">= 1"],
+    ),
+    (["--config.optim.adafactor.relative_step=True"], ["relative_step", "optim.name=adafactor"]),
   ]:
     assert_bad_input(launch(SHAKESPEARE, *data_flags, *flags, f"--workdir={tmp_path}"), *phrases)
   assert not any(tmp_path.iterdir())  # nothing written

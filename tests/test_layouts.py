@@ -1,16 +1,16 @@
 """Sharded layouts: the shardings are what each layout promises, and training matches `single`."""
+
 import functools
 
 import jax
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
+from test_train import losses, tiny_config
+from tolerances import GRAD_ATOL, RTOL
 
 from cgpt_jax import comm, pipeline, train
 from cgpt_jax.errors import InputError
-
-from test_train import losses, tiny_config
-from tolerances import GRAD_ATOL, RTOL
 
 LAYOUTS = ("dp", "zero1", "fsdp")
 
@@ -21,7 +21,9 @@ def setup_for(shared_data, data_dir, layout):
 
 def per_device_bytes(tree) -> int:
   """Bytes one device holds of a tree of ShapeDtypeStructs with shardings."""
-  return sum(np.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+  return sum(
+    np.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree)
+  )
 
 
 @pytest.fixture(scope="module")
@@ -29,15 +31,19 @@ def data_dir(tmp_path_factory):
   return tmp_path_factory.mktemp("tfds")
 
 
-@pytest.mark.parametrize("layout,param_spec,moment_spec,param_shrink,state_shrink", [
+@pytest.mark.parametrize(
+  "layout,param_spec,moment_spec,param_shrink,state_shrink",
+  [
     # weight [layers, embed, mlp]: replicated under dp, moments split over data under zero1,
     # weights and moments split along d_model over fsdp.
     ("dp", P(None, None, None), P(None, None, None), 1, 1),
     ("zero1", P(None, None, None), P(None, "data", None), 1, 8),
     ("fsdp", P(None, "fsdp", None), P(None, "fsdp", None), 8, 8),
-])
-def test_shardings_are_what_the_layout_promises(shared_data, data_dir, layout, param_spec, moment_spec,
-                                                 param_shrink, state_shrink):
+  ],
+)
+def test_shardings_are_what_the_layout_promises(
+  shared_data, data_dir, layout, param_spec, moment_spec, param_shrink, state_shrink
+):
   s = setup_for(shared_data, data_dir, layout)
   single = setup_for(shared_data, data_dir, "single")
   assert s.shardings.params["blocks"]["mlp"]["fc_kernel"].spec == param_spec
@@ -50,26 +56,32 @@ def test_shardings_are_what_the_layout_promises(shared_data, data_dir, layout, p
   # is 8 up to those few bytes.
   blocks = ref.params["blocks"]
   slack = (blocks["attn"]["qkv_bias"].size + blocks["mlp"]["fc_bias"].size) * 4
-  assert per_device_bytes(ref.params) / param_shrink <= per_device_bytes(state.params) \
-      <= per_device_bytes(ref.params) / param_shrink + slack
+  assert (
+    per_device_bytes(ref.params) / param_shrink
+    <= per_device_bytes(state.params)
+    <= per_device_bytes(ref.params) / param_shrink + slack
+  )
   opt_slack = 2 * slack + 8 * 4  # both moments' biases, plus counters
-  assert per_device_bytes(ref.opt_state) / state_shrink <= per_device_bytes(state.opt_state) \
-      <= per_device_bytes(ref.opt_state) / state_shrink + opt_slack
+  assert (
+    per_device_bytes(ref.opt_state) / state_shrink
+    <= per_device_bytes(state.opt_state)
+    <= per_device_bytes(ref.opt_state) / state_shrink + opt_slack
+  )
 
 
 # (layout, axis sizes) on 8 devices; tiny model with 8 heads so that every axis can split it.
 MESHES = [
-    ("zero1", {}),
-    ("fsdp", {}),
-    ("tp", {}),
-    ("sp", {}),
-    ("tp", {"data": 2, "tensor": 4}),  # dp x tp
-    ("fsdp", {"fsdp": 2, "tensor": 4}),  # fsdp x tp
-    ("pp", {"pipe": 2, "data": 4}),  # GPipe, 4 microbatches, x dp
-    ("pp", {"pipe": 2, "fsdp": 4}),  # a stage's weights gathered once per micro-step
-    ("3d", {}),  # data 2 x pipe 2 x tensor 2
-    ("wafer", {}),  # weight streaming over 8 devices
-    ("swarm", {}),  # 2 wafers of 4
+  ("zero1", {}),
+  ("fsdp", {}),
+  ("tp", {}),
+  ("sp", {}),
+  ("tp", {"data": 2, "tensor": 4}),  # dp x tp
+  ("fsdp", {"fsdp": 2, "tensor": 4}),  # fsdp x tp
+  ("pp", {"pipe": 2, "data": 4}),  # GPipe, 4 microbatches, x dp
+  ("pp", {"pipe": 2, "fsdp": 4}),  # a stage's weights gathered once per micro-step
+  ("3d", {}),  # data 2 x pipe 2 x tensor 2
+  ("wafer", {}),  # weight streaming over 8 devices
+  ("swarm", {}),  # 2 wafers of 4
 ]
 
 
@@ -105,10 +117,18 @@ def loss_and_gradients(s, bubble_fill=0.0):
   """Loss and gradients at initialisation on one fixed batch, as the train step computes them
   (each gradient reduced into its optimizer state's sharding); pipeline gradients in layer order."""
   state = train.make_init(s)()
-  batch = np.asarray(next(iter(train.data.train_batches(
-      np.arange(10_000, dtype=np.int32) % 65, seq_len=64, global_batch=16, seed=0))))
-  f = jax.jit(train.make_gradients(s, bubble_fill),
-              in_shardings=(s.shardings.params, s.batch_sharding))
+  batch = np.asarray(
+    next(
+      iter(
+        train.data.train_batches(
+          np.arange(10_000, dtype=np.int32) % 65, seq_len=64, global_batch=16, seed=0
+        )
+      )
+    )
+  )
+  f = jax.jit(
+    train.make_gradients(s, bubble_fill), in_shardings=(s.shardings.params, s.batch_sharding)
+  )
   loss, grads = f(state.params, batch)
   if s.schedule:
     grads = pipeline.from_stages(grads)
@@ -119,15 +139,19 @@ def assert_same_gradients(got, ref, msg):
   """Equal to GRAD_ATOL of the largest gradient of each tensor (tolerances.py)."""
   for (path, g), r in zip(jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(ref)):
     scale = float(np.abs(r).max()) or 1.0
-    np.testing.assert_allclose(g, r, rtol=0, atol=GRAD_ATOL * scale,
-                               err_msg=f"{msg} {jax.tree_util.keystr(path)}")
+    np.testing.assert_allclose(
+      g, r, rtol=0, atol=GRAD_ATOL * scale, err_msg=f"{msg} {jax.tree_util.keystr(path)}"
+    )
 
 
 def test_each_layout_has_single_gradients(shared_data, data_dir):
-  ref_loss, ref = loss_and_gradients(train.build(eight_head_config(shared_data, data_dir, "single"), 65))
+  ref_loss, ref = loss_and_gradients(
+    train.build(eight_head_config(shared_data, data_dir, "single"), 65)
+  )
   for layout, sizes in MESHES:
     loss, got = loss_and_gradients(
-        train.build(eight_head_config(shared_data, data_dir, layout, **sizes), 65))
+      train.build(eight_head_config(shared_data, data_dir, layout, **sizes), 65)
+    )
     np.testing.assert_allclose(loss, ref_loss, rtol=RTOL, err_msg=f"{layout} {sizes}")
     assert_same_gradients(got, ref, f"{layout} {sizes}")
 
@@ -154,8 +178,9 @@ def test_indivisible_dimension_is_a_clear_error(shared_data, data_dir):
 
 
 def compiled_step(s):
-  batch = jax.ShapeDtypeStruct((s.cfg.data.global_batch, s.cfg.data.seq_len + 1), np.int32,
-                               sharding=s.batch_sharding)
+  batch = jax.ShapeDtypeStruct(
+    (s.cfg.data.global_batch, s.cfg.data.seq_len + 1), np.int32, sharding=s.batch_sharding
+  )
   return train.make_train_step(s).lower(train.abstract_state(s), batch).compile()
 
 
@@ -164,6 +189,7 @@ def layout_step(shared_data, data_dir):
   """layout_step(layout, sizes, grad_accum, model) -> (Setup, compiled train step) of the eight-head
   model, compiled once per module: the bytes and the memory tests read the same programs. Batch 16,
   or 64 under gradient accumulation (pp: 4 micro-steps x 4 microbatches x data 4)."""
+
   @functools.cache
   def build(layout, sizes, grad_accum, model):
     c = eight_head_config(shared_data, data_dir, layout, **dict(sizes))
@@ -174,21 +200,32 @@ def layout_step(shared_data, data_dir):
     return s, compiled_step(s)
 
   return lambda layout, sizes, grad_accum=1, model=None: build(
-      layout, tuple(sorted(sizes.items())), grad_accum, tuple(sorted((model or {}).items())))
+    layout, tuple(sorted(sizes.items())), grad_accum, tuple(sorted((model or {}).items()))
+  )
 
 
 # One of each layout family whose step spmd.py writes out, and the batch that divides under
 # train.grad_accum = 4 as well (pp: 4 micro-steps x 4 microbatches x data 4).
 FAMILIES = [
-    ("dp", {}), ("zero1", {}), ("fsdp", {}), ("tp", {"data": 2, "tensor": 4}),
-    ("sp", {"data": 2, "tensor": 4}), ("fsdp", {"fsdp": 2, "tensor": 4}),
-    ("pp", {"pipe": 2, "data": 4}), ("3d", {}), ("wafer", {}), ("swarm", {}),
+  ("dp", {}),
+  ("zero1", {}),
+  ("fsdp", {}),
+  ("tp", {"data": 2, "tensor": 4}),
+  ("sp", {"data": 2, "tensor": 4}),
+  ("fsdp", {"fsdp": 2, "tensor": 4}),
+  ("pp", {"pipe": 2, "data": 4}),
+  ("3d", {}),
+  ("wafer", {}),
+  ("swarm", {}),
 ]
 
 
 @pytest.mark.parametrize("grad_accum", [1, 4])
-@pytest.mark.parametrize("layout,sizes", FAMILIES,
-                         ids=[f"{l}-" + "-".join(f"{a}{n}" for a, n in z.items()) for l, z in FAMILIES])
+@pytest.mark.parametrize(
+  "layout,sizes",
+  FAMILIES,
+  ids=[f"{l}-" + "-".join(f"{a}{n}" for a, n in z.items()) for l, z in FAMILIES],
+)
 def test_each_collective_kind_moves_the_formulas_bytes(layout_step, layout, sizes, grad_accum):
   """Bytes per collective kind in the compiled step equal comm.py's algorithm within 1%: dp's
   one all-reduce per gradient per step (not per micro-step), zero1's reduce-scatter and
@@ -197,8 +234,15 @@ def test_each_collective_kind_moves_the_formulas_bytes(layout_step, layout, size
   moves a kind by 10% or more."""
   s, compiled = layout_step(layout, sizes, grad_accum)
   measured = train.analysis.collective_bytes(compiled.as_text())
-  terms = comm.analytic_terms(s.layout, s.abstract_params, s.cfg.model, s.cfg.data.global_batch,
-                              s.cfg.data.seq_len, s.schedule, grad_accum)
+  terms = comm.analytic_terms(
+    s.layout,
+    s.abstract_params,
+    s.cfg.model,
+    s.cfg.data.global_batch,
+    s.cfg.data.seq_len,
+    s.schedule,
+    grad_accum,
+  )
   analytic = comm.by_kind(terms)
   assert set(measured) == set(analytic), (measured, analytic)
   for kind, value in analytic.items():
@@ -212,26 +256,37 @@ def test_each_collective_kind_moves_the_formulas_bytes(layout_step, layout, size
 # bfloat16 crosses this CPU's wire as float32 (spmd.wire_dtype); sp gathers the gradient of the
 # positions' rows a step uses, not the table's.
 VARIANTS = [
-    ("tp", {"data": 2, "tensor": 4}, {"remat": "full", "dtype": "bfloat16"}),
-    ("tp", {"data": 2, "tensor": 4}, {"remat": "dots"}),
-    ("sp", {"data": 2, "tensor": 4}, {"remat": "dots", "n_positions": 128}),  # T = 64 of 128
-    ("fsdp", {"fsdp": 2, "tensor": 4}, {"remat": "full"}),
-    ("fsdp", {}, {"remat": "dots", "dtype": "bfloat16"}),
-    ("3d", {}, {"remat": "full", "n_layers": 8}),
-    ("pp", {"pipe": 2, "fsdp": 4}, {}),
-    ("pp", {"pipe": 2, "fsdp": 4}, {"remat": "full", "dtype": "bfloat16"}),
+  ("tp", {"data": 2, "tensor": 4}, {"remat": "full", "dtype": "bfloat16"}),
+  ("tp", {"data": 2, "tensor": 4}, {"remat": "dots"}),
+  ("sp", {"data": 2, "tensor": 4}, {"remat": "dots", "n_positions": 128}),  # T = 64 of 128
+  ("fsdp", {"fsdp": 2, "tensor": 4}, {"remat": "full"}),
+  ("fsdp", {}, {"remat": "dots", "dtype": "bfloat16"}),
+  ("3d", {}, {"remat": "full", "n_layers": 8}),
+  ("pp", {"pipe": 2, "fsdp": 4}, {}),
+  ("pp", {"pipe": 2, "fsdp": 4}, {"remat": "full", "dtype": "bfloat16"}),
 ]
 
 
-@pytest.mark.parametrize("layout,sizes,model", VARIANTS, ids=[
+@pytest.mark.parametrize(
+  "layout,sizes,model",
+  VARIANTS,
+  ids=[
     f"{l}-" + "-".join([f"{a}{n}" for a, n in z.items()] + [f"{v}" for v in m.values()])
-    for l, z, m in VARIANTS])
+    for l, z, m in VARIANTS
+  ],
+)
 def test_remat_pipelines_and_bf16_move_the_formulas_bytes(layout_step, layout, sizes, model):
   s, compiled = layout_step(layout, sizes, model=model)
   by_dtype = train.analysis.collective_bytes_by_dtype(compiled.as_text())
   measured = {kind: sum(v.values()) for kind, v in by_dtype.items()}
-  terms = comm.analytic_terms(s.layout, s.abstract_params, s.cfg.model, s.cfg.data.global_batch,
-                              s.cfg.data.seq_len, s.schedule)
+  terms = comm.analytic_terms(
+    s.layout,
+    s.abstract_params,
+    s.cfg.model,
+    s.cfg.data.global_batch,
+    s.cfg.data.seq_len,
+    s.schedule,
+  )
   analytic = comm.by_kind(terms)
   assert set(measured) == set(analytic), (measured, analytic)
   for kind, value in analytic.items():
@@ -262,6 +317,7 @@ def test_compiled_matmul_flops_are_the_model_flops(shared_data, data_dir):
 def test_collectives_in_a_scan_count_once_per_layer(shared_data, data_dir):
   """fsdp gathers each layer's weights inside the layer loop: a rolled scan (a while loop whose
   body appears once in the HLO) must report the same bytes as the fully unrolled program."""
+
   def fsdp_costs(unroll):
     c = tiny_config(shared_data, data_dir, layout="fsdp")
     c.model.scan_unroll = unroll

@@ -1,4 +1,5 @@
 """The model's shapes, parameter counts, logical names and init rules, from abstract shapes."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,8 +11,13 @@ from cgpt_jax import model as model_lib
 
 # REFERENCE.md §1, "exact params" column (Cerebras-GPT model cards).
 PAPER_PARAMS = {
-    "111m": 111_050_496, "256m": 255_977_024, "590m": 590_310_912, "1.3b": 1_315_723_264,
-    "2.7b": 2_651_553_280, "6.7b": 6_658_404_352, "13b": 12_853_386_240,
+  "111m": 111_050_496,
+  "256m": 255_977_024,
+  "590m": 590_310_912,
+  "1.3b": 1_315_723_264,
+  "2.7b": 2_651_553_280,
+  "6.7b": 6_658_404_352,
+  "13b": 12_853_386_240,
 }
 
 
@@ -27,9 +33,11 @@ def model_cfg(preset, **overrides):
 @pytest.mark.parametrize("size", list(PAPER_PARAMS))
 def test_param_count_matches_paper(size):
   _, abstract = model_lib.abstract_model(model_cfg(size))
-  assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(abstract))  # nothing allocated
+  assert all(
+    isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(abstract)
+  )  # nothing allocated
   assert model_lib.count_params(abstract, model_cfg(size)) == PAPER_PARAMS[size]
-  assert abstract['wte'].shape == (50304, model_cfg(size).d_model)  # padded to a multiple of 128
+  assert abstract["wte"].shape == (50304, model_cfg(size).d_model)  # padded to a multiple of 128
   p = config_lib.CEREBRAS_GPT[size]
   assert config_lib.closed_form_params(p.n_layers, p.d_model) == PAPER_PARAMS[size]
 
@@ -37,16 +45,28 @@ def test_param_count_matches_paper(size):
 def test_every_parameter_has_logical_names():
   _, abstract = model_lib.abstract_model(model_cfg("tiny"))
   specs = nnx.get_partition_spec(abstract)
-  flat = dict(jax.tree_util.tree_flatten_with_path(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))[0])
+  flat = dict(
+    jax.tree_util.tree_flatten_with_path(
+      specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)
+    )[0]
+  )
   by_name = {jax.tree_util.keystr(k): tuple(v) for k, v in flat.items()}
-  shapes = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_flatten_with_path(abstract)[0]}
+  shapes = {
+    jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_flatten_with_path(abstract)[0]
+  }
   assert by_name.keys() == shapes.keys()
   for name, spec in by_name.items():
     assert len(spec) == len(shapes[name]), name
     if "blocks" in name:
       assert spec[0] == "layers", name  # stacked for the scan
   assert by_name["['wte'].value"] == ("vocab", "embed")
-  assert by_name["['blocks']['attn']['qkv_kernel'].value"] == ("layers", "embed", None, "heads", "head_dim")
+  assert by_name["['blocks']['attn']['qkv_kernel'].value"] == (
+    "layers",
+    "embed",
+    None,
+    "heads",
+    "head_dim",
+  )
   assert by_name["['blocks']['mlp']['fc_kernel'].value"] == ("layers", "embed", "mlp")
 
 
@@ -76,7 +96,9 @@ def test_forward_is_causal_and_scan_matches_unrolled():
   assert logits.shape == (2, 16, 128) and logits.dtype == jnp.float32  # vocab padded to 128
   assert (logits[..., 97:] == jnp.finfo(jnp.float32).min).all()  # padding never predicted
   changed = tokens.at[:, 10].set((tokens[:, 10] + 1) % 97)
-  np.testing.assert_array_equal(m(changed)[:, :10], logits[:, :10])  # the past never sees the future
+  np.testing.assert_array_equal(
+    m(changed)[:, :10], logits[:, :10]
+  )  # the past never sees the future
   cfg_unrolled = model_cfg("tiny", vocab_size=97, n_positions=32, scan_unroll=2, grad_barrier=False)
   m2 = model_lib.GPT(cfg_unrolled, rngs=nnx.Rngs(1))
   np.testing.assert_allclose(m2(tokens), logits, rtol=1e-5, atol=1e-5)
@@ -88,7 +110,9 @@ def test_full_remat_keeps_loss_and_gradients():
 
   def loss_and_grad(c):
     graphdef, params = nnx.split(model_lib.GPT(c, rngs=nnx.Rngs(3)))
-    f = lambda p: jnp.mean(model_lib.token_nll(nnx.merge(graphdef, p)(tokens[:, :-1]), tokens[:, 1:]))
+    f = lambda p: jnp.mean(
+      model_lib.token_nll(nnx.merge(graphdef, p)(tokens[:, :-1]), tokens[:, 1:])
+    )
     return jax.value_and_grad(f)(params)
 
   base = loss_and_grad(cfg)
@@ -109,6 +133,7 @@ def test_bf16_softmax_has_softmax_gradient():
   ours = lambda s: model_lib.softmax_keeping(s, jnp.float32)
   reference = lambda s: jax.nn.softmax(s, axis=-1)
   np.testing.assert_allclose(ours(scores), reference(scores), rtol=1e-6)
-  np.testing.assert_allclose(jax.grad(loss(ours))(scores), jax.grad(loss(reference))(scores),
-                             rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(
+    jax.grad(loss(ours))(scores), jax.grad(loss(reference))(scores), rtol=1e-5, atol=1e-7
+  )
   assert model_lib.softmax_keeping(scores, jnp.bfloat16).dtype == jnp.bfloat16

@@ -1,5 +1,6 @@
 """Several processes joined by jax.distributed on 127.0.0.1: the same losses as one process, resume
 across processes, and a bounded, clean failure when one process dies."""
+
 import json
 import os
 import shutil
@@ -13,20 +14,28 @@ import numpy as np
 import portpicker
 import psutil
 import pytest
+from conftest import REPO
+from test_launch import assert_bad_input
 
 from cgpt_jax import distributed
 from cgpt_jax.errors import InputError
-from conftest import REPO
-from test_launch import assert_bad_input
 
 STEPS = 6
 # fsdp over every device of both processes: parameters, optimizer state and batch are split
 # across the processes, so each step all-gathers and reduces through gloo.
-TINY = ["--config=experiments/shakespeare_char.py", "--config.model.n_layers=2",
-        f"--config.train.steps={STEPS}", "--config.optim.warmup_steps=2",
-        "--config.train.log_every=1", "--config.train.eval_every=3", "--config.train.progress=False",
-        "--config.data.global_batch=16", "--config.data.eval_batch=16",
-        "--config.data.eval_batches=2", "--config.mesh.layout=fsdp"]
+TINY = [
+  "--config=experiments/shakespeare_char.py",
+  "--config.model.n_layers=2",
+  f"--config.train.steps={STEPS}",
+  "--config.optim.warmup_steps=2",
+  "--config.train.log_every=1",
+  "--config.train.eval_every=3",
+  "--config.train.progress=False",
+  "--config.data.global_batch=16",
+  "--config.data.eval_batch=16",
+  "--config.data.eval_batches=2",
+  "--config.mesh.layout=fsdp",
+]
 RUN_TIMEOUT_S = 300  # a bound on every launch, far above what a run takes
 FAIL_WITHIN_S = 30  # a kill must end the whole run within this
 
@@ -40,8 +49,9 @@ def env():
 
 
 def launch(*args):
-  return subprocess.run(command(*args), cwd=REPO, env=env(), capture_output=True, text=True,
-                        timeout=RUN_TIMEOUT_S)
+  return subprocess.run(
+    command(*args), cwd=REPO, env=env(), capture_output=True, text=True, timeout=RUN_TIMEOUT_S
+  )
 
 
 def start(log, *args):
@@ -70,7 +80,9 @@ def runs(tmp_path_factory, data_flags):
   """The same run in one process of 8 devices and in 2 processes of 4, checkpointed every 3 steps."""
   root = tmp_path_factory.mktemp("runs")
   for name, flags in (("one", ["--devices=8"]), ("two", ["--devices=4", "--processes=2"])):
-    r = launch(*TINY, *data_flags, *flags, "--config.checkpoint.every=3", f"--workdir={root / name}")
+    r = launch(
+      *TINY, *data_flags, *flags, "--config.checkpoint.every=3", f"--workdir={root / name}"
+    )
     assert r.returncode == 0, r.stderr[-3000:]
   return root
 
@@ -92,8 +104,14 @@ def test_resume_a_two_process_checkpoint_in_two_processes(runs, tmp_path, data_f
   shutil.copytree(runs / "two", workdir)
   shutil.rmtree(workdir / "checkpoints" / str(STEPS))
   (workdir / "summary.json").unlink()
-  r = launch(*TINY, *data_flags, "--devices=4", "--processes=2", "--config.checkpoint.every=3",
-             f"--workdir={workdir}")
+  r = launch(
+    *TINY,
+    *data_flags,
+    "--devices=4",
+    "--processes=2",
+    "--config.checkpoint.every=3",
+    f"--workdir={workdir}",
+  )
   assert r.returncode == 0, r.stderr[-3000:]
   assert json.loads((workdir / "summary.json").read_text())["resumed_from_step"] == 3
   assert_same_losses(workdir, runs / "one")
@@ -109,8 +127,14 @@ def wait_for_training(workdir, procs):
 
 
 def long_run(data_flags, workdir):
-  return [*TINY, *data_flags, "--config.train.steps=100000", "--config.train.eval_every=100000",
-          "--devices=1", f"--workdir={workdir}"]
+  return [
+    *TINY,
+    *data_flags,
+    "--config.train.steps=100000",
+    "--config.train.eval_every=100000",
+    "--devices=1",
+    f"--workdir={workdir}",
+  ]
 
 
 # Slow: the supervisor's fault path (17 s); two-process training and resume stay in the default run.
@@ -139,10 +163,15 @@ def test_a_killed_child_ends_the_local_run(tmp_path, data_flags):
 def test_a_killed_cluster_process_ends_the_others(tmp_path, data_flags):
   """No parent: process 0 notices the missing heartbeats of process 1 and aborts."""
   log = open(tmp_path / "log", "w")
-  cluster = [f"--coordinator=127.0.0.1:{portpicker.pick_unused_port()}", "--num_processes=2",
-             "--heartbeat_timeout=5"]
-  procs = [start(log, *long_run(data_flags, tmp_path / "run"), *cluster, f"--process_id={i}")
-           for i in range(2)]
+  cluster = [
+    f"--coordinator=127.0.0.1:{portpicker.pick_unused_port()}",
+    "--num_processes=2",
+    "--heartbeat_timeout=5",
+  ]
+  procs = [
+    start(log, *long_run(data_flags, tmp_path / "run"), *cluster, f"--process_id={i}")
+    for i in range(2)
+  ]
   try:
     wait_for_training(tmp_path / "run", procs)
     procs[1].kill()
@@ -161,19 +190,31 @@ def test_processes_and_cluster_flags_contradict(tmp_path, data_flags):
   assert not any(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("flags,phrases", [
+@pytest.mark.parametrize(
+  "flags,phrases",
+  [
     (dict(processes=2, auto=True), ["--processes=2", "--distributed", "cannot be combined"]),
     (dict(coordinator="127.0.0.1:1234"), ["--num_processes", "--process_id"]),
     (dict(coordinator="127.0.0.1", num_processes=2, process_id=0), ["HOST:PORT"]),
     (dict(coordinator="127.0.0.1:99999", num_processes=2, process_id=0), ["HOST:PORT"]),
-    (dict(coordinator="no-such-host.invalid:1234", num_processes=2, process_id=1),
-     ["no-such-host.invalid", "cannot be resolved"]),
+    (
+      dict(coordinator="no-such-host.invalid:1234", num_processes=2, process_id=1),
+      ["no-such-host.invalid", "cannot be resolved"],
+    ),
     (dict(coordinator="127.0.0.1:1234", num_processes=2, process_id=2), ["[0, 2)"]),
     (dict(processes=2, mode="eval"), ["--mode=eval", "one process"]),
-])
+  ],
+)
 def test_bad_cluster_flags(flags, phrases):
-  args = dict(processes=1, coordinator=None, num_processes=None, process_id=None, auto=False,
-              mode="train", timeouts=(20, 120, 30))
+  args = dict(
+    processes=1,
+    coordinator=None,
+    num_processes=None,
+    process_id=None,
+    auto=False,
+    mode="train",
+    timeouts=(20, 120, 30),
+  )
   with pytest.raises(InputError) as e:
     distributed.check_flags(**{**args, **flags})
   for phrase in phrases:
@@ -183,8 +224,12 @@ def test_bad_cluster_flags(flags, phrases):
 def test_bad_input_in_the_children_exits_2(tmp_path):
   """The child that refuses its input exits 2 at once (not at jax's exit barrier, where the others
   failing after it would abort it), and the parent exits 2 naming it."""
-  r = launch(*TINY, f"--config.data.source={tmp_path / 'nope.txt'}", "--processes=2",
-             f"--workdir={tmp_path / 'run'}")
+  r = launch(
+    *TINY,
+    f"--config.data.source={tmp_path / 'nope.txt'}",
+    "--processes=2",
+    f"--workdir={tmp_path / 'run'}",
+  )
   assert r.returncode == 2, r.stderr[-3000:]
   assert f"error: data source {tmp_path / 'nope.txt'} does not exist" in r.stderr
   assert r.stderr.strip().splitlines()[-1].startswith("error: process ")
@@ -192,8 +237,15 @@ def test_bad_input_in_the_children_exits_2(tmp_path):
 
 def test_no_coordinator_is_a_clear_error(tmp_path, data_flags):
   address = f"127.0.0.1:{portpicker.pick_unused_port()}"
-  r = launch(*TINY, *data_flags, f"--coordinator={address}", "--num_processes=2", "--process_id=1",
-             "--initialization_timeout=2", f"--workdir={tmp_path}")
+  r = launch(
+    *TINY,
+    *data_flags,
+    f"--coordinator={address}",
+    "--num_processes=2",
+    "--process_id=1",
+    "--initialization_timeout=2",
+    f"--workdir={tmp_path}",
+  )
   assert_bad_input(r, address, "nothing listens")
 
 

@@ -1,18 +1,19 @@
 """Training-recipe knobs: gradient accumulation is the same update as one big step; remat policies
 move memory and FLOPs the way they promise (compiled figures, not time); Adafactor, muP and bf16 train
 alike under every layout; Adafactor's state is factored; bf16 tracks float32 with less memory."""
+
 import math
 
 import jax
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
-
-from cgpt_jax import analysis, model as model_lib, train
-from cgpt_jax.errors import InputError
-
 from test_layouts import compiled_step
 from test_train import tiny_config
+
+from cgpt_jax import analysis, train
+from cgpt_jax import model as model_lib
+from cgpt_jax.errors import InputError
 
 
 @pytest.fixture(scope="module")
@@ -23,8 +24,15 @@ def data_dir(tmp_path_factory):
 def one_step(s):
   """Loss, gradient norm and parameters after one optimizer step from the initial state on a fixed
   batch. (Adam's update is invariant to the gradients' scale, so the norm is what shows it.)"""
-  batch = np.asarray(next(iter(train.data.train_batches(
-      np.arange(10_000, dtype=np.int32) % 65, seq_len=64, global_batch=16, seed=0))))
+  batch = np.asarray(
+    next(
+      iter(
+        train.data.train_batches(
+          np.arange(10_000, dtype=np.int32) % 65, seq_len=64, global_batch=16, seed=0
+        )
+      )
+    )
+  )
   state, metrics = train.make_train_step(s)(train.make_init(s)(), batch)
   params = state.params
   if s.schedule:
@@ -36,6 +44,7 @@ def one_step(s):
 def test_grad_accumulation_is_one_step_on_the_whole_batch(shared_data, data_dir, layout, sizes, k):
   """k micro-steps summed in the scan give the loss, gradient norm and update of one step on all
   16 rows, to float32 rounding."""
+
   def run(accum):
     c = tiny_config(shared_data, data_dir, layout=layout, **sizes)
     c.train.grad_accum = accum
@@ -48,8 +57,9 @@ def test_grad_accumulation_is_one_step_on_the_whole_batch(shared_data, data_dir,
   micro = one_step(run(k))
   np.testing.assert_allclose(micro[0], whole[0], rtol=1e-6)
   np.testing.assert_allclose(micro[1], whole[1], rtol=1e-5)
-  for got, ref, start in zip(jax.tree.leaves(micro[2]), jax.tree.leaves(whole[2]),
-                             jax.tree.leaves(init)):
+  for got, ref, start in zip(
+    jax.tree.leaves(micro[2]), jax.tree.leaves(whole[2]), jax.tree.leaves(init)
+  ):
     scale = float(np.abs(ref - start).max()) or 1.0
     np.testing.assert_allclose(got - start, ref - start, rtol=0, atol=1e-5 * scale)
 
@@ -64,9 +74,11 @@ def test_remat_policies_trade_memory_for_flops(shared_data, data_dir):
     c.model.remat = policy
     s = train.build(c, 65)
     compiled = compiled_step(s)
-    costs[policy] = (analysis.dot_flops(compiled.as_text()),
-                     analysis.compiled_memory(compiled)["temp_bytes"],
-                     train.compiled_costs(s, compiled)["expected_matmul_flops_per_step"])
+    costs[policy] = (
+      analysis.dot_flops(compiled.as_text()),
+      analysis.compiled_memory(compiled)["temp_bytes"],
+      train.compiled_costs(s, compiled)["expected_matmul_flops_per_step"],
+    )
   for flops, _, expected in costs.values():
     assert flops == expected
   assert costs["dots"][0] == costs["none"][0] < costs["full"][0]
@@ -114,8 +126,9 @@ def adafactor_mup_reference(shared_data, data_dir):
 
 
 @pytest.mark.parametrize("layout,sizes", LAYOUTS)
-def test_adafactor_with_mup_trains_alike_under_every_layout(shared_data, data_dir,
-                                                            adafactor_mup_reference, layout, sizes):
+def test_adafactor_with_mup_trains_alike_under_every_layout(
+  shared_data, data_dir, adafactor_mup_reference, layout, sizes
+):
   """The factored moments and the muP multi-transform are sharded state and labels like any other:
   float32 losses equal single's to the layouts' tolerance (test_layouts)."""
   c = recipe_config(shared_data, data_dir, layout, **sizes)
@@ -127,6 +140,7 @@ def test_adafactor_state_is_factored(shared_data, data_dir):
   """Adafactor keeps, for every parameter whose two largest dims are both >= 128, a row and a column
   mean of its squared gradients instead of Adam's two full moments (Shazeer & Stern 2018), and the
   factored moments shard along the parameter axes they keep."""
+
   def setup(layout, name):
     c = recipe_config(shared_data, data_dir, layout)
     c.model.update(d_model=128, n_positions=256)  # wte [128, 128], wpe [256, 128], fc [2, 128, 512]
@@ -150,11 +164,14 @@ def test_adafactor_state_is_factored(shared_data, data_dir):
   # The analysis reports the same bytes, whole and per device.
   costs = train.compiled_costs(adafactor, compiled_step(adafactor))
   assert costs["optimizer_state_bytes"] == train.analysis.tree_bytes(
-      train.abstract_state(adafactor).opt_state)
+    train.abstract_state(adafactor).opt_state
+  )
 
   # v_col keeps [layers, mlp], and mlp is never split over fsdp (mesh.RULES): whole there.
-  for layout, row, col in (("fsdp", P(None, "fsdp"), P(None, None)),
-                           ("tp", P(None, None), P(None, "tensor"))):
+  for layout, row, col in (
+    ("fsdp", P(None, "fsdp"), P(None, None)),
+    ("tp", P(None, None), P(None, "tensor")),
+  ):
     s = setup(layout, "adafactor")
     factored = s.shardings.opt_state[1][0]  # chain(clip, adafactor) -> adafactor's FactoredState
     fc = "blocks", "mlp", "fc_kernel"  # [layers, embed, mlp]: v_row drops mlp, v_col drops embed
@@ -169,13 +186,17 @@ def bf16_reference(shared_data, data_dir):
   return first_losses(train.build(c, 65))
 
 
-@pytest.mark.parametrize("layout,sizes", [
+@pytest.mark.parametrize(
+  "layout,sizes",
+  [
     pytest.param(*LAYOUTS[0], marks=pytest.mark.slow),
     pytest.param(*LAYOUTS[1], marks=pytest.mark.slow),
     LAYOUTS[2],  # the pipeline carries float32 across devices (pipeline.py): the default run
-])
-def test_bfloat16_trains_alike_under_every_layout(shared_data, data_dir, bf16_reference, layout,
-                                                  sizes):
+  ],
+)
+def test_bfloat16_trains_alike_under_every_layout(
+  shared_data, data_dir, bf16_reference, layout, sizes
+):
   """bf16 rounds partial sums at different points in each layout (unit roundoff 2^-9 per value,
   averaged over the batch's 1024 tokens in the loss): rtol 1e-4, not float32's 1e-5."""
   c = recipe_config(shared_data, data_dir, layout, **sizes)
@@ -189,17 +210,23 @@ def test_bfloat16_tracks_float32_and_saves_memory(shared_data, data_dir):
   """40 steps: the bf16 loss curve stays within 1e-3 (relative) of float32's, and compiled memory
   shows master weights and optimizer state unchanged (float32 arguments) with smaller
   activations (temp), under single and fsdp."""
+
   def setup(layout, dtype, steps=40):
     c = recipe_config(shared_data, data_dir, layout)
     c.model.dtype = dtype
     c.train.steps = steps
     return train.build(c, 65)
 
-  f32, bf16 = first_losses(setup("single", "float32"), 40), first_losses(setup("single", "bfloat16"), 40)
+  f32, bf16 = (
+    first_losses(setup("single", "float32"), 40),
+    first_losses(setup("single", "bfloat16"), 40),
+  )
   assert f32[-1] < f32[0] - 0.5  # it learns
   np.testing.assert_allclose(bf16, f32, rtol=1e-3)
   for layout in ("single", "fsdp"):
-    mem = {dtype: train.analysis.compiled_memory(compiled_step(setup(layout, dtype)))
-           for dtype in ("float32", "bfloat16")}
+    mem = {
+      dtype: train.analysis.compiled_memory(compiled_step(setup(layout, dtype)))
+      for dtype in ("float32", "bfloat16")
+    }
     assert mem["bfloat16"]["argument_bytes"] == mem["float32"]["argument_bytes"], layout
     assert mem["bfloat16"]["temp_bytes"] < 0.9 * mem["float32"]["temp_bytes"], layout

@@ -1,15 +1,15 @@
 """cgpt_jax/roofline.py against hand-computed cases; the plan sweep's report against a real plan."""
+
 import json
 import re
 import subprocess
 import sys
 
+import plan_cerebras_gpt as experiment
 import pytest
-
-from cgpt_jax import roofline
 from conftest import REPO
 
-import plan_cerebras_gpt as experiment
+from cgpt_jax import roofline
 
 H100, V5P = roofline.H100, roofline.TPU_V5P
 
@@ -18,17 +18,17 @@ def fake_plan(**overrides) -> dict:
   """A 13B-like plan on fsdp 8 x tensor 8 whose numbers make every time a round figure on H100:
   1 s of compute; 1 s of tensor all-reduces on NVLink and 1 s of FSDP traffic on InfiniBand."""
   plan = {
-      "devices": 64,
-      "mesh": {"data": 1, "pipe": 1, "fsdp": 8, "tensor": 8},
-      "tokens_per_step": 720 * 2048,
-      "compiled_matmul_flops_per_step": 64 * 989e12,
-      "model_flops_per_step": 32 * 989e12,
-      "analytic_collective_terms": {"tensor_layers": 450e9, "layer_weight_gather": 50e9},
-      # A GPU compile moves the bf16 activations and gathered weights in half the bytes.
-      "accelerator_collective_terms": {"tensor_layers": 225e9, "layer_weight_gather": 25e9},
-      "collective_bytes_per_step": {"all-reduce": 800e9, "all-gather": 200e9},
-      "memory_per_device_bytes": {"total_bytes": 79e9},
-      "config": {"train": {"grad_accum": 5}, "model": {"d_ff": 20480}},
+    "devices": 64,
+    "mesh": {"data": 1, "pipe": 1, "fsdp": 8, "tensor": 8},
+    "tokens_per_step": 720 * 2048,
+    "compiled_matmul_flops_per_step": 64 * 989e12,
+    "model_flops_per_step": 32 * 989e12,
+    "analytic_collective_terms": {"tensor_layers": 450e9, "layer_weight_gather": 50e9},
+    # A GPU compile moves the bf16 activations and gathered weights in half the bytes.
+    "accelerator_collective_terms": {"tensor_layers": 225e9, "layer_weight_gather": 25e9},
+    "collective_bytes_per_step": {"all-reduce": 800e9, "all-gather": 200e9},
+    "memory_per_device_bytes": {"total_bytes": 79e9},
+    "config": {"train": {"grad_accum": 5}, "model": {"d_ff": 20480}},
   }
   return {**plan, **overrides}
 
@@ -114,13 +114,25 @@ def test_report_row_matches_a_real_plan(tmp_path):
   """One real point (111M, FSDP over 64 devices), planned by launch.py as the sweep runner would."""
   p = next(p for p in experiment.get_sweep() if p["name"] == "111m-fsdp-1x1x64x1")
   workdir = tmp_path / "points" / p["name"]
-  overrides = [f"--config.{k}={v}" for k, v in p.items()
-               if k not in ("name", "devices", "mode", "config_arg")]
-  r = subprocess.run([sys.executable, str(REPO / "launch.py"),
-                      f"--config=experiments/plan_cerebras_gpt.py:{p['config_arg']}",
-                      f"--workdir={workdir}", f"--devices={p['devices']}", "--mode=plan",
-                      "--nosweep", *overrides],
-                     cwd=REPO, capture_output=True, text=True, timeout=600)
+  overrides = [
+    f"--config.{k}={v}" for k, v in p.items() if k not in ("name", "devices", "mode", "config_arg")
+  ]
+  r = subprocess.run(
+    [
+      sys.executable,
+      str(REPO / "launch.py"),
+      f"--config=experiments/plan_cerebras_gpt.py:{p['config_arg']}",
+      f"--workdir={workdir}",
+      f"--devices={p['devices']}",
+      "--mode=plan",
+      "--nosweep",
+      *overrides,
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert r.returncode == 0, r.stderr[-2000:]
   plan = json.loads((workdir / "plan.json").read_text())
   model = plan["config"]["model"]
@@ -132,8 +144,7 @@ def test_report_row_matches_a_real_plan(tmp_path):
   assert row["bytes_measured"] == sum(plan["collective_bytes_per_step"].values())
   assert row["bytes_analytic"] == plan["analytic_collective_bytes_per_step"]
   h100 = row["hardware"]["H100 SXM"]
-  assert h100["compute_s"] == pytest.approx(
-      plan["compiled_matmul_flops_per_step"] / 64 / 989e12)
+  assert h100["compute_s"] == pytest.approx(plan["compiled_matmul_flops_per_step"] / 64 / 989e12)
   # FSDP alone: all analytic bytes cross nodes, so the measured bytes run at 50 GB/s.
   assert h100["comm_s"] == pytest.approx(row["bytes_measured"] / 50e9)
   # The CPU compile moves every collective as float32 and says so; a GPU's compile would move

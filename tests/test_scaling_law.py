@@ -4,17 +4,17 @@ The fit must recover a known law from points drawn from it, exactly without nois
 own error bars with noise, report larger errors for noisier points, and refuse input it cannot fit.
 The sweep's every point must be a valid config that spends 20 tokens per parameter within a step.
 """
+
 import math
 import pathlib
 
 import numpy as np
 import pytest
+import scaling
 
 from cgpt_jax import config as config_lib
 from cgpt_jax import scaling_law, train
 from cgpt_jax.errors import InputError
-
-import scaling
 
 TRUE = scaling_law.PowerLaw(a=3e9, b=0.15, c=1.2)
 FLOPS = np.geomspace(5e10, 1e13, 7)  # the sweep's range
@@ -80,7 +80,9 @@ def test_bootstrap_spreads_around_the_fit():
   assert low < scaling_law.fit(FLOPS, losses).law.b < high
 
 
-@pytest.mark.parametrize("flops,losses,message", [
+@pytest.mark.parametrize(
+  "flops,losses,message",
+  [
     (FLOPS[:3], TRUE(FLOPS[:3]), "at least 4"),
     ([1e10, 1e10, 1e11, 1e12], [3.0, 2.9, 2.5, 2.2], "3 distinct compute values"),
     ([0.0, *FLOPS[1:]], TRUE(FLOPS), "finite and positive"),
@@ -88,7 +90,8 @@ def test_bootstrap_spreads_around_the_fit():
     (FLOPS, [np.nan, *TRUE(FLOPS[1:])], "losses must be finite and positive"),
     (FLOPS, [0.0, *TRUE(FLOPS[1:])], "losses must be finite and positive"),
     (FLOPS, TRUE(FLOPS[1:]), "equal length"),
-])
+  ],
+)
 def test_bad_points_are_input_errors(flops, losses, message):
   with pytest.raises(InputError, match=message):
     scaling_law.fit(flops, losses)

@@ -1,15 +1,16 @@
 """Sweeps (cgpt_jax/sweep.py): get_sweep() points run one process each, failures are reported without
 stopping the sweep, reruns skip finished points, and the layout ablation compares every layout."""
+
 import json
 import types
 
-import pytest
-
 import ablate_layouts  # experiments/ is on sys.path via conftest
-from cgpt_jax import mesh, report, sweep
-from cgpt_jax.errors import InputError
+import pytest
 from conftest import REPO
 from test_launch import launch
+
+from cgpt_jax import mesh, report, sweep
+from cgpt_jax.errors import InputError
 
 
 def module_with(points):
@@ -19,27 +20,38 @@ def module_with(points):
   return m
 
 
-@pytest.mark.parametrize("points, phrase", [
+@pytest.mark.parametrize(
+  "points, phrase",
+  [
     ([], "non-empty list"),
     ([{"devices": 2}], "string 'name'"),
     ([{"name": "a/b"}], "not a folder name"),
     ([{"name": "a"}, {"name": "a"}], "two points are named 'a'"),
     ([{"name": "a", "mode": "eval"}], "mode 'eval'"),
     ([{"name": "a", "devices": 0}], "devices=0"),
-])
+  ],
+)
 def test_bad_sweeps_are_refused(points, phrase):
   with pytest.raises(InputError, match=phrase):
     sweep.points(module_with(points), None, default_devices=1)
 
 
 def test_point_fields_and_command_line_overrides():
-  (p,) = sweep.points(module_with([{"name": "a", "mode": "plan", "config_arg": "13b",
-                                    "mesh.layout": "fsdp", "train.steps": 3}]), "111m", 8)
+  (p,) = sweep.points(
+    module_with(
+      [{"name": "a", "mode": "plan", "config_arg": "13b", "mesh.layout": "fsdp", "train.steps": 3}]
+    ),
+    "111m",
+    8,
+  )
   assert (p.devices, p.mode, p.config_arg) == (8, "plan", "13b")
   assert p.overrides == {"mesh.layout": "fsdp", "train.steps": 3}
   cmd = sweep.command(p, "experiments/x.py", REPO / "w", {"train.steps": 5})
   assert "--config=experiments/x.py:13b" in cmd and "--mode=plan" in cmd and "--nosweep" in cmd
-  assert cmd[-2:] == ["--config.mesh.layout=fsdp", "--config.train.steps=5"]  # the command line wins
+  assert cmd[-2:] == [
+    "--config.mesh.layout=fsdp",
+    "--config.train.steps=5",
+  ]  # the command line wins
 
 
 def test_ablation_covers_every_layout_on_8_devices():
@@ -50,7 +62,7 @@ def test_ablation_covers_every_layout_on_8_devices():
 
 SWEEP_FILE = f"""
 import importlib.util
-spec = importlib.util.spec_from_file_location("ablate", "{REPO / 'experiments' / 'ablate_layouts.py'}")
+spec = importlib.util.spec_from_file_location("ablate", "{REPO / "experiments" / "ablate_layouts.py"}")
 ablate = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(ablate)
 from cgpt_jax.config import base_config
@@ -112,7 +124,9 @@ def test_sweep_reports_failures_and_resumes(tmp_path, data_flags):
   assert "FAILED" in out[2]  # a failed point is tried again
   assert json.loads((workdir / "report.json").read_text())["results"]["fsdp"] == results["fsdp"]
 
-  exp.write_text(SWEEP_FILE.replace('"mesh.layout": "fsdp"}', '"mesh.layout": "fsdp", "data.seed": 1}'))
+  exp.write_text(
+    SWEEP_FILE.replace('"mesh.layout": "fsdp"}', '"mesh.layout": "fsdp", "data.seed": 1}')
+  )
   changed = launch(f"--config={exp}", f"--workdir={workdir}", *data_flags)
   assert changed.returncode == 2 and "the sweep now defines it differently" in changed.stderr
 

@@ -1,15 +1,16 @@
 """Pipeline schedules as tables (cgpt_jax/timeline.py): legal, the papers' bubbles and memory."""
+
 import json
 
 import pytest
+from test_train import tiny_config
 
 from cgpt_jax import timeline, train
 
-from test_train import tiny_config
-
 SIZES = [(2, 4, 1), (4, 4, 1), (4, 8, 1), (4, 16, 1), (8, 16, 1), (2, 4, 2), (4, 8, 2), (4, 16, 3)]
-CASES = [(name, S, M, R) for name in timeline.NAMES for S, M, R in SIZES
-         if timeline.valid(name, S, M, R)]
+CASES = [
+  (name, S, M, R) for name in timeline.NAMES for S, M, R in SIZES if timeline.valid(name, S, M, R)
+]
 
 
 def closed_form(name, S, M, R):
@@ -27,7 +28,8 @@ def test_every_operation_runs_once_after_its_inputs(name, S, M, R):
   ops = timeline.simulate(name, S, M, R)
   kinds = ("F", "B", "W") if name == "zb_h1" else ("F", "B")
   assert sorted((o.kind, o.stage, o.microbatch, o.chunk) for o in ops) == sorted(
-      (k, s, j, c) for k in kinds for s in range(S) for j in range(M) for c in range(R))
+    (k, s, j, c) for k in kinds for s in range(S) for j in range(M) for c in range(R)
+  )
   end = {(o.kind, o.stage, o.microbatch, o.chunk): o.start + o.duration for o in ops}
   for o in ops:
     s, j, c = o.stage, o.microbatch, o.chunk
@@ -69,8 +71,9 @@ def test_memory_gpipe_grows_with_microbatches_1f1b_does_not():
     assert timeline.describe("gpipe", 4, M)["peak_in_flight_per_stage"] == [M] * 4
     assert timeline.describe("circular", 4, M, 2)["peak_in_flight_per_stage"] == [2 * M] * 4
     assert timeline.describe("1f1b", 4, M)["peak_in_flight_per_stage"] == [4, 3, 2, 1]
-  interleaved = [timeline.describe("interleaved_1f1b", 4, M, 2)["peak_in_flight_per_stage"]
-                 for M in (8, 16, 32)]
+  interleaved = [
+    timeline.describe("interleaved_1f1b", 4, M, 2)["peak_in_flight_per_stage"] for M in (8, 16, 32)
+  ]
   assert interleaved[0] == interleaved[1] == interleaved[2]
   assert max(interleaved[0]) < 8 * 2  # fewer than GPipe's M R at the smallest M
 

@@ -1,4 +1,5 @@
 """Tokenizers against outside facts: OpenAI's GPT-2 ids (shared/data/README.md), nanoGPT's char vocabulary."""
+
 import numpy as np
 import pytest
 

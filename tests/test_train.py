@@ -1,13 +1,13 @@
 """End-to-end training in-process: the loss falls, dp equals single, reruns are bit-identical."""
+
 import json
 import math
 
 import numpy as np
 import pytest
+import shakespeare_char  # experiments/ is on sys.path via conftest
 
 from cgpt_jax import train
-
-import shakespeare_char  # experiments/ is on sys.path via conftest
 
 
 def tiny_config(shared_data, data_dir, **mesh):
@@ -47,8 +47,18 @@ def single_run(shared_data, data_dir, tmp_path_factory):
 
 def test_run_writes_contract_files_and_loss_falls(single_run):
   workdir, summary = single_run
-  for key in ("params", "layout", "mesh", "devices", "final_loss", "final_eval_loss", "tokens_per_s",
-              "mfu", "compile_s", "memory_per_device_bytes"):
+  for key in (
+    "params",
+    "layout",
+    "mesh",
+    "devices",
+    "final_loss",
+    "final_eval_loss",
+    "tokens_per_s",
+    "mfu",
+    "compile_s",
+    "memory_per_device_bytes",
+  ):
     assert key in summary, key
   assert summary["layout"] == "single" and summary["devices"] == 1
   assert 0 < summary["mfu"] < 1 and summary["tokens_per_s"] > 0

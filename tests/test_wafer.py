@@ -1,15 +1,15 @@
 """The wafer layout: weights stream in one layer at a time, so on-device memory does not grow with
 depth, and the streamed bytes are what the analytic model says. (That wafer and swarm train like
 single is test_layouts' job: they are in its MESHES.)"""
+
 import json
 
 import pytest
+from test_layouts import compiled_step
+from test_train import tiny_config
 
 from cgpt_jax import analysis, train
 from cgpt_jax.errors import InputError
-
-from test_layouts import compiled_step
-from test_train import tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +30,7 @@ def test_working_memory_stays_flat_in_depth(shared_data, data_dir):
   memory grows about as the layer count. The wafer's working set (temp: activations plus the one
   layer streamed in) grows only by a saved [batch, seq, d] input per layer; the state is the
   sharded off-wafer store (arguments), 1/8 per device."""
+
   def memory(layout, layers):
     return analysis.compiled_memory(compiled_step(setup(shared_data, data_dir, layout, layers)))
 
@@ -57,8 +58,9 @@ def test_streamed_bytes_match_the_analytic_value(shared_data, data_dir, layout, 
   proj_bias = m.n_layers * m.d_model * 4 * (n - 1) // n
   assert loops["all-gather"] == 2 * loops["reduce-scatter"] - proj_bias
   costs = train.compiled_costs(s, compiled)["wafer"]
-  assert costs["streamed_bytes_per_step"] == pytest.approx(costs["analytic_streamed_bytes_per_step"],
-                                                           abs=2)
+  assert costs["streamed_bytes_per_step"] == pytest.approx(
+    costs["analytic_streamed_bytes_per_step"], abs=2
+  )
   closed_form = 3 * m.n_layers * analysis.layer_params(m) * 4 * (n - 1) / n
   assert abs(costs["streamed_bytes_per_step"] / closed_form - 1) < 0.01
 

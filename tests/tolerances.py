@@ -11,6 +11,7 @@ So 1e-5: above what reassociation does on any machine of this kind, and two orde
 below what a lost, doubled or misplaced reduction does (>= 1e-3: a factor 2 on one device's share
 of 8 changes the loss by 1/8 of its value).
 """
+
 RTOL = 1e-5  # losses, relative
 GRAD_ATOL = 1e-5  # gradients: this times each tensor's largest entry (an elementwise relative error
 # means nothing for entries that cancel to rounding)

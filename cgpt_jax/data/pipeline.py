@@ -6,10 +6,11 @@ Training batches come from a grain MapDataset, i.e. by random access: batch k is
 the checkpoint, only the step number, and every process computes its own rows of the same global
 batch without talking to the others.
 """
+
 import dataclasses
 import functools
 import itertools
-from typing import Iterator
+from collections.abc import Iterator
 
 import grain
 import numpy as np
@@ -29,8 +30,15 @@ class Corpus:
   tokens: dict[str, np.ndarray]
 
 
-def load_corpus(source: str, data_dir: str, tokenizer_kind: str, tokenizer_path: str | None = None, *,
-                text_key: str = "text", allow_binary: bool = False) -> Corpus:
+def load_corpus(
+  source: str,
+  data_dir: str,
+  tokenizer_kind: str,
+  tokenizer_path: str | None = None,
+  *,
+  text_key: str = "text",
+  allow_binary: bool = False,
+) -> Corpus:
   """Tokenize the 'train' and 'validation' splits of `source`.
 
   `source` is a local text file, folder or glob (prepared into `data_dir` on first use, see
@@ -39,7 +47,9 @@ def load_corpus(source: str, data_dir: str, tokenizer_kind: str, tokenizer_path:
   Local files that look binary are refused unless `allow_binary`.
   """
   # Fixed-vocabulary tokenizers are built first so that a bad kind or path fails before any preparing.
-  tokenizer = None if tokenizer_kind == "char" else make_tokenizer(tokenizer_kind, path=tokenizer_path)
+  tokenizer = (
+    None if tokenizer_kind == "char" else make_tokenizer(tokenizer_kind, path=tokenizer_path)
+  )
   if catalogue.is_catalogue_source(source):
     builder = catalogue.load_prepared_builder(source, data_dir)
   else:
@@ -49,8 +59,10 @@ def load_corpus(source: str, data_dir: str, tokenizer_kind: str, tokenizer_path:
   if tokenizer is None:
     # Like nanoGPT's shakespeare_char: the vocabulary is every character of train AND validation.
     tokenizer = make_tokenizer("char", corpus_text="".join(itertools.chain(*documents.values())))
-  tokens = {split: _join([tokenizer.encode(d) for d in documents[split]], tokenizer.eot_id)
-            for split in SPLITS}
+  tokens = {
+    split: _join([tokenizer.encode(d) for d in documents[split]], tokenizer.eot_id)
+    for split in SPLITS
+  }
   return Corpus(tokenizer=tokenizer, tokens=tokens)
 
 
@@ -59,16 +71,30 @@ def _read_documents(builder: tfds.core.DatasetBuilder, text_key: str) -> dict[st
   (it is prepared again on the next run, or is to be prepared again with `tfds build`)."""
   try:
     data_sources = builder.as_data_source()
-    return {split: list(grain.MapDataset.source(data_sources[split])
-                        .map(functools.partial(_text, key=text_key))) for split in SPLITS}
+    return {
+      split: list(
+        grain.MapDataset.source(data_sources[split]).map(functools.partial(_text, key=text_key))
+      )
+      for split in SPLITS
+    }
   except Exception as e:  # array_record, protobuf and TFDS raise many kinds for damaged files
     message = str(e).splitlines()[0] if str(e) else ""
-    raise InputError(f"the prepared dataset in {builder.data_dir} cannot be read ({type(e).__name__}: "
-                     f"{message[:200]}). Delete that folder to prepare it again.") from None
+    raise InputError(
+      f"the prepared dataset in {builder.data_dir} cannot be read ({type(e).__name__}: "
+      f"{message[:200]}). Delete that folder to prepare it again."
+    ) from None
 
 
-def train_batches(tokens: np.ndarray, *, seq_len: int, global_batch: int, seed: int, start_step: int = 0,
-                  process_index: int = 0, process_count: int = 1) -> Iterator[np.ndarray]:
+def train_batches(
+  tokens: np.ndarray,
+  *,
+  seq_len: int,
+  global_batch: int,
+  seed: int,
+  start_step: int = 0,
+  process_index: int = 0,
+  process_count: int = 1,
+) -> Iterator[np.ndarray]:
   """This process's rows of every global training batch from `start_step` on, forever.
 
   Yields int32 [global_batch // process_count, seq_len + 1]; process p gets rows
@@ -86,11 +112,15 @@ def train_batches(tokens: np.ndarray, *, seq_len: int, global_batch: int, seed: 
   _check_positive(seq_len=seq_len, global_batch=global_batch, process_count=process_count)
   window = seq_len + 1
   if len(tokens) < window:
-    raise InputError(f"the train split has {len(tokens)} tokens, fewer than one window of seq_len + 1 = "
-                     f"{window}; lower --config.data.seq_len or use a larger corpus")
+    raise InputError(
+      f"the train split has {len(tokens)} tokens, fewer than one window of seq_len + 1 = "
+      f"{window}; lower --config.data.seq_len or use a larger corpus"
+    )
   if global_batch % process_count:
-    raise InputError(f"global batch {global_batch} is not divisible by the {process_count} processes; "
-                     "make it a multiple of the process count")
+    raise InputError(
+      f"global batch {global_batch} is not divisible by the {process_count} processes; "
+      "make it a multiple of the process count"
+    )
   if not 0 <= process_index < process_count:
     raise InputError(f"process index {process_index} is outside [0, {process_count})")
   if seed < 0 or start_step < 0:
@@ -108,20 +138,26 @@ def train_batches(tokens: np.ndarray, *, seq_len: int, global_batch: int, seed: 
 
   def cut(position: int, window_index: int) -> np.ndarray:
     start = epoch_offset(position // windows_per_epoch) + window_index * window
-    return tokens[start:start + window]
+    return tokens[start : start + window]
 
   rows = global_batch // process_count
   # repeat() after shuffle() gives every epoch its own permutation; map_with_index sees the position
   # in the endless stream, hence the epoch. Batching per process and then taking every P-th batch
   # starting at p makes batch k of process p rows p * rows ... of global batch k. The P-th batch is
   # taken by index: grain's slice of an endless dataset of single-row batches overflows its length.
-  batches = (grain.MapDataset.range(windows_per_epoch).shuffle(seed=shuffle_seed).repeat()
-             .map_with_index(cut).batch(rows))
+  batches = (
+    grain.MapDataset.range(windows_per_epoch)
+    .shuffle(seed=shuffle_seed)
+    .repeat()
+    .map_with_index(cut)
+    .batch(rows)
+  )
   return (batches[step * process_count + process_index] for step in itertools.count(start_step))
 
 
-def eval_batches(tokens: np.ndarray, *, seq_len: int, batch: int,
-                 max_batches: int | None = None) -> list[np.ndarray]:
+def eval_batches(
+  tokens: np.ndarray, *, seq_len: int, batch: int, max_batches: int | None = None
+) -> list[np.ndarray]:
   """Evaluation batches, int32 [batch, seq_len + 1], the same on every call.
 
   Windows are consecutive and non-overlapping from the start of the split. The tail shorter than a
@@ -135,24 +171,30 @@ def eval_batches(tokens: np.ndarray, *, seq_len: int, batch: int,
   window = seq_len + 1
   num_batches = len(tokens) // window // batch
   if not num_batches:
-    raise InputError(f"the evaluation split has {len(tokens)} tokens, fewer than one eval batch of "
-                     f"{batch} windows of seq_len + 1 = {window}; lower --config.data.eval_batch or "
-                     "--config.data.seq_len, or use a larger corpus")
+    raise InputError(
+      f"the evaluation split has {len(tokens)} tokens, fewer than one eval batch of "
+      f"{batch} windows of seq_len + 1 = {window}; lower --config.data.eval_batch or "
+      "--config.data.seq_len, or use a larger corpus"
+    )
   if max_batches is not None:
     num_batches = min(num_batches, max_batches)
-  return list(tokens[:num_batches * batch * window].reshape(num_batches, batch, window))
+  return list(tokens[: num_batches * batch * window].reshape(num_batches, batch, window))
 
 
 def _check_layout(builder: tfds.core.DatasetBuilder, source: str, text_key: str) -> None:
   """The dataset must have both splits and a text feature `text_key`."""
   missing = [split for split in SPLITS if split not in builder.info.splits]
   if missing:
-    raise InputError(f"data source {source} has no {' or '.join(missing)} split (it has "
-                     f"{', '.join(builder.info.splits)}); use a dataset with train and validation splits")
+    raise InputError(
+      f"data source {source} has no {' or '.join(missing)} split (it has "
+      f"{', '.join(builder.info.splits)}); use a dataset with train and validation splits"
+    )
   features = builder.info.features
   if text_key not in features or not isinstance(features[text_key], tfds.features.Text):
-    raise InputError(f"data source {source} has no text feature {text_key!r} (features: "
-                     f"{', '.join(features)}); set the text key to one of its text features")
+    raise InputError(
+      f"data source {source} has no text feature {text_key!r} (features: "
+      f"{', '.join(features)}); set the text key to one of its text features"
+    )
 
 
 def _text(record: dict, key: str) -> str:
@@ -167,7 +209,9 @@ def _join(documents: list[np.ndarray], eot_id: int | None) -> np.ndarray:
   documents = [d for d in documents if d.size]
   if eot_id is not None:
     separator = np.array([eot_id], dtype=np.int32)
-    documents = [piece for i, d in enumerate(documents) for piece in ((separator, d) if i else (d,))]
+    documents = [
+      piece for i, d in enumerate(documents) for piece in ((separator, d) if i else (d,))
+    ]
   return np.concatenate(documents) if documents else np.zeros(0, np.int32)
 
 

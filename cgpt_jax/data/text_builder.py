@@ -8,6 +8,7 @@ validation record (nanoGPT's `data[:int(n*0.9)]` split, applied per file so that
 just the last ones, contributes to validation). A record holds the whole piece, so tokenization is
 never cut in the middle of a document.
 """
+
 import dataclasses
 import glob
 import hashlib
@@ -39,7 +40,9 @@ class LocalText(tfds.core.GeneratorBasedBuilder):
   """Local text files, one document per file, split 90% / 10% by characters within each file."""
 
   VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Per-file 90/10 character split; UTF-8 with latin-1 fallback; CRLF -> LF."}
+  RELEASE_NOTES = {
+    "1.0.0": "Per-file 90/10 character split; UTF-8 with latin-1 fallback; CRLF -> LF."
+  }
   # TFDS derives a code path only to find a checksums.tsv for verifying downloads. For a class inside
   # a package that derivation imports the `importlib_resources` backport, which is not installed, and
   # this builder downloads nothing, so it has no code path (TFDS handles None as "no checksums").
@@ -47,11 +50,13 @@ class LocalText(tfds.core.GeneratorBasedBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
-        builder=self,
-        description="Local text files, one record per (file, split).",
-        features=tfds.features.FeaturesDict({"text": tfds.features.Text(), "source": tfds.features.Text()}),
-        # Records keep file order (sorted paths) so the token stream reads the corpus in order.
-        disable_shuffling=True,
+      builder=self,
+      description="Local text files, one record per (file, split).",
+      features=tfds.features.FeaturesDict(
+        {"text": tfds.features.Text(), "source": tfds.features.Text()}
+      ),
+      # Records keep file order (sorted paths) so the token stream reads the corpus in order.
+      disable_shuffling=True,
     )
 
   def _split_generators(self, dl_manager):
@@ -85,30 +90,36 @@ def prepare_text_dataset(source: str, data_dir: str, allow_binary: bool = False)
     if not text:
       raise InputError(f"data file {path} is empty; remove it or point the data source elsewhere")
     if not allow_binary and looks_binary(raw):
-      raise InputError(f"data file {path} looks binary, not text (NUL or other control bytes in its "
-                       "first 64 KiB); point the data source at text files, or set "
-                       "--config.data.allow_binary=True to train on its bytes anyway")
+      raise InputError(
+        f"data file {path} looks binary, not text (NUL or other control bytes in its "
+        "first 64 KiB); point the data source at text files, or set "
+        "--config.data.allow_binary=True to train on its bytes anyway"
+      )
     if encoding != "utf-8":
       log.warning("data file %s is not valid UTF-8; read it as %s", path, encoding)
     train_chars += len(split_text(text)[0])
     digest.update(f"{path}\0{len(raw)}\0".encode())
     digest.update(raw)
   if not train_chars:
-    raise InputError(f"data source {source} is too small to split: every file has a single character, "
-                     "so the train split would be empty; use more text")
+    raise InputError(
+      f"data source {source} is too small to split: every file has a single character, "
+      "so the train split would be empty; use more text"
+    )
   config = LocalTextConfig(
-      name=f"{_slug(source)}-{digest.hexdigest()[:16]}",
-      description=f"{len(files)} file(s) from {source}",
-      files=tuple(files),
+    name=f"{_slug(source)}-{digest.hexdigest()[:16]}",
+    description=f"{len(files)} file(s) from {source}",
+    files=tuple(files),
   )
   try:
     builder = LocalText(config=config, data_dir=data_dir, file_format="array_record")
     prepared = builder.is_prepared()
   except Exception as e:  # a damaged dataset_info.json or features.json: TFDS raises many kinds
     folder = os.path.join(data_dir, LocalText.name, config.name)
-    raise InputError(f"the prepared dataset in {folder} cannot be read ({type(e).__name__}: "
-                     f"{str(e).splitlines()[0][:200] if str(e) else ''}). Delete that folder to "
-                     "prepare it again.") from None
+    raise InputError(
+      f"the prepared dataset in {folder} cannot be read ({type(e).__name__}: "
+      f"{str(e).splitlines()[0][:200] if str(e) else ''}). Delete that folder to "
+      "prepare it again."
+    ) from None
   if not prepared:
     _check_writable(data_dir)
     builder.download_and_prepare()
@@ -127,23 +138,32 @@ def resolve_files(source: str) -> list[str]:
     matches = sorted(glob.glob(expanded))
     files = [m for m in matches if os.path.isfile(m) and _is_corpus_file(m)]
     if not files:
-      what = ("no files" if not matches
-              else f"no text files (only {len(matches)} folders or README/hidden files)")
+      what = (
+        "no files"
+        if not matches
+        else f"no text files (only {len(matches)} folders or README/hidden files)"
+      )
       raise InputError(f"data source glob {source} matched {what}; check the pattern")
   elif os.path.isdir(expanded):
     entries = sorted(os.path.join(expanded, name) for name in os.listdir(expanded))
     files = [e for e in entries if os.path.isfile(e) and _is_corpus_file(e)]
     if not files:
-      raise InputError(f"data source folder {source} holds no text files (README and hidden files are "
-                       "skipped, subfolders are not searched); point it at a folder of .txt files")
+      raise InputError(
+        f"data source folder {source} holds no text files (README and hidden files are "
+        "skipped, subfolders are not searched); point it at a folder of .txt files"
+      )
   elif os.path.isfile(expanded):
     files = [expanded]
   elif os.path.exists(expanded):
-    raise InputError(f"data source {source} is not a regular file or folder (a device, pipe or "
-                     "socket); give a text file, a folder of text files, or a glob")
+    raise InputError(
+      f"data source {source} is not a regular file or folder (a device, pipe or "
+      "socket); give a text file, a folder of text files, or a glob"
+    )
   else:
-    raise InputError(f"data source {source} does not exist; give a text file, a folder of text files, "
-                     "a glob such as 'corpus/*.txt', or 'tfds:NAME' for a prepared TFDS dataset")
+    raise InputError(
+      f"data source {source} does not exist; give a text file, a folder of text files, "
+      "a glob such as 'corpus/*.txt', or 'tfds:NAME' for a prepared TFDS dataset"
+    )
   return [os.path.abspath(f) for f in files]
 
 
@@ -196,6 +216,8 @@ def _check_writable(data_dir: str) -> None:
   try:
     os.makedirs(data_dir, exist_ok=True)
   except OSError as e:
-    raise InputError(f"cannot create the data_dir {data_dir} ({e.strerror}); choose a writable folder") from e
+    raise InputError(
+      f"cannot create the data_dir {data_dir} ({e.strerror}); choose a writable folder"
+    ) from e
   if not os.access(data_dir, os.W_OK):
     raise InputError(f"data_dir {data_dir} is not writable; choose a writable folder")

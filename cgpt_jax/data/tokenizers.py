@@ -5,9 +5,11 @@ branch on the kind. `encode` returns int32 numpy arrays because that is what the
 and what the model consumes; `eot_id` is the id put between documents (None for tokenizers without
 one, whose documents are then simply concatenated, as nanoGPT does for its char-level runs).
 """
+
 import hashlib
 import pathlib
-from typing import Protocol, Sequence, runtime_checkable
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import tokenizers
@@ -46,8 +48,10 @@ class CharTokenizer:
 
   def __init__(self, corpus_text: str):
     if not corpus_text:
-      raise InputError("char tokenizer: the corpus text is empty, so there is no vocabulary to build; "
-                       "point the data source at non-empty text files")
+      raise InputError(
+        "char tokenizer: the corpus text is empty, so there is no vocabulary to build; "
+        "point the data source at non-empty text files"
+      )
     self.chars = "".join(sorted(set(corpus_text)))
     self.vocab_size = len(self.chars)
     self.vocabulary = self.chars.encode("utf-8")
@@ -61,9 +65,11 @@ class CharTokenizer:
     unknown = self._codes[ids] != codes
     if unknown.any():
       missing = "".join(sorted({chr(c) for c in codes[unknown]}))
-      raise InputError(f"char tokenizer: characters {missing!r} are not in the corpus vocabulary "
-                       f"({self.vocab_size} characters); use only characters that occur in the corpus "
-                       "or switch to the 'bytes' or 'gpt2' tokenizer")
+      raise InputError(
+        f"char tokenizer: characters {missing!r} are not in the corpus vocabulary "
+        f"({self.vocab_size} characters); use only characters that occur in the corpus "
+        "or switch to the 'bytes' or 'gpt2' tokenizer"
+      )
     return ids.astype(np.int32)
 
   def decode(self, ids: Sequence[int] | np.ndarray) -> str:
@@ -99,28 +105,38 @@ class Gpt2Tokenizer:
 
   def __init__(self, folder: str | None):
     if folder is None:
-      raise InputError("the gpt2 tokenizer needs a folder holding encoder.json and vocab.bpe; "
-                       "set the tokenizer path (e.g. shared/data/gpt2)")
+      raise InputError(
+        "the gpt2 tokenizer needs a folder holding encoder.json and vocab.bpe; "
+        "set the tokenizer path (e.g. shared/data/gpt2)"
+      )
     root = pathlib.Path(folder)
     if not root.is_dir():
-      raise InputError(f"gpt2 tokenizer folder {root} does not exist or is not a folder; point the "
-                       "tokenizer path at the folder holding encoder.json and vocab.bpe")
+      raise InputError(
+        f"gpt2 tokenizer folder {root} does not exist or is not a folder; point the "
+        "tokenizer path at the folder holding encoder.json and vocab.bpe"
+      )
     for file_name in GPT2_FILES:
       if not (root / file_name).is_file():
-        raise InputError(f"gpt2 tokenizer: {root / file_name} is missing; the folder must hold both "
-                         f"{' and '.join(GPT2_FILES)} as OpenAI ships them")
+        raise InputError(
+          f"gpt2 tokenizer: {root / file_name} is missing; the folder must hold both "
+          f"{' and '.join(GPT2_FILES)} as OpenAI ships them"
+        )
     vocab, merges = (str(root / file_name) for file_name in GPT2_FILES)
     self.vocabulary = b"\0".join((root / file_name).read_bytes() for file_name in GPT2_FILES)
     try:
       self._bpe = tokenizers.ByteLevelBPETokenizer(vocab, merges)
     except Exception as e:  # tokenizers raises a bare Exception for unreadable or malformed files.
-      raise InputError(f"gpt2 tokenizer: could not load {vocab} and {merges} ({e}); they must be "
-                       "GPT-2's encoder.json (token -> id JSON) and vocab.bpe (BPE merges)") from e
+      raise InputError(
+        f"gpt2 tokenizer: could not load {vocab} and {merges} ({e}); they must be "
+        "GPT-2's encoder.json (token -> id JSON) and vocab.bpe (BPE merges)"
+      ) from e
     self.vocab_size = self._bpe.get_vocab_size()
     self.eot_id = self._bpe.token_to_id(GPT2_EOT)
     if self.eot_id is None:
-      raise InputError(f"gpt2 tokenizer: {vocab} has no {GPT2_EOT} token, so it is not a GPT-2 "
-                       "vocabulary; use OpenAI's encoder.json")
+      raise InputError(
+        f"gpt2 tokenizer: {vocab} has no {GPT2_EOT} token, so it is not a GPT-2 "
+        "vocabulary; use OpenAI's encoder.json"
+      )
 
   def encode(self, text: str) -> np.ndarray:
     return np.asarray(self._bpe.encode(text).ids, dtype=np.int32)
@@ -131,11 +147,16 @@ class Gpt2Tokenizer:
 
 def tokenizer_identity(tokenizer: Tokenizer) -> dict:
   """What checkpoints and exported models record of their tokenizer, and compare on reuse."""
-  return {"kind": tokenizer.name, "vocab_size": int(tokenizer.vocab_size),
-          "sha256": hashlib.sha256(tokenizer.vocabulary).hexdigest()[:16]}
+  return {
+    "kind": tokenizer.name,
+    "vocab_size": int(tokenizer.vocab_size),
+    "sha256": hashlib.sha256(tokenizer.vocabulary).hexdigest()[:16],
+  }
 
 
-def make_tokenizer(kind: str, *, path: str | None = None, corpus_text: str | None = None) -> Tokenizer:
+def make_tokenizer(
+  kind: str, *, path: str | None = None, corpus_text: str | None = None
+) -> Tokenizer:
   """The tokenizer `kind`: 'char' needs `corpus_text`, 'gpt2' needs the folder `path`."""
   if kind == "char":
     if corpus_text is None:
