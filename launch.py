@@ -297,7 +297,7 @@ def run(cfg, workdir: str, mode: str) -> None:
 
   jax.config.update("jax_num_cpu_devices", _DEVICES.value)
   join_processes()  # before anything touches a device
-  from cgpt_jax import inference, train
+  from cgpt_jax import run_modes, train
 
   try:
     if mode == "plan":
@@ -308,17 +308,17 @@ def run(cfg, workdir: str, mode: str) -> None:
         f"-> {workdir}/plan.json"
       )
     elif mode == "eval":
-      r = inference.evaluate(cfg, workdir)
+      r = run_modes.evaluate(cfg, workdir)
       print(
         f"eval (step {r['step']}): loss {r['loss']:.4f}, perplexity {r['perplexity']:.3f} over "
         f"{r['tokens_scored']:,} tokens of {r['text']} (window {r['window']}, stride "
         f"{r['stride']}) -> {workdir}/evals.jsonl"
       )
     elif mode == "generate":
-      r = inference.generate(cfg, workdir)
+      r = run_modes.generate(cfg, workdir)
       print(r["prompt"] + r["completion"])
     elif mode == "export_hf":
-      print(f"exported -> {inference.export_hf(cfg, workdir)}")
+      print(f"exported -> {run_modes.export_hf(cfg, workdir)}")
     else:
       s = train.run(cfg, workdir)
       if s:  # processes other than 0 that only finished a run have no summary

@@ -28,19 +28,11 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from cgpt_jax import (
-  analysis,
-  hf,
-  roofline,  # noqa: E402
-  train,
-)
-from cgpt_jax import (
-  config as config_lib,
-)
-from cgpt_jax import (
-  mesh as mesh_lib,
-)
+from cgpt_jax import config as config_lib
+from cgpt_jax import hf, train
+from cgpt_jax.costs import analysis, roofline
 from cgpt_jax.errors import InputError  # noqa: E402
+from cgpt_jax.parallel import layouts
 
 # Dense bf16 matmul FLOP/s per chip, by the name the device reports (jax's device_kind).
 # NVIDIA A100 datasheet: BF16 Tensor Core 312 TFLOP/s (624 with sparsity), SXM4 and PCIe alike.
@@ -79,7 +71,7 @@ _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps per run first.", lowe
 _LAYOUT = flags.DEFINE_enum(
   "layout",
   "fsdp",
-  [name for name in mesh_lib.LAYOUT_PRESETS if name != "single"],
+  [name for name in layouts.LAYOUT_PRESETS if name != "single"],
   "Layout over every device, beside the single-device run.",
 )
 

@@ -37,8 +37,9 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from cgpt_jax import analysis, hf, sweep, train  # noqa: E402
 from cgpt_jax import config as config_lib
+from cgpt_jax import hf, sweep, train  # noqa: E402
+from cgpt_jax.costs import analysis
 
 CHAR_VOCAB = 65  # tiny Shakespeare's distinct characters: the default experiment's vocabulary
 

@@ -39,7 +39,8 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from cgpt_jax import analysis, data, train  # noqa: E402
+from cgpt_jax import data, train  # noqa: E402
+from cgpt_jax.costs import analysis
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment file, as path.py[:arg].")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/profile", "Where the report and the trace go.")

@@ -5,7 +5,7 @@ A checkpoint holds the whole TrainState (parameters, optimizer state, step) and 
 what produced it: the model shape and the tokenizer (kind and a hash of its vocabulary; both checked
 before anything is read), the data seed (checked on resume) and the step.
 That is all a bit-exact resume needs: a training batch is a pure function of (seed, step)
-(data/pipeline.py) and the step has no randomness (dropout 0), so the step number is the data
+(data/batches.py) and the step has no randomness (dropout 0), so the step number is the data
 iterator's position and there is no RNG state to carry.
 
 Layer parameters (and every optimizer moment shaped like them) are saved in layer order [L, ...]

@@ -152,7 +152,7 @@ def base_config() -> ml_collections.ConfigDict:
   # Starting weights: "" = random init (train.seed), or a GPT-2-format folder (config.json +
   # model.safetensors, e.g. a Cerebras-GPT release) to fine-tune; its config sets the model shape.
   c.init = dict(from_hf="")
-  # launch.py --mode=eval: sliding-window loss of the latest checkpoint (evaluate.py); windows of
+  # launch.py --mode=eval: sliding-window loss of the latest checkpoint (perplexity.py); windows of
   # data.seq_len tokens, data.eval_batch at a time.
   c.evaluate = dict(
     text="",  # a UTF-8 text file; "" = the training data's validation split

@@ -24,9 +24,9 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from cgpt_jax import mesh as mesh_lib
 from cgpt_jax import model as model_lib
 from cgpt_jax.errors import InputError
+from cgpt_jax.parallel import layouts
 
 METHODS = ("greedy", "sample", "beam")
 
@@ -61,7 +61,7 @@ def generate(
   no_repeat_ngram_size: int = 0,
   eos_id: int | None = None,
   seed: int = 0,
-  layout: mesh_lib.Layout | None = None,
+  layout: layouts.Layout | None = None,
 ) -> np.ndarray:
   """New token ids [<= max_new_tokens] continuing `prompt_ids` (1-D), with a key/value cache.
 
@@ -111,7 +111,7 @@ def greedy_uncached(
   cfg: ml_collections.ConfigDict,
   prompt_ids: np.ndarray,
   max_new_tokens: int,
-  layout: mesh_lib.Layout | None = None,
+  layout: layouts.Layout | None = None,
 ) -> np.ndarray:
   """Reference greedy decoding without a cache: the full forward over the whole sequence for
   every new token. The sequence is padded to its final length so the forward compiles once; causal
@@ -136,7 +136,7 @@ def greedy_uncached(
 # The cached forward
 # ----------------------------------------------------------------------------------------------
 def make_decoder(
-  graphdef, cfg: ml_collections.ConfigDict, max_len: int, layout: mesh_lib.Layout | None = None
+  graphdef, cfg: ml_collections.ConfigDict, max_len: int, layout: layouts.Layout | None = None
 ) -> Decoder:
   """Jits prefill, decode step and cache reorder for a cache of max_len positions. `layout` is a
   decoding_layout(); the `params` given to them are already placed for it (place()) and in the
@@ -194,7 +194,7 @@ def cache_len(cfg, total: int) -> int:
 _DECODERS: dict = {}
 
 
-def cached_decoder(graphdef, cfg, max_len: int, layout: mesh_lib.Layout | None) -> Decoder:
+def cached_decoder(graphdef, cfg, max_len: int, layout: layouts.Layout | None) -> Decoder:
   """make_decoder, memoised so that repeated generate() calls reuse the compiled functions. A
   graphdef holds its config dict and cannot be hashed: it is known by id, which stays unique while
   the memoised decoder keeps it alive."""
@@ -208,14 +208,14 @@ def cached_decoder(graphdef, cfg, max_len: int, layout: mesh_lib.Layout | None) 
   return _DECODERS[key]
 
 
-def decoding_layout(layout: mesh_lib.Layout) -> mesh_lib.Layout:
+def decoding_layout(layout: layouts.Layout) -> layouts.Layout:
   """`layout` for decoding: parameters and model axes (heads, mlp, vocab) split as it says, but not
   the batch or sequence, which are one prompt (or a few beams) and one position per step."""
   unsplit = {name: () for name in ("batch", "seq", "residual_seq")}
   return dataclasses.replace(layout, rules={**layout.rules, **unsplit})
 
 
-def _placed(params, cfg, layout: mesh_lib.Layout | None):
+def _placed(params, cfg, layout: layouts.Layout | None):
   """(decoding layout, params placed for it); (None, params) on the default device."""
   if layout is None:
     return None, params
@@ -223,11 +223,11 @@ def _placed(params, cfg, layout: mesh_lib.Layout | None):
   return layout, place(params, cfg, layout)
 
 
-def place(params, cfg, layout: mesh_lib.Layout):
+def place(params, cfg, layout: layouts.Layout):
   """params on layout's devices, each sharded by its logical names (as training places them)."""
   logical = nnx.get_partition_spec(model_lib.abstract_model(cfg)[1])
   shardings = jax.tree.map(
-    lambda spec: layout.sharding(tuple(spec)), logical, is_leaf=mesh_lib.is_spec
+    lambda spec: layout.sharding(tuple(spec)), logical, is_leaf=layouts.is_spec
   )
   return jax.device_put(params, shardings)
 

@@ -5,7 +5,7 @@ to the output head (no head bias), biases on QKV / attention-out / both MLP line
 attention in every layer, no dropout (Cerebras trains with dropout 0, so there is no RNG in the step).
 
 Every parameter carries logical axis names (`out_sharding` metadata) and the layer stack has a leading
-`layers` axis, so `mesh.Layout` can shard any of them without the model knowing about devices. The
+`layers` axis, so `layouts.Layout` can shard any of them without the model knowing about devices. The
 blocks are created with `nnx.vmap` and applied with `lax.scan`: compile time stays flat in depth.
 """
 
@@ -17,8 +17,14 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from cgpt_jax.mesh import constrain, tensor_region, vocab_logits, vocab_lookup, vocab_split
-from cgpt_jax.spmd import keep_all_but_gathered
+from cgpt_jax.parallel.layouts import (
+  constrain,
+  tensor_region,
+  vocab_logits,
+  vocab_lookup,
+  vocab_split,
+)
+from cgpt_jax.parallel.spmd import keep_all_but_gathered
 
 # Parameters keep only logical names; Layout turns them into shardings at jit time. Without this,
 # flax would try to place each variable on a mesh the moment it is created.
@@ -82,7 +88,7 @@ class Attention(nnx.Module):
 
   def mix(self, x):
     """Attention without its output bias: under tensor parallelism each device's heads give a
-    partial sum of this, reduced over `tensor` (mesh.tensor_region)."""
+    partial sum of this, reduced over `tensor` (layouts.tensor_region)."""
     q, k, v = self.project(x)
     t = x.shape[1]
     return self.attend(q, k, v, jnp.tril(jnp.ones((t, t), bool)))

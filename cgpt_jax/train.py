@@ -26,29 +26,12 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 
-from cgpt_jax import (
-  analysis,
-  checkpoint,
-  comm,
-  data,
-  distributed,
-  hf,
-  optim,
-  pipeline,
-  pipeline_1f1b,
-  spmd,
-  wafer,
-)
-from cgpt_jax import (
-  config as config_lib,
-)
-from cgpt_jax import (
-  mesh as mesh_lib,
-)
-from cgpt_jax import (
-  model as model_lib,
-)
+from cgpt_jax import checkpoint, data, distributed, hf, optim
+from cgpt_jax import config as config_lib
+from cgpt_jax import model as model_lib
+from cgpt_jax.costs import analysis, comm
 from cgpt_jax.errors import Diverged, InputError, Stopped
+from cgpt_jax.parallel import layouts, pipeline, pipeline_1f1b, spmd, wafer
 
 
 class TrainState(NamedTuple):
@@ -140,7 +123,7 @@ def load_data(cfg: ml_collections.ConfigDict) -> data.Corpus:
   )
 
 
-def check_batches(cfg: ml_collections.ConfigDict, layout: mesh_lib.Layout) -> None:
+def check_batches(cfg: ml_collections.ConfigDict, layout: layouts.Layout) -> None:
   n = layout.batch_size_divisor
   k = cfg.train.grad_accum
   for key, ways in (("global_batch", n * k), ("eval_batch", n)):
@@ -164,7 +147,7 @@ def state_shardings(layout, abstract_params, tx, factor_min_dim: int = 0):
   logical = nnx.get_partition_spec(abstract_params)
 
   def by(rule):
-    return jax.tree.map(lambda spec: rule(tuple(spec)), logical, is_leaf=mesh_lib.is_spec)
+    return jax.tree.map(lambda spec: rule(tuple(spec)), logical, is_leaf=layouts.is_spec)
 
   params, state = by(layout.sharding), by(layout.state_sharding)
   opt = opt_state_shardings(
@@ -205,7 +188,7 @@ def opt_state_shardings(layout, abstract_opt, abstract_params, logical, factor_m
 
 class Setup(NamedTuple):
   cfg: ml_collections.ConfigDict
-  layout: mesh_lib.Layout
+  layout: layouts.Layout
   graphdef: Any
   abstract_params: nnx.State
   tx: optax.GradientTransformation
@@ -252,7 +235,7 @@ def step_specs(s: Setup) -> StepSpecs:
 
   def by(rules, part=spmd.manual_part):
     return jax.tree.map(
-      lambda names: part(s.layout.spec(tuple(names), rules)), logical, is_leaf=mesh_lib.is_spec
+      lambda names: part(s.layout.spec(tuple(names), rules)), logical, is_leaf=layouts.is_spec
     )
 
   dtypes = jax.tree_util.tree_map_with_path(
@@ -312,7 +295,7 @@ def make_local_loss(s: Setup, bubble_fill: float = 0.0, per_token: bool = False)
   stages = layout.axis_sizes["pipe"]
   streams = any(
     spmd.is_split(p)
-    for p in jax.tree.leaves(step_specs(s).params["blocks"], is_leaf=mesh_lib.is_spec)
+    for p in jax.tree.leaves(step_specs(s).params["blocks"], is_leaf=layouts.is_spec)
   )
   load, load_all = make_load(s)
   if s.schedule:  # the forward loop: the step's under gpipe and circular, every schedule's eval
@@ -482,14 +465,14 @@ def make_eval_step(s: Setup):
 def build(cfg: ml_collections.ConfigDict, vocab_size: int) -> Setup:
   """Validates the config against the tokenizer and devices, then derives everything from shapes."""
   cfg = config_lib.resolve(cfg, vocab_size)
-  layout = mesh_lib.make_layout(cfg.mesh)
+  layout = layouts.make_layout(cfg.mesh)
   check_batches(cfg, layout)
   schedule = pipeline.make_schedule(cfg, layout)
   graphdef, abstract_params = model_lib.abstract_model(cfg.model, cfg.train.seed)
   n_params = model_lib.count_params(abstract_params, cfg.model)
   if schedule:
     abstract_params = pipeline.to_stages(abstract_params, schedule)
-  mesh_lib.check_divisible(layout, abstract_params)
+  layouts.check_divisible(layout, abstract_params)
   lr_schedule = optim.schedule(cfg.optim, cfg.train.steps)
   tx = optim.make_optimizer(cfg.optim, cfg.train.steps, cfg.model.hidden_lr_multiplier)
   shardings, grad_shardings = state_shardings(

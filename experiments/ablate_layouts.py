@@ -6,7 +6,7 @@ Model: the 111M widths (d_model 768, d_ff 3072, GPT-2 vocabulary 50257) with 4 l
 of 96, so that every layout can put all 8 devices on one axis and 4 pipeline stages hold a layer
 each; batch 16 x 128 tokens of tiny Shakespeare, big enough that matmuls dominate; 6 steps from the
 same seed. WORKDIR/report.md: per layout the mesh, tokens/s and per-device memory against single,
-collective bytes measured in the compiled HLO against cgpt_jax/comm.py, the bubble, and the loss
+collective bytes measured in the compiled HLO against cgpt_jax/costs/comm.py, the bubble, and the loss
 against single's at every step; pipeline and wafer details; WORKDIR/layouts.png.
 
 The 8 devices share this machine's cores, so tokens/s ratios measure replicated work and collective

@@ -8,7 +8,7 @@ remat, one row per microbatch and device, so the batch grows with M. Per schedul
 per-device temporary memory from the compiled program, the bubble from the schedule's table beside
 its formula, the most microbatches a stage holds, and the compiled FLOPs and ppermute bytes beside
 their formulas. GPipe's and circular's backward keep every microbatch's activations; the 1F1B
-family's keep what the schedule has in flight (cgpt_jax/pipeline_1f1b.py). Two more points plan
+family's keep what the schedule has in flight (cgpt_jax/parallel/pipeline_1f1b.py). Two more points plan
 the 13B preset on 64 devices (pipe 4 x fsdp 4 x tensor 4, M = 8, bf16, full remat) under GPipe and
 1F1B.
 """

@@ -10,7 +10,7 @@ settings are a practitioner's, or 13B would need terabytes per device: bf16 comp
 The paper's batch is kept where the batch devices divide it; otherwise the nearest multiple of the
 batch devices is used and the report says so. Each table row: per-device memory from the compiled
 program, collective bytes per step measured in its HLO beside the analytic value, and compute time
-against communication time on H100 and TPU v5p (cgpt_jax/roofline.py, hardware numbers and sources).
+against communication time on H100 and TPU v5p (cgpt_jax/costs/roofline.py, hardware numbers and sources).
 """
 
 import math
@@ -19,7 +19,7 @@ import pathlib
 import ml_collections
 
 from cgpt_jax import config as config_lib
-from cgpt_jax import roofline
+from cgpt_jax.costs import roofline
 
 SEQ = 2048
 VOCAB = 50304  # the GPT-2 vocabulary padded to a multiple of 128

@@ -21,9 +21,8 @@ from test_hf import model_cfg, random_params
 from test_launch import SHAKESPEARE, assert_bad_input, launch
 from test_train import losses, tiny_config
 
-from cgpt_jax import checkpoint, data, generate, hf, inference, train
+from cgpt_jax import checkpoint, data, generate, hf, perplexity, run_modes, train
 from cgpt_jax import config as config_lib
-from cgpt_jax import evaluate as evaluate_lib
 from cgpt_jax.data import text_builder
 from cgpt_jax.errors import Diverged, InputError
 
@@ -139,7 +138,7 @@ def test_perplexity_overflow_is_inf():
   never finish)."""
   assert train.perplexity(1e4) == float("inf") and train.perplexity(1.0) == pytest.approx(np.e)
   nll = lambda params, rows: jnp.full((rows.shape[0], rows.shape[1] - 1), 1e4)
-  result = evaluate_lib.sliding_window_loss(None, nll, np.arange(20), 4, 4, 2)
+  result = perplexity.sliding_window_loss(None, nll, np.arange(20), 4, 4, 2)
   assert result["loss"] == pytest.approx(1e4) and result["perplexity"] == float("inf")
 
 
@@ -158,7 +157,7 @@ def test_eval_generate_and_export_refuse_non_finite_parameters(shared_data, data
   nan = jax.tree.map(lambda x: x * jnp.nan, state.params)
   ckpt.save(4, train.TrainState(state.step + 1, nan, state.opt_state), None, force=True)
   ckpt.close()
-  for mode in (inference.evaluate, inference.generate, inference.export_hf):
+  for mode in (run_modes.evaluate, run_modes.generate, run_modes.export_hf):
     c = config(shared_data, data_dir, steps=4)
     c.generate.prompt = "ROMEO:"
     with pytest.raises(InputError, match=r"checkpoints/4 holds non-finite parameters"):
@@ -324,7 +323,7 @@ def test_another_tokenizer_or_data_order_is_refused(shared_data, data_dir, shake
   c.checkpoint.every = 1
   train.run(c, str(run))
   (run / "summary.json").unlink()
-  inference.export_hf(config(shared_data, data_dir), str(run))
+  run_modes.export_hf(config(shared_data, data_dir), str(run))
   before = files_digest(run)
 
   def other_corpus(**train_values):
@@ -335,7 +334,7 @@ def test_another_tokenizer_or_data_order_is_refused(shared_data, data_dir, shake
   with pytest.raises(InputError, match=r"trained with the tokenizer 'char' \(65 tokens, sha256 "):
     train.run(other_corpus(steps=5), str(run))
   with pytest.raises(InputError, match=r"tokenizer"):
-    inference.evaluate(other_corpus(), str(run))
+    run_modes.evaluate(other_corpus(), str(run))
   c = other_corpus(steps=3)
   c.init.from_hf = str(run / "hf")
   with pytest.raises(InputError, match=r"hf/config.json: the model was trained with the 'char' "):

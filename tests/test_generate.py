@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from cgpt_jax import analysis
 from cgpt_jax import config as config_lib
 from cgpt_jax import generate as gen
-from cgpt_jax import mesh as mesh_lib
 from cgpt_jax import model as model_lib
+from cgpt_jax.costs import analysis
 from cgpt_jax.errors import InputError
+from cgpt_jax.parallel import layouts
 
 PROMPT = np.array([1, 2, 3, 4, 5])
 NEW = 24  # prompt + new = 29 tokens: one 32-slot cache, compiled once per model
@@ -88,7 +88,7 @@ def test_sharded_greedy_equals_single(layout):
   graphdef, params, cfg = tiny(n_heads=8)
   mesh = config_lib.base_config().mesh
   mesh.layout = layout
-  sharded = mesh_lib.make_layout(mesh)
+  sharded = layouts.make_layout(mesh)
   assert sharded.mesh.size == 8
   ref = gen.generate(graphdef, params, cfg, PROMPT, NEW)
   np.testing.assert_array_equal(

@@ -11,7 +11,7 @@ from flax import nnx
 from test_launch import SHAKESPEARE, assert_bad_input, launch
 from test_train import tiny_config
 
-from cgpt_jax import evaluate, inference, train
+from cgpt_jax import perplexity, run_modes, train
 from cgpt_jax.errors import InputError
 
 
@@ -19,9 +19,9 @@ from cgpt_jax.errors import InputError
   "n,window,stride", [(2, 8, 4), (10, 8, 8), (37, 8, 3), (37, 8, 1), (64, 8, 8)]
 )
 def test_windows_score_every_position_once(n, window, stride):
-  scored = [p for _, end, first in evaluate.windows(n, window, stride) for p in range(first, end)]
+  scored = [p for _, end, first in perplexity.windows(n, window, stride) for p in range(first, end)]
   assert scored == list(range(1, n))
-  for begin, end, first in evaluate.windows(n, window, stride):
+  for begin, end, first in perplexity.windows(n, window, stride):
     assert end - begin <= window + 1 and begin % stride == 0 and begin < first
 
 
@@ -41,11 +41,11 @@ def test_sliding_window_loss_is_the_per_token_recipe(trained):
   """Each position p is predicted from the window that scores it, the first (a multiple of the
   stride) whose `window` inputs reach p - 1: recomputed here one position at a time."""
   c, workdir = trained
-  s, params, tokenizer, step = inference.load_trained(c, str(workdir))
+  s, params, tokenizer, step = run_modes.load_trained(c, str(workdir))
   assert step == 20
   tokens = tokenizer.encode("First Citizen:\nBefore we proceed any further, hear me speak.")
   window, stride = 16, 5
-  got = evaluate.sliding_window_loss(
+  got = perplexity.sliding_window_loss(
     params, train.make_loss(s, per_token=True), tokens, window, stride, batch=4
   )
   model = nnx.merge(s.graphdef, params)
@@ -62,23 +62,23 @@ def test_sliding_window_loss_is_the_per_token_recipe(trained):
 def test_eval_generate_export_and_fine_tune(trained, shared_data, tmp_path):
   c, workdir = trained
   c = c.copy_and_resolve_references()
-  result = inference.evaluate(c, str(workdir))
+  result = run_modes.evaluate(c, str(workdir))
   assert result["tokens_scored"] == result["tokens"] - 1 and result["loss"] < math.log(65)
   assert (
     json.loads((workdir / "evals.jsonl").read_text().splitlines()[-1])["loss"] == result["loss"]
   )
 
   c.generate.update(prompt="ROMEO:", max_new_tokens=12, method="greedy")
-  sample = inference.generate(c, str(workdir))
+  sample = run_modes.generate(c, str(workdir))
   assert sample["tokens"] == 12 and len(sample["completion"]) == 12  # one character per token
 
   c.export.hf_dir = str(tmp_path / "hf")
-  inference.export_hf(c, str(workdir))
+  run_modes.export_hf(c, str(workdir))
   with pytest.raises(InputError, match="already"):  # never over an existing export
-    inference.export_hf(c, str(workdir))
+    run_modes.export_hf(c, str(workdir))
 
   # Fine-tuning from the export: the first step's loss is the trained model's on batch 0.
-  s, params, _, _ = inference.load_trained(c, str(workdir))
+  s, params, _, _ = run_modes.load_trained(c, str(workdir))
   batch = np.asarray(
     next(
       iter(

@@ -9,8 +9,10 @@ from jax.sharding import PartitionSpec as P
 from test_train import losses, tiny_config
 from tolerances import GRAD_ATOL, RTOL
 
-from cgpt_jax import comm, pipeline, train
+from cgpt_jax import train
+from cgpt_jax.costs import comm
 from cgpt_jax.errors import InputError
+from cgpt_jax.parallel import pipeline
 
 LAYOUTS = ("dp", "zero1", "fsdp")
 

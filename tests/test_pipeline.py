@@ -9,8 +9,10 @@ from test_layouts import assert_same_gradients, compiled_step, loss_and_gradient
 from test_train import losses, tiny_config
 from tolerances import RTOL
 
-from cgpt_jax import analysis, comm, pipeline_1f1b, train
+from cgpt_jax import train
+from cgpt_jax.costs import analysis, comm
 from cgpt_jax.errors import InputError
+from cgpt_jax.parallel import pipeline_1f1b
 
 
 @pytest.fixture(scope="module")

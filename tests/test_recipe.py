@@ -11,8 +11,9 @@ from jax.sharding import PartitionSpec as P
 from test_layouts import compiled_step
 from test_train import tiny_config
 
-from cgpt_jax import analysis, train
 from cgpt_jax import model as model_lib
+from cgpt_jax import train
+from cgpt_jax.costs import analysis
 from cgpt_jax.errors import InputError
 
 
@@ -167,7 +168,7 @@ def test_adafactor_state_is_factored(shared_data, data_dir):
     train.abstract_state(adafactor).opt_state
   )
 
-  # v_col keeps [layers, mlp], and mlp is never split over fsdp (mesh.RULES): whole there.
+  # v_col keeps [layers, mlp], and mlp is never split over fsdp (layouts.RULES): whole there.
   for layout, row, col in (
     ("fsdp", P(None, "fsdp"), P(None, None)),
     ("tp", P(None, None), P(None, "tensor")),

@@ -1,4 +1,4 @@
-"""cgpt_jax/roofline.py against hand-computed cases; the plan sweep's report against a real plan."""
+"""cgpt_jax/costs/roofline.py against hand-computed cases; the plan sweep's report against a real plan."""
 
 import json
 import re
@@ -9,7 +9,7 @@ import plan_cerebras_gpt as experiment
 import pytest
 from conftest import REPO
 
-from cgpt_jax import roofline
+from cgpt_jax.costs import roofline
 
 H100, V5P = roofline.H100, roofline.TPU_V5P
 

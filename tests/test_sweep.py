@@ -9,8 +9,9 @@ import pytest
 from conftest import REPO
 from test_launch import launch
 
-from cgpt_jax import mesh, report, sweep
+from cgpt_jax import report, sweep
 from cgpt_jax.errors import InputError
+from cgpt_jax.parallel import layouts
 
 
 def module_with(points):
@@ -57,7 +58,7 @@ def test_point_fields_and_command_line_overrides():
 def test_ablation_covers_every_layout_on_8_devices():
   points = ablate_layouts.get_sweep()
   assert points[0]["name"] == "single" and all(p["devices"] == 8 for p in points)
-  assert {p["mesh.layout"] for p in points} == set(mesh.LAYOUT_PRESETS)
+  assert {p["mesh.layout"] for p in points} == set(layouts.LAYOUT_PRESETS)
 
 
 SWEEP_FILE = f"""

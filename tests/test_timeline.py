@@ -1,11 +1,12 @@
-"""Pipeline schedules as tables (cgpt_jax/timeline.py): legal, the papers' bubbles and memory."""
+"""Pipeline schedules as tables (cgpt_jax/parallel/timeline.py): legal, the papers' bubbles and memory."""
 
 import json
 
 import pytest
 from test_train import tiny_config
 
-from cgpt_jax import timeline, train
+from cgpt_jax import train
+from cgpt_jax.parallel import timeline
 
 SIZES = [(2, 4, 1), (4, 4, 1), (4, 8, 1), (4, 16, 1), (8, 16, 1), (2, 4, 2), (4, 8, 2), (4, 16, 3)]
 CASES = [

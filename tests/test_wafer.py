@@ -8,7 +8,8 @@ import pytest
 from test_layouts import compiled_step
 from test_train import tiny_config
 
-from cgpt_jax import analysis, train
+from cgpt_jax import train
+from cgpt_jax.costs import analysis
 from cgpt_jax.errors import InputError
 
 

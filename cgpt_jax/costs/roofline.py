@@ -18,8 +18,10 @@ Both assume perfect overlap of compute and communication: the step takes at leas
 import dataclasses
 import math
 
-from cgpt_jax import comm
-from cgpt_jax.mesh import AXES  # outermost first: tensor neighbours are adjacent devices
+from cgpt_jax.costs import comm
+from cgpt_jax.parallel.layouts import (
+  AXES,  # outermost first: tensor neighbours are adjacent devices
+)
 
 
 @dataclasses.dataclass(frozen=True)

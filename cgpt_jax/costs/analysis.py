@@ -295,7 +295,7 @@ def analytic_state_bytes(
   sizes: dict, m: ml_collections.ConfigDict, params_held: int, padded_vocab: int, zero1: bool
 ) -> int:
   """Per-device bytes of float32 parameters (4) and Adam moments (8) by REFERENCE.md §2: FSDP
-  divides everything by its axis but the MLP biases (mlp is never on fsdp, mesh.RULES); TP divides the matrices (the layers' and the vocab-parallel
+  divides everything by its axis but the MLP biases (mlp is never on fsdp, layouts.RULES); TP divides the matrices (the layers' and the vocab-parallel
   embedding) by its axis and replicates the rest (positions, norms, biases); PP divides the layers
   by its stages; ZeRO-1 further divides the moments by the data axis. `params_held` counts what is
   stored, embedding padding included."""

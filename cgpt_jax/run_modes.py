@@ -11,10 +11,10 @@ import jax
 import ml_collections
 import numpy as np
 
-from cgpt_jax import checkpoint, data, hf, pipeline, train
-from cgpt_jax import evaluate as evaluate_lib
+from cgpt_jax import checkpoint, data, hf, perplexity, train
 from cgpt_jax import generate as generate_lib
 from cgpt_jax.errors import InputError
+from cgpt_jax.parallel import pipeline
 
 
 def load_trained(cfg: ml_collections.ConfigDict, workdir: str):
@@ -84,7 +84,7 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
     tokens, source = train.load_data(s.cfg).tokens["validation"], f"{d.source} (validation split)"
   stride = e.stride or max(d.seq_len // 2, 1)
   t0 = time.perf_counter()
-  result = evaluate_lib.sliding_window_loss(
+  result = perplexity.sliding_window_loss(
     params, train.make_loss(s, per_token=True), tokens, d.seq_len, stride, d.eval_batch
   )
   result.update(step=step, text=source, tokenizer=tokenizer.name, seconds=time.perf_counter() - t0)

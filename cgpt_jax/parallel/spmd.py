@@ -18,7 +18,7 @@ collective over them is one of these, decided by the layout's tables alone:
 - The loss: each device's mean over its own tokens, summed over the manual axes with weight 1/n.
 
 `tensor` stays automatic: Megatron's tensor-parallel all-reduces are what the partitioner emits
-(measured equal to the formula), and sequence parallelism's transitions are written in mesh.py's
+(measured equal to the formula), and sequence parallelism's transitions are written in layouts.py's
 tensor regions.
 """
 

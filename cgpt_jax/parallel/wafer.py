@@ -22,8 +22,8 @@ memory), so here it could be neither measured nor told apart from this one.
 
 import ml_collections
 
-from cgpt_jax import analysis
 from cgpt_jax import config as config_lib
+from cgpt_jax.costs import analysis
 
 MODE = "per-layer all-gather from shards across the wafer"
 

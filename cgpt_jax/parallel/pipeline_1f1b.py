@@ -38,7 +38,7 @@ import numpy as np
 from flax import nnx
 
 from cgpt_jax import model as model_lib
-from cgpt_jax import spmd, timeline
+from cgpt_jax.parallel import spmd, timeline
 
 AXIS = "pipe"
 SCHEDULES = ("1f1b", "interleaved_1f1b", "zb_h1")

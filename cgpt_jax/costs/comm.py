@@ -35,7 +35,7 @@ moves 16-bit collectives as float32 (spmd.wire_dtype). `backend` picks which.
   (backward) on the device's tokens.
 - tensor_cross_entropy: the vocab-parallel loss reduces three [tokens] partials over tensor (the
   logits' max and sum of exponentials for logsumexp, and the target's logit).
-- Sequence parallelism (Megatron-SP, mesh.tensor_region) moves tp's tensor_layers and
+- Sequence parallelism (Megatron-SP, layouts.tensor_region) moves tp's tensor_layers and
   tensor_embedding_head bytes as all-gathers and reduce-scatters, half each: a region is entered
   with an all-gather of the sequence and left with a reduce-scatter (and each is the other's
   transpose in the backward), and under any remat policy the backward's rerun enters both regions
@@ -57,9 +57,10 @@ import ml_collections
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from cgpt_jax import analysis, spmd
 from cgpt_jax import model as model_lib
-from cgpt_jax.mesh import Layout, is_spec
+from cgpt_jax.costs import analysis
+from cgpt_jax.parallel import spmd
+from cgpt_jax.parallel.layouts import Layout, is_spec
 
 # Each cause: the collective kind it compiles to, and the mesh axes it runs over (the roofline
 # times a term at its axes' bandwidth).
@@ -198,7 +199,7 @@ def activation_terms(
     # ZB-H1's W runs the backward's chain, and any remat rerun with it, a second time.
     chains = analysis.backward_chains(schedule)
     if layout.sequence_parallel:
-      # Entries and exits are written in the model (mesh.tensor_region), so any remat policy
+      # Entries and exits are written in the model (layouts.tensor_region), so any remat policy
       # reruns them: "dots" keeps matmul outputs, not what a collective made of them.
       rerun = remat != "none"
       terms["sequence_layer_gather"] = unit * (2 + chains * (2 + 2 * rerun))

@@ -20,7 +20,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from cgpt_jax.errors import InputError
-from cgpt_jax.spmd import axes_of
+from cgpt_jax.parallel.spmd import axes_of
 
 AXES = ("data", "pipe", "fsdp", "tensor")
 TENSOR = "tensor"

@@ -40,9 +40,9 @@ import ml_collections
 from flax import nnx
 
 from cgpt_jax import model as model_lib
-from cgpt_jax import pipeline_1f1b, spmd, timeline
 from cgpt_jax.errors import InputError
-from cgpt_jax.mesh import Layout
+from cgpt_jax.parallel import pipeline_1f1b, spmd, timeline
+from cgpt_jax.parallel.layouts import Layout
 
 # gpipe and circular run as the loop below, differentiated by autodiff; the 1F1B family runs its
 # own backward (pipeline_1f1b.py).
