@@ -4,13 +4,13 @@
 # A Python >= 3.12: pyenv's 3.12/3.13 if present (this machine kind), else whatever is on PATH.
 PYTHON ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.1[23]*/bin/python3) $(shell command -v python3.13 python3.12 2>/dev/null))
 VENV := .venv
-# Keep XLA's scratch buffers mapped between steps: cgpt_jax/malloc.py's value, which launch.py and
-# the benchmarks set themselves; here for the tests, which run steps in-process.
-export GLIBC_TUNABLES ?= glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=100000000000
+# Keep XLA's scratch buffers mapped between steps: read from its one definition, cgpt_jax/malloc.py
+# (launch.py and the benchmarks set it themselves); here for the tests, which run steps in-process.
+export GLIBC_TUNABLES ?= $(shell sed -n 's/^GLIBC_TUNABLES = "\(.*\)"/\1/p' cgpt_jax/malloc.py)
 
 WORKDIR ?= runs/shakespeare_char
 
-.PHONY: shakespeare test test-all venv
+.PHONY: shakespeare test test-all lint venv
 
 venv: $(VENV)/.installed
 
@@ -35,3 +35,8 @@ test: venv
 
 test-all: venv
 	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) -m ""
+
+# Style (pyproject.toml's [tool.ruff]): CI runs this before the tests.
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .

@@ -1,16 +1,20 @@
-"""Runs one experiment: python launch.py --config experiments/NAME.py[:ARG] --workdir DIR [--devices N].
+"""Runs one experiment:
+python launch.py --config experiments/NAME.py[:ARG] --workdir DIR [--devices N].
 
   --config.KEY=VALUE   override any config value (e.g. --config.mesh.layout=dp)
   --devices N          N virtual CPU devices (set before jax starts)
   --nosweep            an experiment with get_sweep() runs all its points, each in its own process,
-                       and writes DIR/report.md (cgpt_jax/sweep.py); --nosweep runs get_config() alone
+                       and writes DIR/report.md (cgpt_jax/sweep.py); --nosweep runs get_config()
+                       alone
+  --results FILE       a sweep also writes its report to FILE (docs/results/NAME.md), headed by the
+                       command that regenerates it
   --processes P        P local processes with N devices each, joined over 127.0.0.1 (supervised)
   --coordinator HOST:PORT --num_processes P --process_id I, or --distributed (from SLURM etc.)
                        one process per host of a cluster (cgpt_jax/distributed.py)
   --mode MODE          train (default; resumes from DIR's latest checkpoint), plan (compile ahead
                        of time from abstract shapes only -> DIR/plan.json; also --plan), eval
-                       (sliding-window perplexity -> DIR/evals.jsonl), generate (-> DIR/samples.jsonl),
-                       export_hf (GPT-2-format folder)
+                       (sliding-window perplexity -> DIR/evals.jsonl), generate
+                       (-> DIR/samples.jsonl), export_hf (GPT-2-format folder)
 
   --verbose            with an error raised by the experiment file itself, print its traceback too
 
@@ -56,6 +60,12 @@ _SWEEP = flags.DEFINE_bool(
   True,
   "If the experiment defines get_sweep(), run its points "
   "(cgpt_jax/sweep.py); --nosweep runs its get_config() alone.",
+)
+_RESULTS = flags.DEFINE_string(
+  "results",
+  None,
+  "A sweep also writes its report to this Markdown file (e.g. docs/results/NAME.md), headed by "
+  "the command that regenerates it, with the plots it links copied beside it.",
 )
 # Several processes (cgpt_jax/distributed.py): P local children, or one process per host.
 _PROCESSES = flags.DEFINE_integer(
@@ -226,6 +236,8 @@ def run_sweep() -> bool:
   path, _ = sweep.split_config_name(config_flag.config_filename)
   experiment = sweep.load_experiment(path)
   if not hasattr(experiment, "get_sweep"):
+    if _RESULTS.value:
+      fail(f"--results writes a sweep's report, and {path} defines no get_sweep(); drop --results.")
     return False
   if _PLAN.value or _MODE.value != "train":
     fail(
@@ -244,6 +256,7 @@ def run_sweep() -> bool:
       _WORKDIR.value,
       dict(config_flag.override_values),
       _DEVICES.value,
+      _RESULTS.value,
     )
   except InputError as e:
     fail(str(e))
@@ -289,6 +302,8 @@ def main(_):
 
 
 def run(cfg, workdir: str, mode: str) -> None:
+  if _RESULTS.value and not _SWEEP.value:
+    fail("--results writes a sweep's report, which --nosweep does not run; drop one of them.")
   if _SWEEP.value and run_sweep():
     return
   if not flags.FLAGS["verbosity"].present:
@@ -297,11 +312,12 @@ def run(cfg, workdir: str, mode: str) -> None:
 
   jax.config.update("jax_num_cpu_devices", _DEVICES.value)
   join_processes()  # before anything touches a device
-  from cgpt_jax import run_modes, train
+  from cgpt_jax import run_modes
+  from cgpt_jax.train import aot_plan, loop
 
   try:
     if mode == "plan":
-      result = train.plan(cfg, workdir)
+      result = aot_plan.plan(cfg, workdir)
       print(
         f"plan: {result['params']:,} params, {result['flops_per_token']:,} FLOPs/token, "
         f"{result['memory_per_device_bytes']['total_bytes'] / 2**30:.2f} GiB per device "
@@ -320,7 +336,7 @@ def run(cfg, workdir: str, mode: str) -> None:
     elif mode == "export_hf":
       print(f"exported -> {run_modes.export_hf(cfg, workdir)}")
     else:
-      s = train.run(cfg, workdir)
+      s = loop.run(cfg, workdir)
       if s:  # processes other than 0 that only finished a run have no summary
         print(
           f"done: loss {s['final_loss']:.4f}, val loss {s['final_eval_loss']:.4f}, "

@@ -14,25 +14,21 @@ compiled step's memory_analysis per device and, where the device reports it, its
 bytes in use. Writes WORKDIR/report.md and WORKDIR/report.json.
 """
 
-import pathlib
 import sys
 import time
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # cgpt_jax, when run as python benchmarks/gpu.py
-
-import common  # noqa: E402
-import jax  # noqa: E402  (after the path above)
-import jax.numpy as jnp  # noqa: E402
-import ml_collections  # noqa: E402
-import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
+import common
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import app, flags
 
 from cgpt_jax import config as config_lib
-from cgpt_jax import hf, train
 from cgpt_jax.costs import analysis, roofline
-from cgpt_jax.errors import InputError  # noqa: E402
+from cgpt_jax.errors import InputError
 from cgpt_jax.parallel import layouts
+from cgpt_jax.train import setup, step_functions
 
 # Dense bf16 matmul FLOP/s per chip, by the name the device reports (jax's device_kind).
 # NVIDIA A100 datasheet: BF16 Tensor Core 312 TFLOP/s (624 with sparsity), SXM4 and PCIe alike.
@@ -115,13 +111,13 @@ def shares_host() -> bool:
 def measure(cfg: ml_collections.ConfigDict, vocab: int, watched, peak: float) -> dict:
   """Compiles and times the train step of `cfg` on random tokens; `watched` are the devices whose
   allocator peak is this run's. MFU is over `peak` per device, or once where they share a host."""
-  s = train.build(cfg, vocab)
+  s = setup.build(cfg, vocab)
   d, devices = s.cfg.data, s.layout.mesh.size
-  state = train.make_init(s)()
+  state = setup.make_init(s)()
   shape = (d.global_batch, d.seq_len + 1)
   start = time.perf_counter()
   step = (
-    train.make_train_step(s)
+    step_functions.make_train_step(s)
     .lower(state, jax.ShapeDtypeStruct(shape, jnp.int32, sharding=s.batch_sharding))
     .compile()
   )
@@ -204,7 +200,7 @@ def main(_):
   kind = devices[0].device_kind
   peak, source = chip_peak(kind)
   batch = _BATCH.value or (2 if _TINY.value else 16)
-  vocab = TINY_VOCAB if _TINY.value else hf.GPT2_VOCAB
+  vocab = TINY_VOCAB if _TINY.value else config_lib.GPT2_VOCAB
   try:
     runs = {"single": measure(make_config("single", batch), vocab, devices[:1], peak)}
     skipped = None

@@ -18,15 +18,14 @@ Writes WORKDIR/report.md and WORKDIR/report.json.
 import dataclasses
 import os
 import pathlib
-import sys
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # cgpt_jax, when run as python benchmarks/peers.py
-from cgpt_jax import malloc  # noqa: E402
+from cgpt_jax import malloc
 
 if __name__ == "__main__":  # launch.py's allocator setting, for both sides
   malloc.reexec_with_tuned_malloc()
 
+# Everything else after the re-exec above, so that the first process does not import jax for
+# nothing.
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 
@@ -37,9 +36,12 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from cgpt_jax import config as config_lib
-from cgpt_jax import hf, sweep, train  # noqa: E402
-from cgpt_jax.costs import analysis
+from cgpt_jax import config as config_lib  # noqa: E402
+from cgpt_jax import sweep  # noqa: E402
+from cgpt_jax.costs import analysis  # noqa: E402
+from cgpt_jax.train import setup, step_functions  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 CHAR_VOCAB = 65  # tiny Shakespeare's distinct characters: the default experiment's vocabulary
 
@@ -70,8 +72,8 @@ class Shape:
 
 SHAPES = {
   "char": Shape(char_config, CHAR_VOCAB, 100),
-  "4l256": Shape(gpt2_config(4, 256, 4, 8, 256), hf.GPT2_VOCAB, 10),
-  "2l768": Shape(gpt2_config(2, 768, 12, 8, 256), hf.GPT2_VOCAB, 10),
+  "4l256": Shape(gpt2_config(4, 256, 4, 8, 256), config_lib.GPT2_VOCAB, 10),
+  "2l768": Shape(gpt2_config(2, 768, 12, 8, 256), config_lib.GPT2_VOCAB, 10),
 }
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/peers", "Where the report goes.")
@@ -93,12 +95,12 @@ def token_batches(n: int, batch: int, seq_len: int, vocab: int, seed: int = 0) -
   return [rng.integers(0, vocab, (batch, seq_len + 1), dtype=np.int32) for _ in range(n)]
 
 
-def time_ours(s: train.Setup, batches: list[np.ndarray], warmup: int) -> dict:
+def time_ours(s: setup.Setup, batches: list[np.ndarray], warmup: int) -> dict:
   """Seconds of our compiled train step over batches[warmup:], each waited for."""
-  state = train.make_init(s)()
+  state = setup.make_init(s)()
   struct = jax.ShapeDtypeStruct(batches[0].shape, jnp.int32, sharding=s.batch_sharding)
   start = time.perf_counter()
-  step = train.make_train_step(s).lower(state, struct).compile()
+  step = step_functions.make_train_step(s).lower(state, struct).compile()
   compile_s = time.perf_counter() - start
   for i, rows in enumerate(batches):
     if i == warmup:
@@ -188,7 +190,7 @@ def torch_matmul_peak(torch, n: int = 2048, seconds: float = 1.0) -> float:
 
 def measure(name: str, peer, peak: float) -> dict:
   shape = SHAPES[name]
-  s = train.build(shape.make(), shape.vocab)
+  s = setup.build(shape.make(), shape.vocab)
   m, d = s.cfg.model, s.cfg.data
   steps = _STEPS.value or shape.steps
   batches = token_batches(_WARMUP.value + steps, d.global_batch, d.seq_len, shape.vocab)

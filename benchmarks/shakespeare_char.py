@@ -1,11 +1,12 @@
 """Wall time of the default experiment's full run, and what each CPU lever (docs/performance.md) is
-worth, measured in one invocation on this machine. For a peer implementation timed beside ours (same
-shapes, same process) see benchmarks/peers.py.
+worth, measured in one invocation on this machine. For a peer implementation timed beside ours
+(same shapes, same process) see benchmarks/peers.py.
 
-  python benchmarks/shakespeare_char.py --workdir runs/bench            # full 2000-step run + levers
+  python benchmarks/shakespeare_char.py --workdir runs/bench        # full 2000-step run + levers
   python benchmarks/shakespeare_char.py --workdir runs/bench --levers_only
 
-Every run goes through launch.py in its own process (the allocator lever must be set at process start).
+Every run goes through launch.py in its own process (the allocator lever must be set at process
+start).
 Writes WORKDIR/report.md and WORKDIR/report.json.
 """
 
@@ -19,9 +20,9 @@ import time
 import common
 from absl import app, flags
 
+from cgpt_jax.malloc import GLIBC_TUNABLES as TUNED_MALLOC
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # cgpt_jax, when run as python benchmarks/shakespeare_char.py
-from cgpt_jax.malloc import GLIBC_TUNABLES as TUNED_MALLOC  # noqa: E402
 
 # A neutral tunable keeps launch.py from re-exec'ing with TUNED_MALLOC (it only sets it when unset).
 DEFAULT_MALLOC = "glibc.malloc.check=0"
@@ -73,7 +74,8 @@ def main(_):
       f"{full['final_eval_loss']:.4f} |",
       "",
       f"Compile {full['compile_s']:.1f} s, {full['tokens_per_s']:,.0f} tokens/s, "
-      f"MFU {full['mfu']:.3f} of a measured {full['matmul_peak_flops'] / 1e9:.0f} GFLOP/s matmul peak.",
+      f"MFU {full['mfu']:.3f} of a measured {full['matmul_peak_flops'] / 1e9:.0f} GFLOP/s "
+      "matmul peak.",
       "",
     ]
 

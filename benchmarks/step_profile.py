@@ -1,9 +1,10 @@
 """Where one train step's time goes: every compiled op of the step timed by jax.profiler, grouped by
 what it is (matmul, elementwise, copy, collective) and by the part of the model that issued it (the
-named scopes in model.py and train.py), beside the step's wall time and the matmul peak measured in
-this process.
+named scopes in model.py and train/step_functions.py), beside the step's wall time and the matmul
+peak measured in this process.
 
-  python benchmarks/step_profile.py --config experiments/cerebras_gpt.py:111m --workdir runs/profile \
+  python benchmarks/step_profile.py --config experiments/cerebras_gpt.py:111m \
+      --workdir runs/profile \
       --config.model.n_layers=2 --config.data.global_batch=8 --config.data.seq_len=256
 
 Writes WORKDIR/report.md, WORKDIR/report.json (every op's time), WORKDIR/step.hlo (the compiled
@@ -18,14 +19,14 @@ given to the op that ran last before them.
 """
 
 import pathlib
-import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # cgpt_jax, run from anywhere
-from cgpt_jax import malloc  # noqa: E402
+from cgpt_jax import malloc
 
 if __name__ == "__main__":  # the allocator setting launch.py runs a step under
   malloc.reexec_with_tuned_malloc()
 
+# Everything else after the re-exec above, so that the first process does not import jax for
+# nothing.
 import collections  # noqa: E402
 import gzip  # noqa: E402
 import json  # noqa: E402
@@ -39,8 +40,9 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from cgpt_jax import data, train  # noqa: E402
-from cgpt_jax.costs import analysis
+from cgpt_jax import data  # noqa: E402
+from cgpt_jax.costs import analysis  # noqa: E402
+from cgpt_jax.train import aot_plan, setup, step_functions  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment file, as path.py[:arg].")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/profile", "Where the report and the trace go.")
@@ -140,15 +142,15 @@ def head_matmul_rates(tokens: int, d: int, vocab: int, dtype) -> dict[str, float
 def main(_):
   out = common.fresh_workdir(_WORKDIR.value)
   cfg = _CONFIG.value
-  corpus = train.load_data(cfg)
-  s = train.build(cfg, corpus.tokenizer.vocab_size)
+  corpus = setup.load_data(cfg)
+  s = setup.build(cfg, corpus.tokenizer.vocab_size)
   d = s.cfg.data
   batches = data.train_batches(
     corpus.tokens["train"], seq_len=d.seq_len, global_batch=d.global_batch, seed=d.seed
   )
   batch = jax.device_put(np.asarray(next(batches)), s.batch_sharding)
-  state = train.make_init(s)()
-  step = train.make_train_step(s).lower(state, batch).compile()
+  state = setup.make_init(s)()
+  step = step_functions.make_train_step(s).lower(state, batch).compile()
   hlo = step.as_text()
   (out / "step.hlo").write_text(hlo)  # the ops' names in the report and the trace are its names
   table = op_table(hlo)
@@ -183,7 +185,7 @@ def main(_):
 
   model_flops = analysis.flops_per_token(s.cfg.model, d.seq_len) * d.global_batch * d.seq_len
   compiled_flops = (
-    train.compiled_costs(s, step)["compiled_matmul_flops_per_step"] / s.layout.mesh.size
+    aot_plan.compiled_costs(s, step)["compiled_matmul_flops_per_step"] / s.layout.mesh.size
   )
   by_kind, by_part, by_both = collections.Counter(), collections.Counter(), collections.Counter()
   for name, sec in seconds.items():
@@ -226,7 +228,8 @@ def main(_):
     f"# One train step, op by op: {m.n_layers} layers, d={m.d_model}, vocab {m.vocab_size}, "
     f"batch {d.global_batch} x {d.seq_len}, {s.layout.name}, {m.dtype}",
     "",
-    f"Step {step_s:.3f} s untraced ({per_step(span):.3f} s traced); model FLOPs {model_flops / 1e9:.1f} G; "
+    f"Step {step_s:.3f} s untraced ({per_step(span):.3f} s traced); "
+    f"model FLOPs {model_flops / 1e9:.1f} G; "
     f"{m.dtype} matmul peak measured here {peak / 1e9:.0f} GFLOP/s; **MFU {results['mfu']:.3f}**.",
     "",
     f"Matmuls: {matmul_s:.3f} s per step for {compiled_flops / 1e9:.1f} GFLOP compiled = "

@@ -24,10 +24,10 @@ import pathlib
 import shutil
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 
 from cgpt_jax.errors import InputError
+from cgpt_jax.parallel import pipeline
 
 # What must match for a checkpoint's arrays to mean the same thing in this run.
 MODEL_KEYS = (
@@ -43,20 +43,15 @@ MODEL_KEYS = (
 OPTIMIZER_KEYS = ("name",)
 
 
-def _is_layer_leaf(path, leaf, stages) -> bool:
-  """A stacked-layer array in the pipeline's [R, S, K, ...] layout (parameters and the moments
-  shaped like them; Adafactor's (1,) placeholders and counters are not)."""
-  in_blocks = any(getattr(k, "key", None) == "blocks" for k in path)
-  return in_blocks and leaf.ndim >= 3 and tuple(leaf.shape[:2]) == stages
-
-
 def to_layer_order(state, schedule):
   """[R, S, K, ...] -> [L, ...] for every stacked-layer array (the identity without a pipeline)."""
   if schedule is None:
     return state
-  stages = (schedule.repeats, schedule.stages)
   return jax.tree_util.tree_map_with_path(
-    lambda p, x: x.reshape(-1, *x.shape[3:]) if _is_layer_leaf(p, x, stages) else x, state
+    lambda p, x: (
+      x.reshape(pipeline.layer_shape(x.shape)) if pipeline.is_staged(p, x, schedule) else x
+    ),
+    state,
   )
 
 
@@ -64,9 +59,8 @@ def from_layer_order(state, schedule, like):
   """Inverse of to_layer_order, shaped after `like` (the run's own abstract state)."""
   if schedule is None:
     return state
-  stages = (schedule.repeats, schedule.stages)
   return jax.tree_util.tree_map_with_path(
-    lambda p, x, l: x.reshape(l.shape) if _is_layer_leaf(p, l, stages) else x, state, like
+    lambda p, x, l: x.reshape(l.shape) if pipeline.is_staged(p, l, schedule) else x, state, like
   )
 
 
@@ -75,16 +69,13 @@ def layer_order_target(abstract_state, schedule, mesh):
   own sharding less its repeat/stage/layer dims (pipeline layouts re-split it by stage after)."""
   if schedule is None:
     return abstract_state
-  stages = (schedule.repeats, schedule.stages)
 
   def target(path, x):
-    if not _is_layer_leaf(path, x, stages):
+    if not pipeline.is_staged(path, x, schedule):
       return x
     spec = tuple(x.sharding.spec) + (None,) * (x.ndim - len(x.sharding.spec))
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, *spec[3:]))
-    return jax.ShapeDtypeStruct(
-      (int(np.prod(x.shape[:3])), *x.shape[3:]), x.dtype, sharding=sharding
-    )
+    return jax.ShapeDtypeStruct(pipeline.layer_shape(x.shape), x.dtype, sharding=sharding)
 
   return jax.tree_util.tree_map_with_path(target, abstract_state)
 
@@ -236,7 +227,8 @@ class Checkpointer:
 
 
 def describe_tokenizer(identity: dict) -> str:
-  return f"{identity.get('kind')!r} ({identity.get('vocab_size')} tokens, sha256 {identity.get('sha256')})"
+  kind, size, digest = identity.get("kind"), identity.get("vocab_size"), identity.get("sha256")
+  return f"{kind!r} ({size} tokens, sha256 {digest})"
 
 
 def _write_error(e: BaseException) -> str | None:

@@ -38,7 +38,7 @@ CEREBRAS_GPT = {
   "6.7b": Preset(32, 4096, 32, 1.2e-4, 1040, 1e-9, "linear"),
   "13b": Preset(40, 5120, 40, 1.2e-4, 720, 1e-9, "cosine"),
 }
-# Cerebras-GPT-muP: the same shapes and batches with muP's base LR (mup.py, REFERENCE.md §1).
+# Cerebras-GPT-muP: the same shapes and batches with muP's base LR (mup.py, docs/mup.md).
 CEREBRAS_GPT_MUP = {
   f"{size}-mup": dataclasses.replace(CEREBRAS_GPT[size], lr=mup.BASE_LR, mup=True)
   for size in ("111m", "256m", "590m", "1.3b", "2.7b")
@@ -52,19 +52,19 @@ SMALL = {
 PRESETS = {**CEREBRAS_GPT, **CEREBRAS_GPT_MUP, **SMALL}
 
 TOKENIZERS = ("char", "bytes", "gpt2")
-SCHEDULES = ("cosine", "linear", "constant")
+DECAYS = ("cosine", "linear", "constant")
 REMAT = ("none", "full", "dots")
 OPTIMIZERS = ("adamw", "adafactor")
 DTYPES = ("float32", "bfloat16")
 ON_NONFINITE = ("stop", "skip")
 
+GPT2_VOCAB = 50257  # the GPT-2 BPE tokenizer's size (before padding: model.padded_vocab)
 TOKENS_PER_PARAM = 20  # Chinchilla-optimal budget used by Cerebras-GPT
 WARMUP_TOKENS = 375e6  # Cerebras-GPT's linear warm-up length in tokens
 
 
-def base_config() -> ml_collections.ConfigDict:
-  """Every key a run understands, with defaults. Typed placeholders mean "derived in resolve()"."""
-  c = ml_collections.ConfigDict()
+def _model_defaults(c: ml_collections.ConfigDict) -> None:
+  """The model's shape, initialisation, parameterisation and compute knobs."""
   c.model = dict(
     preset="",  # a key of PRESETS, or "" to give every shape field by hand
     n_layers=config_dict.placeholder(int),
@@ -76,9 +76,9 @@ def base_config() -> ml_collections.ConfigDict:
     n_positions=2048,
     init_std=config_dict.placeholder(float),  # embeddings; 0.02, or 0.08 under muP
     hidden_init_std=config_dict.placeholder(float),  # QKV, MLP-in: init_std, or init_std/sqrt(m)
-    # Cerebras: 0.02/sqrt(2L) up to 590M, 0.0025 from 1.3B; muP 0.08/sqrt(2 m L) (REFERENCE.md §1).
+    # Cerebras: 0.02/sqrt(2L) up to 590M, 0.0025 from 1.3B; muP 0.08/sqrt(2 m L) (docs/mup.md).
     residual_init_std=config_dict.placeholder(float),
-    # muP (REFERENCE.md §1), m = d_model / mup_base_width: hidden matrices' Adam LR / m, logits / m,
+    # muP (docs/mup.md), m = d_model / mup_base_width: hidden matrices' Adam LR / m, logits / m,
     # attention scores / d_head, embedding output x embed_multiplier. The derived multipliers
     # below are filled in by resolve(); set them by hand only to experiment.
     mup=config_dict.placeholder(bool),  # default: the preset's (the "-mup" presets), else False
@@ -92,8 +92,12 @@ def base_config() -> ml_collections.ConfigDict:
     ln_eps=1e-5,
     remat="none",  # "full": recompute each block in the backward; "dots": all but its matmuls
     scan_unroll=1,  # layers unrolled per scan iteration; >= n_layers unrolls fully
-    grad_barrier=True,  # optimization barrier on the residual gradient (REFERENCE.md §5)
+    grad_barrier=True,  # optimization barrier on the residual gradient (docs/speed.md#cpu-levers)
   )
+
+
+def _data_defaults(c: ml_collections.ConfigDict) -> None:
+  """The corpus, tokenizer and batches."""
   c.data = dict(
     source="../shared/data/tinyshakespeare/input.txt",  # file, glob, folder or tfds:NAME
     tokenizer="char",
@@ -106,6 +110,10 @@ def base_config() -> ml_collections.ConfigDict:
     seed=0,  # shuffling of training windows
     allow_binary=False,  # train on files that look binary (NUL or many control bytes)
   )
+
+
+def _optim_defaults(c: ml_collections.ConfigDict) -> None:
+  """AdamW or Adafactor, and the learning rate's warm-up and decay."""
   c.optim = dict(
     name="adamw",  # or "adafactor"
     lr=1e-3,
@@ -115,7 +123,7 @@ def base_config() -> ml_collections.ConfigDict:
     weight_decay=0.1,  # on weight matrices and embeddings only
     clip_norm=1.0,
     warmup_steps=100,
-    schedule="cosine",
+    decay="cosine",  # the learning rate after warm-up: cosine, linear or constant
     final_lr_fraction=0.1,
     # Used when name="adafactor" (Shazeer & Stern 2018, via optax.adafactor). lr, the schedule,
     # weight_decay (x lr, as AdamW's) and clip_norm (before it) apply as for AdamW.
@@ -129,6 +137,10 @@ def base_config() -> ml_collections.ConfigDict:
       relative_step=False,  # step min(lr, 1/sqrt(t)) instead of the schedule
     ),
   )
+
+
+def _train_defaults(c: ml_collections.ConfigDict) -> None:
+  """The loop, its checkpoints and its starting weights."""
   c.train = dict(
     steps=2000,
     # Micro-steps per optimizer step: data.global_batch is split into this many slices whose
@@ -152,6 +164,10 @@ def base_config() -> ml_collections.ConfigDict:
   # Starting weights: "" = random init (train.seed), or a GPT-2-format folder (config.json +
   # model.safetensors, e.g. a Cerebras-GPT release) to fine-tune; its config sets the model shape.
   c.init = dict(from_hf="")
+
+
+def _mode_defaults(c: ml_collections.ConfigDict) -> None:
+  """launch.py's modes that act on a trained run."""
   # launch.py --mode=eval: sliding-window loss of the latest checkpoint (perplexity.py); windows of
   # data.seq_len tokens, data.eval_batch at a time.
   c.evaluate = dict(
@@ -173,6 +189,10 @@ def base_config() -> ml_collections.ConfigDict:
   )
   # launch.py --mode=export_hf: the latest checkpoint in GPT-2 format ("" = WORKDIR/hf).
   c.export = dict(hf_dir="")
+
+
+def _mesh_defaults(c: ml_collections.ConfigDict) -> None:
+  """The layout and, when mesh.pipe > 1, the pipeline schedule."""
   c.mesh = dict(
     layout="single",
     data=config_dict.placeholder(int),
@@ -189,6 +209,20 @@ def base_config() -> ml_collections.ConfigDict:
     microbatches=4,  # M >= S
     repeats=1,  # R, circular and interleaved_1f1b; layers = R x S x layers per stage
   )
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every key a run understands, with defaults. Typed placeholders mean "derived in resolve()"."""
+  c = ml_collections.ConfigDict()
+  for section in (
+    _model_defaults,
+    _data_defaults,
+    _optim_defaults,
+    _train_defaults,
+    _mode_defaults,
+    _mesh_defaults,
+  ):
+    section(c)
   return c
 
 
@@ -230,6 +264,11 @@ def resolve_model(model: ml_collections.ConfigDict) -> None:
       "Pick a head count that divides d_model.",
     )
   resolve_parameterisation(model)
+  check_model_values(model)
+
+
+def check_model_values(model: ml_collections.ConfigDict) -> None:
+  """The knobs past the shape: remat, padding, unroll, dtype, positions and the init scales."""
   if model.remat not in REMAT:
     _fail("model.remat", model.remat, "unknown remat policy", f"Choose one of: {', '.join(REMAT)}.")
   if model.vocab_multiple < 1:
@@ -272,7 +311,7 @@ def resolve_model(model: ml_collections.ConfigDict) -> None:
 
 
 def resolve_parameterisation(model: ml_collections.ConfigDict) -> None:
-  """Init scales and multipliers: standard (Cerebras-GPT) or muP (REFERENCE.md §1)."""
+  """Init scales and multipliers: standard (Cerebras-GPT) or muP (docs/mup.md#the-rules)."""
   model.mup = bool(model.mup)
   if model.mup_base_width <= 0:
     _fail("model.mup_base_width", model.mup_base_width, "must be positive", "muP's base is 256.")
@@ -348,6 +387,13 @@ def resolve(c: ml_collections.ConfigDict, vocab_size: int) -> ml_collections.Con
       f"is smaller than the {c.data.tokenizer} tokenizer's vocabulary ({vocab_size})",
       "Leave it unset to use the tokenizer's size.",
     )
+  resolve_data(c)
+  resolve_optimizer(c.optim)
+  resolve_train(c)
+  return c
+
+
+def resolve_data(c: ml_collections.ConfigDict) -> None:
   d = c.data
   if d.tokenizer not in TOKENIZERS:
     _fail(
@@ -371,18 +417,22 @@ def resolve(c: ml_collections.ConfigDict, vocab_size: int) -> ml_collections.Con
   ):
     if d[key] < low:
       _fail(f"data.{key}", d[key], f"must be >= {low}", f"E.g. {example}.")
-  o = c.optim
+
+
+def resolve_optimizer(o: ml_collections.ConfigDict) -> None:
   if o.name not in OPTIMIZERS:
     _fail("optim.name", o.name, "unknown optimizer", f"Choose one of: {', '.join(OPTIMIZERS)}.")
   resolve_adafactor(o)
   resolve_optimizer_values(o)
-  if o.schedule not in SCHEDULES:
-    _fail(
-      "optim.schedule", o.schedule, "unknown schedule", f"Choose one of: {', '.join(SCHEDULES)}."
-    )
+  if o.decay not in DECAYS:
+    _fail("optim.decay", o.decay, "unknown decay", f"Choose one of: {', '.join(DECAYS)}.")
   if not 0 <= o.final_lr_fraction <= 1:
     _fail("optim.final_lr_fraction", o.final_lr_fraction, "must be in [0, 1]", "E.g. 0.1.")
-  t = c.train
+
+
+def resolve_train(c: ml_collections.ConfigDict) -> None:
+  """The loop's knobs, and those that depend on the batch and the step count."""
+  d, o, t = c.data, c.optim, c.train
   if t.steps <= 0:
     _fail("train.steps", t.steps, "must be positive", "Give the number of optimizer steps.")
   if t.grad_accum < 1 or d.global_batch % t.grad_accum:
@@ -425,11 +475,10 @@ def resolve(c: ml_collections.ConfigDict, vocab_size: int) -> ml_collections.Con
       "must be >= 1 (skipped steps in a row before the run stops)",
       "E.g. 10.",
     )
-  return c
 
 
 def cerebras_gpt(size: str) -> ml_collections.ConfigDict:
-  """The paper's recipe at one of its sizes (arXiv 2304.03208, REFERENCE.md §1): GPT-2 BPE,
+  """The paper's recipe at one of its sizes (arXiv 2304.03208, docs/cerebras_gpt.md): GPT-2 BPE,
   2048-token sequences, the size's batch and peak LR, AdamW beta=(0.9, 0.95), weight decay 0.1, clip
   1.0, linear warm-up over 375M tokens, then linear or cosine decay to 10% at the Chinchilla budget
   of 20 tokens per parameter. The data is the Gutenberg selection (the Pile is not available
@@ -447,7 +496,7 @@ def cerebras_gpt(size: str) -> ml_collections.ConfigDict:
   c.data.eval_batches = 20
   c.optim.lr = p.lr
   c.optim.eps = p.eps
-  c.optim.schedule = p.decay
+  c.optim.decay = p.decay
   tokens_per_step = p.batch * 2048
   c.optim.warmup_steps = math.ceil(WARMUP_TOKENS / tokens_per_step)
   params = closed_form_params(p.n_layers, p.d_model)
@@ -456,12 +505,25 @@ def cerebras_gpt(size: str) -> ml_collections.ConfigDict:
   return c
 
 
+def layer_matrix_params(d_model: int, d_ff: int) -> int:
+  """Parameters of one block's matrices: QKV and attention-out (4 d^2), MLP in and out (2 d f)."""
+  return 4 * d_model**2 + 2 * d_model * d_ff
+
+
+def layer_params(d_model: int, d_ff: int) -> int:
+  """Parameters of one block: its matrices, their biases (QKV 3 d, attention-out d, MLP-in f,
+  MLP-out d) and two layer norms (4 d). With d_ff = 4 d: 12 d^2 + 13 d
+  (docs/cerebras_gpt.md#parameter-count)."""
+  return layer_matrix_params(d_model, d_ff) + 9 * d_model + d_ff
+
+
 def closed_form_params(
-  n_layers: int, d_model: int, vocab: int = 50257, positions: int = 2048
+  n_layers: int, d_model: int, vocab: int = GPT2_VOCAB, positions: int = 2048
 ) -> int:
-  """REFERENCE.md §1: V d + P d + L (12 d^2 + 13 d) + 2 d, for d_ff = 4 d and tied embeddings.
+  """V d + P d + L (12 d^2 + 13 d) + 2 d, for d_ff = 4 d and tied embeddings
+  (docs/cerebras_gpt.md#parameter-count).
 
   Lets a config derive its Chinchilla budget without building the model; the model's own count,
   from abstract shapes, is what reports use and what the tests hold to the paper's table.
   """
-  return (vocab + positions) * d_model + n_layers * (12 * d_model**2 + 13 * d_model) + 2 * d_model
+  return (vocab + positions) * d_model + n_layers * layer_params(d_model, 4 * d_model) + 2 * d_model

@@ -7,10 +7,10 @@ launch.py runs in one of three ways:
   run exits non-zero naming the child that failed. SIGTERM or SIGINT to it is passed on to the
   children as SIGTERM: they save a checkpoint after the same step and it exits 143 or 130;
 - one process per host, started by a scheduler: `--coordinator HOST:PORT --num_processes P
-  --process_id I`, or `--distributed` to take them from the scheduler's environment (SLURM, Open MPI,
-  TPU pods; what `jax.distributed.initialize()` detects). With no parent to watch them, processes
-  rely on the distributed service's heartbeats: when one dies the others abort within about
-  `--heartbeat_timeout` seconds.
+  --process_id I`, or `--distributed` to take them from the scheduler's environment (SLURM, Open
+  MPI, TPU pods; what `jax.distributed.initialize()` detects). With no parent to watch them,
+  processes rely on the distributed service's heartbeats: when one dies the others abort within
+  about `--heartbeat_timeout` seconds.
 
 Every process reads its own rows of each batch (`process_rows`) and takes part in every collective
 (compiles, steps, checkpoint saves and restores); process 0 alone writes the run's files.

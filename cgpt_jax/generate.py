@@ -225,11 +225,7 @@ def _placed(params, cfg, layout: layouts.Layout | None):
 
 def place(params, cfg, layout: layouts.Layout):
   """params on layout's devices, each sharded by its logical names (as training places them)."""
-  logical = nnx.get_partition_spec(model_lib.abstract_model(cfg)[1])
-  shardings = jax.tree.map(
-    lambda spec: layout.sharding(tuple(spec)), logical, is_leaf=layouts.is_spec
-  )
-  return jax.device_put(params, shardings)
+  return jax.device_put(params, layout.tree_shardings(model_lib.abstract_model(cfg)[1]))
 
 
 # ----------------------------------------------------------------------------------------------

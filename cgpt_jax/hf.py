@@ -24,6 +24,7 @@ import safetensors
 import safetensors.numpy
 from flax import nnx
 
+from cgpt_jax import config as config_lib
 from cgpt_jax import model as model_lib
 from cgpt_jax.errors import InputError
 
@@ -61,7 +62,7 @@ TENSORS = {
 # Causal-mask buffers that older transformers versions saved with the weights.
 BUFFERS = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")
 HEAD = "lm_head.weight"  # the tied output head: wte again, when saved at all
-GPT2_VOCAB, GPT2_EOT = 50257, 50256  # the GPT-2 tokenizer's size and <|endoftext|> id
+GPT2_EOT = 50256  # the GPT-2 tokenizer's <|endoftext|> id
 
 # What transformers' GPT2Config assumes for a behaviour field the file leaves out.
 GPT2_DEFAULTS = {
@@ -181,8 +182,8 @@ def gpt2_config(cfg: ml_collections.ConfigDict) -> dict:
     "use_cache": True,
     # The model config does not know its tokenizer: <|endoftext|> for the GPT-2 vocabulary, and
     # none otherwise rather than transformers' default 50256, which is no token of a smaller one.
-    "bos_token_id": GPT2_EOT if cfg.vocab_size == GPT2_VOCAB else None,
-    "eos_token_id": GPT2_EOT if cfg.vocab_size == GPT2_VOCAB else None,
+    "bos_token_id": GPT2_EOT if cfg.vocab_size == config_lib.GPT2_VOCAB else None,
+    "eos_token_id": GPT2_EOT if cfg.vocab_size == config_lib.GPT2_VOCAB else None,
   }
 
 
@@ -211,7 +212,8 @@ def import_params(
 
 
 class _Checkpoint:
-  """An open model.safetensors, addressed by GPT-2 names without PREFIX, checked against a config."""
+  """An open model.safetensors, addressed by GPT-2 names without PREFIX, checked against a
+  config."""
 
   def __init__(self, f, path: pathlib.Path, cfg: ml_collections.ConfigDict):
     self.f, self.path, self.cfg = f, path, cfg

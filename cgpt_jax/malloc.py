@@ -1,9 +1,9 @@
 """The allocator setting every entry point runs under (launch.py and the benchmarks).
 
 glibc hands XLA's large scratch buffers back to the OS after every step and page-faults them in
-again on the next: up to seconds of system time per step at d=768 (docs/performance.md). Keeping them
-mapped needs the tunables in the environment at process start, so an entry point re-execs itself
-once with them set. Imports nothing heavy: it runs before jax is imported.
+again on the next: up to seconds of system time per step at d=768 (docs/performance.md). Keeping
+them mapped needs the tunables in the environment at process start, so an entry point re-execs
+itself once with them set. Imports nothing heavy: it runs before jax is imported.
 """
 
 import os

@@ -1,12 +1,14 @@
-"""Cerebras-GPT in Flax NNX: the GPT-2 graph with GPT-3 shapes (REFERENCE.md §1).
+"""Cerebras-GPT in Flax NNX: the GPT-2 graph with GPT-3 shapes (docs/cerebras_gpt.md#architecture).
 
-Pre-LN blocks and a final LN (eps 1e-5), exact GELU, learned absolute positions, token embedding tied
-to the output head (no head bias), biases on QKV / attention-out / both MLP linears, dense causal
-attention in every layer, no dropout (Cerebras trains with dropout 0, so there is no RNG in the step).
+Pre-LN blocks and a final LN (eps 1e-5), exact GELU, learned absolute positions, token embedding
+tied to the output head (no head bias), biases on QKV / attention-out / both MLP linears, dense
+causal attention in every layer, no dropout (Cerebras trains with dropout 0, so there is no RNG in
+the step).
 
-Every parameter carries logical axis names (`out_sharding` metadata) and the layer stack has a leading
-`layers` axis, so `layouts.Layout` can shard any of them without the model knowing about devices. The
-blocks are created with `nnx.vmap` and applied with `lax.scan`: compile time stays flat in depth.
+Every parameter carries logical axis names (`out_sharding` metadata) and the layer stack has a
+leading `layers` axis, so `layouts.Layout` can shard any of them without the model knowing about
+devices. The blocks are created with `nnx.vmap` and applied with `lax.scan`: compile time stays
+flat in depth.
 """
 
 import functools
@@ -31,7 +33,8 @@ from cgpt_jax.parallel.spmd import keep_all_but_gathered
 nnx.use_eager_sharding(False)
 
 
-# Standard deviation of a unit normal truncated to [-2, 2]: Cerebras' "std 0.02" draws have std 0.0176.
+# Standard deviation of a unit normal truncated to [-2, 2]: Cerebras' "std 0.02" draws have std
+# 0.0176.
 TRUNCATED_STD_RATIO = math.sqrt(
   1 - 4 * math.exp(-2) / math.sqrt(2 * math.pi) / math.erf(math.sqrt(2))
 )
@@ -58,7 +61,8 @@ class LayerNorm(nnx.Module):
     self.eps = eps
 
   def __call__(self, x):
-    # In float32 whatever the compute dtype: a bf16 variance loses the small differences it is about.
+    # In float32 whatever the compute dtype: a bf16 variance loses the small differences it is
+    # about.
     x32 = x.astype(jnp.float32)
     mean = x32.mean(-1, keepdims=True)
     var = jnp.square(x32 - mean).mean(-1, keepdims=True)
@@ -163,7 +167,8 @@ class MLP(nnx.Module):
     return self.mix(x) + self.output_bias()
 
   def mix(self, x):
-    """The MLP without its output bias (a partial sum under tensor parallelism, as Attention.mix)."""
+    """The MLP without its output bias (a partial sum under tensor parallelism, as
+    Attention.mix)."""
     h = jax.nn.gelu(x @ self.fc_kernel[...] + self.fc_bias[...], approximate=False)
     h = constrain(h, ("batch", "seq", "mlp"))
     return h @ self.proj_kernel[...]
@@ -203,8 +208,8 @@ def grad_barrier(x):
   """Identity whose gradient passes through an optimization barrier.
 
   On CPU, XLA otherwise re-derives the residual-stream gradient several times across the unrolled
-  layers; pinning it at each block input saved ~10 ms/step with bit-identical results
-  (REFERENCE.md §5).
+  layers. Without the barrier at each block input the default experiment's step took 1.30-1.41x
+  as long (benchmarks/shakespeare_char.py; docs/speed.md#cpu-levers).
   """
   return x
 
@@ -215,9 +220,9 @@ grad_barrier.defvjp(lambda x: (x, None), lambda _, g: (jax.lax.optimization_barr
 class GPT(nnx.Module):
   def __init__(self, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs):
     self.cfg = cfg
-    # The table has padded_vocab(cfg) rows so that it splits evenly over a tensor axis; the rows past
-    # the real vocabulary start at zero, are never looked up and are masked out of the logits, so
-    # they never get a gradient and the real rows are the same values as without padding.
+    # The table has padded_vocab(cfg) rows so that it splits evenly over a tensor axis; the rows
+    # past the real vocabulary start at zero, are never looked up and are masked out of the logits,
+    # so they never get a gradient and the real rows are the same values as without padding.
     real = _trunc_normal(cfg.init_std)(rngs.params(), (cfg.vocab_size, cfg.d_model), jnp.float32)
     pad = jnp.zeros((padded_vocab(cfg) - cfg.vocab_size, cfg.d_model), jnp.float32)
     self.wte = nnx.Param(jnp.concatenate([real, pad]), out_sharding=("vocab", "embed"))
@@ -407,13 +412,15 @@ _nll.defvjp(_nll_fwd, _nll_bwd)
 
 
 def abstract_model(cfg: ml_collections.ConfigDict, seed: int = 0):
-  """(graphdef, abstract params) of the model: shapes, dtypes and logical names, nothing allocated."""
+  """(graphdef, abstract params) of the model: shapes, dtypes and logical names, nothing
+  allocated."""
   return nnx.split(nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(seed))))
 
 
 def padded_vocab(cfg: ml_collections.ConfigDict) -> int:
-  """Vocabulary rounded up to cfg.vocab_multiple (Megatron's make-vocab-size-divisible-by). A fixed
-  multiple, not one per layout, so every layout has the same shapes (and checkpoints move freely)."""
+  """Vocabulary rounded up to cfg.vocab_multiple (Megatron's make-vocab-size-divisible-by). A
+  fixed multiple, not one per layout, so every layout has the same shapes (and checkpoints move
+  freely)."""
   return -(-cfg.vocab_size // cfg.vocab_multiple) * cfg.vocab_multiple
 
 

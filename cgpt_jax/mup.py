@@ -1,4 +1,4 @@
-"""Maximal update parameterisation (muP) as Cerebras-GPT-muP uses it (REFERENCE.md §1).
+"""Maximal update parameterisation (muP) as Cerebras-GPT-muP uses it (docs/mup.md).
 
 Hyperparameters are tuned once at a base width (256) and transferred to width d by m = d / 256:
 - embeddings: init std 0.08, base LR, output (token + position) x 10;
@@ -8,7 +8,7 @@ Hyperparameters are tuned once at a base width (256) and transferred to width d 
 - logits x 1/m; attention scores / d_head instead of / sqrt(d_head);
 - biases and layer norms: as standard, base LR.
 Under these rules every layer's activations stay the same size as the model widens, during training
-as well as at init; `activation_rms` measures that (experiments/mup_coord_check.py).
+as well as at init; `activation_rms` measures that (benchmarks/coord_check.py).
 """
 
 import math
@@ -53,7 +53,7 @@ def activation_rms(model, tokens: jax.Array) -> dict[str, jax.Array]:
   rms = {"embedding": jnp.sqrt(jnp.mean(jnp.square(x.astype(jnp.float32))))}
   graphdef, stacked = nnx.split(model.blocks)
   for i in range(model.cfg.n_layers):
-    x = nnx.merge(graphdef, jax.tree.map(lambda a: a[i], stacked))(x)
+    x = nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], stacked))(x)
     rms[f"block {i + 1}"] = jnp.sqrt(jnp.mean(jnp.square(x.astype(jnp.float32))))
   logits = model.head(x)[..., : model.cfg.vocab_size]
   rms["logits"] = jnp.sqrt(jnp.mean(jnp.square(logits)))

@@ -3,8 +3,9 @@
 Clip the global gradient norm, then AdamW (beta=(0.9, 0.95), eps 1e-8 or 1e-9 for the biggest
 models) or Adafactor, with weight decay on weight matrices and embeddings only, driven by a linear
 warm-up followed by a linear or cosine decay to `final_lr_fraction` of the peak at the last step
-(REFERENCE.md §1). Under muP the hidden matrices' step is scaled by `hidden_lr_multiplier` (1/m) with
-a labelled optax.multi_transform, so their Adam LR is base LR / m.
+(docs/cerebras_gpt.md#training-recipe). Under muP the hidden matrices' step is scaled by
+`hidden_lr_multiplier` (1/m) with a labelled optax.multi_transform, so their Adam LR is base LR / m
+(docs/mup.md#the-rules).
 """
 
 import jax
@@ -20,16 +21,16 @@ DECAYED = ("wte", "wpe", "qkv_kernel", "out_kernel", "fc_kernel", "proj_kernel")
 HIDDEN = ("qkv_kernel", "out_kernel", "fc_kernel", "proj_kernel")
 
 
-def schedule(o: ml_collections.ConfigDict, steps: int) -> optax.Schedule:
+def lr_schedule(o: ml_collections.ConfigDict, steps: int) -> optax.Schedule:
   """Learning rate per optimizer step: 0 -> peak over warmup_steps, then down to the final value.
   Adafactor's relative step instead: min(lr, 1/sqrt(t)) (Shazeer & Stern 2018, §8, lr = 1e-2)."""
   if o.name == "adafactor" and o.adafactor.relative_step:
     return lambda count: jnp.minimum(o.lr, jax.lax.rsqrt(count + 1.0))
   peak, final = o.lr, o.lr * o.final_lr_fraction
   decay_steps = steps - o.warmup_steps
-  if o.schedule == "constant":
+  if o.decay == "constant":
     after = optax.constant_schedule(peak)
-  elif o.schedule == "linear":
+  elif o.decay == "linear":
     after = optax.linear_schedule(peak, final, decay_steps)
   else:
     after = optax.cosine_decay_schedule(peak, decay_steps, alpha=o.final_lr_fraction)
@@ -84,7 +85,7 @@ def _adafactor(o: ml_collections.ConfigDict, lr: optax.Schedule) -> optax.Gradie
 def make_optimizer(
   o: ml_collections.ConfigDict, steps: int, hidden_lr_multiplier: float = 1.0
 ) -> optax.GradientTransformation:
-  lr = schedule(o, steps)
+  lr = lr_schedule(o, steps)
   if o.name == "adafactor":
     base = _adafactor(o, lr)
   else:

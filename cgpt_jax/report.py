@@ -1,8 +1,21 @@
-"""Tables and plots for sweeps: the layout ablation (every layout against `single`) and a generic
-table for sweeps that define no report of their own. Input: each point's summary.json as a dict (with
-its metrics.jsonl records under "metrics"), or {"error": message} for a point that failed."""
+"""Tables and plots for sweeps, each experiment's report built from its points' results: the layout
+ablation (every layout against `single`), pipeline memory against microbatches, compile time
+against depth, and a generic table for sweeps that define no report of their own. Planning at scale
+and the scaling study have their own modules (report_plan.py, report_scaling.py). Input: each
+point's summary.json as a dict (with its metrics.jsonl records under "metrics") or its plan.json,
+or {"error": message} for a point that failed.
+
+`write_results` puts a report where the docs link it (docs/results/NAME.md), headed by the command
+that regenerates it: `launch.py --results` for sweeps (cgpt_jax/sweep.py), and the benchmarks'
+own `--results`.
+"""
+
+from __future__ import annotations
 
 import pathlib
+import re
+import shlex
+import shutil
 
 import numpy as np
 
@@ -115,7 +128,8 @@ def pipeline_table(results: dict, reference: str = "single") -> list[str]:
 
 def wafer_table(results: dict, reference: str = "single") -> list[str]:
   """Weight streaming: bytes streamed inside the layer scan against 3 P_layers b (n-1)/n, and the
-  working set (temp: activations plus the layer streamed in) beside the sharded store (arguments)."""
+  working set (temp: activations plus the layer streamed in) beside the sharded store
+  (arguments)."""
   ref = results[reference]["memory_per_device_bytes"]
   lines = [
     "| layout | streamed MB/step measured | analytic | measured/analytic | working set MiB "
@@ -131,7 +145,8 @@ def wafer_table(results: dict, reference: str = "single") -> list[str]:
       f"{w['analytic_streamed_bytes_per_step'] / 1e6:.1f} | "
       f"{w['streamed_bytes_per_step'] / w['analytic_streamed_bytes_per_step']:.3f} | "
       f"{memory['temp_bytes'] / 2**20:.0f} | {memory['temp_bytes'] / ref['temp_bytes']:.2f} | "
-      f"{memory['argument_bytes'] / 2**20:.0f} | {memory['argument_bytes'] / ref['argument_bytes']:.2f} |"
+      f"{memory['argument_bytes'] / 2**20:.0f} | "
+      f"{memory['argument_bytes'] / ref['argument_bytes']:.2f} |"
     )
   return lines
 
@@ -186,3 +201,127 @@ def layouts_plot(results: dict, path: pathlib.Path, reference: str = "single") -
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------
+# Results files (docs/results/NAME.md)
+# ----------------------------------------------------------------------------------------------
+_IMAGE = re.compile(r"!\[([^\]]*)\]\(([^)/\s]+\.png)\)")
+
+
+def results_header(command: list[str]) -> str:
+  """The first line of a results file: the command that regenerates it."""
+  return f"Regenerate with `{shlex.join(command)}` (it rewrites this file)."
+
+
+def write_results(
+  path: str | pathlib.Path, command: list[str], lines: list[str], workdir: pathlib.Path
+) -> pathlib.Path:
+  """Writes a report (`lines`, whose images are files in `workdir`) to the results file `path`,
+  headed by `command`. Each image the report links is copied beside the file and the link follows
+  it: NAME.png for the results file NAME.md (an image already named NAME*.png keeps its name,
+  another gets NAME_ before it), so one folder holds every experiment's results."""
+  path = pathlib.Path(path)
+  stem = path.stem
+
+  def copy(m: re.Match) -> str:
+    name = m.group(2)
+    if not (workdir / name).is_file():
+      return m.group(0)
+    target = name if name.startswith(stem) else f"{stem}_{name}"
+    shutil.copyfile(workdir / name, path.parent / target)
+    return f"![{m.group(1)}]({target})"
+
+  body = [_IMAGE.sub(copy, line) for line in lines]
+  path.write_text("\n".join([results_header(command), "", *body]) + "\n")
+  return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Pipeline memory against microbatches (experiments/pipeline_memory.py)
+# ----------------------------------------------------------------------------------------------
+def _gib(n: float) -> str:
+  return f"{n / 2**30:.2f}"
+
+
+def pipeline_memory_tables(
+  results: dict, schedules: dict[str, int], microbatches: tuple[int, ...], setting: str
+) -> list[str]:
+  """Planned pipelines (`setting` says which): per schedule (with its repeats R) the temporary
+  memory per device at each microbatch count M (points named SCHEDULE-M<M>) and its growth from the
+  first M to the last; then
+  per point the bubble (formula and table), lockstep rounds, the most microbatches a stage holds,
+  FLOPs against the unpipelined step and the formula, ppermute and all collective bytes against
+  the formula, and memory per device."""
+  lines = [
+    f"## Temporary memory per device against M ({setting})",
+    "",
+    "| schedule | R | "
+    + " | ".join(f"M = {m} GiB" for m in microbatches)
+    + f" | M = {microbatches[-1]} / M = {microbatches[0]} |",
+    "|---|---:|" + "---:|" * (len(microbatches) + 1),
+  ]
+  for schedule, repeats in schedules.items():
+    plans = [results.get(f"{schedule}-M{m}", {"error": "not run"}) for m in microbatches]
+    if any("error" in p for p in plans):
+      lines.append(
+        f"| {schedule} | {repeats} | error: {next(p['error'] for p in plans if 'error' in p)} |"
+      )
+      continue
+    temp = [p["memory_per_device_bytes"]["temp_bytes"] for p in plans]
+    lines.append(
+      f"| {schedule} | {repeats} | "
+      + " | ".join(map(_gib, temp))
+      + f" | {temp[-1] / temp[0]:.2f} |"
+    )
+  lines += [
+    "",
+    "## Bubble, in-flight microbatches, FLOPs and ppermute bytes",
+    "",
+    "| point | bubble formula | table | lockstep rounds | peak in flight "
+    "| FLOPs / unpipelined | compiled / formula | ppermute MB | formula | all bytes / formula "
+    "| memory GiB/device | fits 80 GB |",
+    "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+  ]
+  for name, p in results.items():
+    if "error" in p:
+      lines.append(f"| {name} | error: {p['error']} |" + " |" * 10)
+      continue
+    q = p["pipeline"]
+    rounds = q.get("executed", {}).get("rounds", q["iterations"])
+    measured = sum(p["collective_bytes_per_step"].values())
+    lines.append(
+      f"| {name} | {q['bubble_fraction_theory']:.3f} | {q['bubble_fraction_table']:.3f} | "
+      f"{rounds} | {max(q['peak_in_flight_per_stage'])} | {q['step_flops_ratio_measured']:.3f} | "
+      f"{p['compiled_matmul_flops_per_step'] / p['expected_matmul_flops_per_step']:.4f} | "
+      f"{p['collective_bytes_per_step'].get('collective-permute', 0) / 1e6:.1f} | "
+      f"{p['analytic_collective_terms']['pipeline_hops'] / 1e6:.1f} | "
+      f"{measured / p['analytic_collective_bytes_per_step']:.4f} | "
+      f"{_gib(p['memory_per_device_bytes']['total_bytes'])} | {p['fits_80GB']} |"
+    )
+  return lines
+
+
+# ----------------------------------------------------------------------------------------------
+# Compile time against depth (experiments/compile_time.py)
+# ----------------------------------------------------------------------------------------------
+def compile_time_table(results: dict, depths: tuple[int, ...], setting: str) -> list[str]:
+  """Per depth (points named L<layers>) of the model `setting` describes: compile seconds, their
+  ratio to the first depth's, and the compiled matmul FLOPs over the formula's (1: the deeper
+  program does the deeper work)."""
+  first = depths[0]
+  base = results.get(f"L{first}", {}).get("compile_s")
+  lines = [
+    f"## Compile time against depth ({setting})",
+    "",
+    f"| layers | compile s | / {first} layers | compiled FLOPs / formula |",
+    "|---:|---:|---:|---:|",
+  ]
+  for n in depths:
+    p = results.get(f"L{n}", {"error": "not run"})
+    if "error" in p:
+      lines.append(f"| {n} | error: {p['error']} | | |")
+      continue
+    flops = p["compiled_matmul_flops_per_step"] / p["expected_matmul_flops_per_step"]
+    lines.append(f"| {n} | {p['compile_s']:.2f} | {p['compile_s'] / base:.2f} | {flops:.4f} |")
+  return lines

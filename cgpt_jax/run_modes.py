@@ -11,20 +11,18 @@ import jax
 import ml_collections
 import numpy as np
 
-from cgpt_jax import checkpoint, data, hf, perplexity, train
+from cgpt_jax import checkpoint, data, hf, perplexity
 from cgpt_jax import generate as generate_lib
 from cgpt_jax.errors import InputError
 from cgpt_jax.parallel import pipeline
+from cgpt_jax.train import setup, step_functions
 
 
 def load_trained(cfg: ml_collections.ConfigDict, workdir: str):
   """(Setup, parameters in the run's layout, tokenizer, step) from WORKDIR's latest checkpoint."""
   out = pathlib.Path(workdir)
-  if cfg.data.tokenizer == "char":  # its vocabulary is the training corpus's characters
-    tokenizer = train.load_data(cfg).tokenizer
-  else:
-    tokenizer = data.make_tokenizer(cfg.data.tokenizer, path=cfg.data.tokenizer_path)
-  s = train.build(cfg, tokenizer.vocab_size)
+  tokenizer = setup.load_tokenizer(cfg)
+  s = setup.build(cfg, tokenizer.vocab_size)
   step = None
   if (out / "checkpoints").is_dir():
     ckpt = checkpoint.Checkpointer(
@@ -36,7 +34,7 @@ def load_trained(cfg: ml_collections.ConfigDict, workdir: str):
       f"--workdir {out} has no checkpoint (looked in {out / 'checkpoints'}). Train "
       "there first, or point --workdir at a trained run."
     )
-  state = train.restore(s, ckpt, step, resume=False)
+  state = setup.restore(s, ckpt, step, resume=False)
   ckpt.close()
   check_finite(state.params, out / "checkpoints" / str(step))
   return s, state.params, tokenizer, step
@@ -55,10 +53,6 @@ def check_finite(params, where: pathlib.Path) -> None:
       f"{bad[0]}): it is from a diverged run. Delete that step directory to use an "
       "earlier one, or retrain with a lower --config.optim.lr."
     )
-
-
-def layer_order(s: train.Setup, params):
-  return pipeline.from_stages(params) if s.schedule else params
 
 
 def _append(out: pathlib.Path, name: str, record: dict) -> None:
@@ -81,11 +75,11 @@ def evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
       ) from None
     tokens, source = tokenizer.encode(text), str(path)
   else:
-    tokens, source = train.load_data(s.cfg).tokens["validation"], f"{d.source} (validation split)"
+    tokens, source = setup.load_data(s.cfg).tokens["validation"], f"{d.source} (validation split)"
   stride = e.stride or max(d.seq_len // 2, 1)
   t0 = time.perf_counter()
   result = perplexity.sliding_window_loss(
-    params, train.make_loss(s, per_token=True), tokens, d.seq_len, stride, d.eval_batch
+    params, step_functions.make_loss(s, per_token=True), tokens, d.seq_len, stride, d.eval_batch
   )
   result.update(step=step, text=source, tokenizer=tokenizer.name, seconds=time.perf_counter() - t0)
   _append(pathlib.Path(workdir), "evals.jsonl", result)
@@ -105,7 +99,7 @@ def generate(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   t0 = time.perf_counter()
   new = generate_lib.generate(
     s.graphdef,
-    layer_order(s, params),
+    pipeline.from_stages(params, s.schedule),
     s.cfg.model,
     prompt,
     g.max_new_tokens,
@@ -137,6 +131,9 @@ def export_hf(cfg: ml_collections.ConfigDict, workdir: str) -> str:
   s, params, tokenizer, _ = load_trained(cfg, workdir)
   folder = s.cfg.export.hf_dir or str(pathlib.Path(workdir) / "hf")
   hf.export(
-    jax.device_get(layer_order(s, params)), s.cfg.model, folder, data.tokenizer_identity(tokenizer)
+    jax.device_get(pipeline.from_stages(params, s.schedule)),
+    s.cfg.model,
+    folder,
+    data.tokenizer_identity(tokenizer),
   )
   return folder

@@ -1,7 +1,8 @@
 """Loss against training compute: the Cerebras-GPT paper's power law L(f) = (f / a)^(-b) + c.
 
 f is training FLOPs, L the validation loss in nats per token, c the irreducible loss the curve
-tends to, b the exponent. The paper's fit on the Pile (arXiv 2304.03208, REFERENCE.md §1) is
+tends to, b the exponent. The paper's fit on the Pile (arXiv 2304.03208;
+docs/cerebras_gpt.md#scaling-law) is
 PAPER = (f / 5.984e22)^(-0.0737) + 0.5066.
 
 `fit` works in log space (x = ln f, alpha = ln a: L = exp(-b (x - alpha)) + c) because a is a FLOP
@@ -39,7 +40,8 @@ PAPER = PowerLaw(a=5.984e22, b=0.0737, c=0.5066)
 
 @dataclasses.dataclass(frozen=True)
 class Fit:
-  """A fitted law with 1-sigma standard errors (sigma_log_a is that of ln a) and the fit's residuals.
+  """A fitted law with 1-sigma standard errors (sigma_log_a is that of ln a) and the fit's
+  residuals.
 
   `floor_at_bound`: c ended on 0 or on the smallest loss. The points then do not curve towards a
   floor (losses that fall ever faster with log compute do not), c is not determined by them, the
@@ -86,7 +88,8 @@ def _model(x, alpha, b, c):
 
 def _initial_guess(x: np.ndarray, losses: np.ndarray) -> tuple[float, float, float]:
   """For trial floors c below the smallest loss, ln(L - c) is linear in x with slope -b: the floor
-  whose straight line fits best starts the non-linear solver near the minimum, not in a flat valley."""
+  whose straight line fits best starts the non-linear solver near the minimum, not in a flat
+  valley."""
   best = None
   for c in np.linspace(0, losses.min(), 64, endpoint=False):
     slope, intercept = np.polyfit(x, np.log(losses - c), 1)

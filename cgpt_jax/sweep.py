@@ -4,16 +4,21 @@ own launch.py process (the device count is fixed when a process starts), in sequ
 The contract with experiment files:
   get_sweep(arg) -> list[dict]: one dict per point. Reserved keys: `name` (unique; letters, digits,
       `-`, `_`, `.`), `devices` (default: launch.py's --devices), `mode` (`train` or `plan`), and
-      `config_arg` (the :ARG of the config file for this point; default the sweep's own). Every other
-      key is a config override, applied as --config.KEY=VALUE.
+      `config_arg` (the :ARG of the config file for this point; default the sweep's own). Every
+      other key is a config override, applied as --config.KEY=VALUE.
   report(sweep, results, workdir) -> list[str], optional: the Markdown body of WORKDIR/report.md;
       it may write plots to WORKDIR/*.png. `results[name]` is the point's summary.json (train, with
       its metrics.jsonl records under "metrics") or plan.json (plan), or {"error": message}.
 
-WORKDIR/points/NAME/ is each point's run directory, with `point.json` (what was asked) and `log.txt`.
-A point is finished when its result file exists and point.json matches the point as now defined;
-finished points are skipped, so rerunning the command resumes an interrupted sweep. A failed point is
-reported and the sweep goes on; its next attempt starts afresh (or resumes from its checkpoints).
+With launch.py's `--results FILE` the report is also written to FILE (the docs' results tables,
+docs/results/NAME.md), headed by the command that regenerates it, with the plots it links copied
+beside it (report.write_results): rerunning that command refreshes the file.
+
+WORKDIR/points/NAME/ is each point's run directory, with `point.json` (what was asked) and
+`log.txt`. A point is finished when its result file exists and point.json matches the point as now
+defined; finished points are skipped, so rerunning the command resumes an interrupted sweep. A
+failed point is reported and the sweep goes on; its next attempt starts afresh (or resumes from its
+checkpoints).
 """
 
 import dataclasses
@@ -98,7 +103,8 @@ def points(module: ModuleType, arg: str | None, default_devices: int) -> list[Po
 
 
 def command(point: Point, config_path: str, workdir: pathlib.Path, common: dict) -> list[str]:
-  """The point's launch.py command line; the sweep's own command-line overrides come last and win."""
+  """The point's launch.py command line; the sweep's own command-line overrides come last, and
+  win."""
   config = f"{config_path}:{point.config_arg}" if point.config_arg is not None else config_path
   overrides = {**point.overrides, **common}
   return [
@@ -159,13 +165,46 @@ def last_error_line(log: str) -> str:
   return (errors or lines or ["no output"])[-1]
 
 
+def regenerate_command(
+  config_name: str, workdir: str, common: dict, default_devices: int, results: str
+) -> list[str]:
+  """The launch.py command line that reruns this sweep and rewrites `results`."""
+  return [
+    "python",
+    "launch.py",
+    f"--config={config_name}",
+    f"--workdir={workdir}",
+    *([f"--devices={default_devices}"] if default_devices != 1 else []),
+    *[f"--config.{k}={v}" for k, v in common.items()],
+    f"--results={results}",
+  ]
+
+
+def check_results_path(results: str) -> None:
+  """Before any point runs: a results file must be Markdown in an existing folder."""
+  path = pathlib.Path(results)
+  if path.suffix != ".md" or not path.parent.is_dir() or path.is_dir():
+    raise InputError(
+      f"--results {results}: give a Markdown file in an existing folder, e.g. "
+      "--results=docs/results/NAME.md."
+    )
+
+
 def run(
-  module: ModuleType, config_name: str, workdir: str, common: dict, default_devices: int
+  module: ModuleType,
+  config_name: str,
+  workdir: str,
+  common: dict,
+  default_devices: int,
+  results_file: str | None = None,
 ) -> dict:
   """Runs every point of the experiment `module` (loaded from `config_name`'s path) not yet
-  finished, then writes WORKDIR/report.md and report.json."""
+  finished, then writes WORKDIR/report.md and report.json, and the report to `results_file` too
+  if given (report.write_results)."""
   config_path, arg = split_config_name(config_name)
   sweep = points(module, arg, default_devices)
+  if results_file is not None:
+    check_results_path(results_file)
   out = pathlib.Path(workdir).resolve()
   if out.exists() and not out.is_dir():
     raise InputError(f"--workdir {out} is a file; a sweep needs a folder.")
@@ -220,4 +259,8 @@ def run(
   (out / "report.md").write_text("\n".join(lines) + "\n")
   (out / "report.json").write_text(json.dumps({"points": records, "results": results}, indent=2))
   print(f"report -> {out / 'report.md'}", flush=True)
+  if results_file is not None:
+    again = regenerate_command(config_name, workdir, common, default_devices, results_file)
+    report_lib.write_results(results_file, again, lines, out)
+    print(f"results -> {results_file}", flush=True)
   return results

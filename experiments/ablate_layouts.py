@@ -1,13 +1,15 @@
 """Every layout on 8 virtual CPU devices against `single`, one process per layout:
 
-  python launch.py --config experiments/ablate_layouts.py --workdir runs/ablate_layouts
+  python launch.py --config experiments/ablate_layouts.py --workdir runs/ablate_layouts \
+      --results docs/results/ablate_layouts.md
 
 Model: the 111M widths (d_model 768, d_ff 3072, GPT-2 vocabulary 50257) with 4 layers and 8 heads
 of 96, so that every layout can put all 8 devices on one axis and 4 pipeline stages hold a layer
 each; batch 16 x 128 tokens of tiny Shakespeare, big enough that matmuls dominate; 6 steps from the
 same seed. WORKDIR/report.md: per layout the mesh, tokens/s and per-device memory against single,
-collective bytes measured in the compiled HLO against cgpt_jax/costs/comm.py, the bubble, and the loss
-against single's at every step; pipeline and wafer details; WORKDIR/layouts.png.
+collective bytes measured in the compiled HLO against cgpt_jax/costs/comm.py, the bubble, and the
+loss against single's at every step; pipeline and wafer details; WORKDIR/layouts.png. `--results`
+writes the same report to docs/results/ablate_layouts.md, the plot beside it.
 
 The 8 devices share this machine's cores, so tokens/s ratios measure replicated work and collective
 copies, not a real interconnect; bytes, FLOPs and memory are exact.

@@ -1,7 +1,8 @@
 """Compile time against depth: the 111M preset's train step compiled ahead of time (`--mode plan`,
 one process per point) at 2, 10 (the preset) and 24 layers, single device, batch 8 x 2048.
 
-  python launch.py --config experiments/compile_time.py --workdir runs/compile_time
+  python launch.py --config experiments/compile_time.py --workdir runs/compile_time \
+      --results docs/results/compile_time.md
 
 The layers are one `lax.scan` over stacked weights (model.scan_blocks), so the compiled program
 holds one layer's body whatever the depth: compile time should barely move with it. The report
@@ -12,6 +13,7 @@ their formula to show the deeper programs really do the deeper work.
 import ml_collections
 
 from cgpt_jax import config as config_lib
+from cgpt_jax import report as report_lib
 
 DEPTHS = (2, 10, 24)
 
@@ -30,18 +32,4 @@ def get_sweep(arg=None) -> list[dict]:
 
 def report(sweep, results, workdir):
   del sweep, workdir
-  base = results.get("L2", {}).get("compile_s")
-  lines = [
-    "## Compile time against depth (111M widths, batch 8 x 2048, one device)",
-    "",
-    "| layers | compile s | / 2 layers | compiled FLOPs / formula |",
-    "|---:|---:|---:|---:|",
-  ]
-  for n in DEPTHS:
-    p = results.get(f"L{n}", {"error": "not run"})
-    if "error" in p:
-      lines.append(f"| {n} | error: {p['error']} | | |")
-      continue
-    flops = p["compiled_matmul_flops_per_step"] / p["expected_matmul_flops_per_step"]
-    lines.append(f"| {n} | {p['compile_s']:.2f} | {p['compile_s'] / base:.2f} | {flops:.4f} |")
-  return lines
+  return report_lib.compile_time_table(results, DEPTHS, "111M widths, batch 8 x 2048, one device")

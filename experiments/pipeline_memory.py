@@ -1,6 +1,7 @@
 """Pipeline schedules against the number of microbatches, planned ahead of time (`--mode plan`):
 
-  python launch.py --config experiments/pipeline_memory.py --workdir runs/pipeline_memory
+  python launch.py --config experiments/pipeline_memory.py --workdir runs/pipeline_memory \
+      --results docs/results/pipeline_memory.md
 
 Each point compiles one train step from abstract shapes on 8 virtual devices, pipe 4 x data 2, at
 the 111M widths (d_model 768, 12 heads, GPT-2 vocabulary) with 8 layers and T = 1024, float32, no
@@ -8,14 +9,15 @@ remat, one row per microbatch and device, so the batch grows with M. Per schedul
 per-device temporary memory from the compiled program, the bubble from the schedule's table beside
 its formula, the most microbatches a stage holds, and the compiled FLOPs and ppermute bytes beside
 their formulas. GPipe's and circular's backward keep every microbatch's activations; the 1F1B
-family's keep what the schedule has in flight (cgpt_jax/parallel/pipeline_1f1b.py). Two more points plan
-the 13B preset on 64 devices (pipe 4 x fsdp 4 x tensor 4, M = 8, bf16, full remat) under GPipe and
-1F1B.
+family's keep what the schedule has in flight (cgpt_jax/parallel/pipeline_1f1b.py). Two more points
+plan the 13B preset on 64 devices (pipe 4 x fsdp 4 x tensor 4, M = 8, bf16, full remat) under GPipe
+and 1F1B.
 """
 
 import ml_collections
 
 from cgpt_jax import config as config_lib
+from cgpt_jax import report as report_lib
 
 MICROBATCHES = (4, 8, 16)
 SCHEDULES = {"gpipe": 1, "circular": 2, "1f1b": 1, "interleaved_1f1b": 2, "zb_h1": 1}  # -> R
@@ -67,54 +69,8 @@ def get_sweep(arg=None) -> list[dict]:
   return points
 
 
-def _gib(n: float) -> str:
-  return f"{n / 2**30:.2f}"
-
-
 def report(sweep, results, workdir):
   del sweep, workdir
-  lines = [
-    "## Temporary memory per device against M (S = 4, one row per microbatch and device)",
-    "",
-    "| schedule | R | " + " | ".join(f"M = {m} GiB" for m in MICROBATCHES) + " | M = 16 / M = 4 |",
-    "|---|---:|" + "---:|" * (len(MICROBATCHES) + 1),
-  ]
-  for schedule, repeats in SCHEDULES.items():
-    plans = [results.get(f"{schedule}-M{m}", {"error": "not run"}) for m in MICROBATCHES]
-    if any("error" in p for p in plans):
-      lines.append(
-        f"| {schedule} | {repeats} | error: {next(p['error'] for p in plans if 'error' in p)} |"
-      )
-      continue
-    temp = [p["memory_per_device_bytes"]["temp_bytes"] for p in plans]
-    lines.append(
-      f"| {schedule} | {repeats} | "
-      + " | ".join(map(_gib, temp))
-      + f" | {temp[-1] / temp[0]:.2f} |"
-    )
-  lines += [
-    "",
-    "## Bubble, in-flight microbatches, FLOPs and ppermute bytes",
-    "",
-    "| point | bubble formula | table | lockstep rounds | peak in flight "
-    "| FLOPs / unpipelined | compiled / formula | ppermute MB | formula | all bytes / formula "
-    "| memory GiB/device | fits 80 GB |",
-    "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
-  ]
-  for name, p in results.items():
-    if "error" in p:
-      lines.append(f"| {name} | error: {p['error']} |" + " |" * 10)
-      continue
-    q = p["pipeline"]
-    rounds = q.get("executed", {}).get("rounds", q["iterations"])
-    measured = sum(p["collective_bytes_per_step"].values())
-    lines.append(
-      f"| {name} | {q['bubble_fraction_theory']:.3f} | {q['bubble_fraction_table']:.3f} | "
-      f"{rounds} | {max(q['peak_in_flight_per_stage'])} | {q['step_flops_ratio_measured']:.3f} | "
-      f"{p['compiled_matmul_flops_per_step'] / p['expected_matmul_flops_per_step']:.4f} | "
-      f"{p['collective_bytes_per_step'].get('collective-permute', 0) / 1e6:.1f} | "
-      f"{p['analytic_collective_terms']['pipeline_hops'] / 1e6:.1f} | "
-      f"{measured / p['analytic_collective_bytes_per_step']:.4f} | "
-      f"{_gib(p['memory_per_device_bytes']['total_bytes'])} | {p['fits_80GB']} |"
-    )
-  return lines
+  return report_lib.pipeline_memory_tables(
+    results, SCHEDULES, MICROBATCHES, "S = 4, one row per microbatch and device"
+  )

@@ -1,4 +1,5 @@
-"""The default experiment: a 4-layer character-level Cerebras-GPT learning tiny Shakespeare on the CPU.
+"""The default experiment: a 4-layer character-level Cerebras-GPT learning tiny Shakespeare on the
+CPU.
 
 The recipe of nanoGPT's CPU run (config/train_shakespeare_char.py with --n_layer=4 --n_head=4
 --n_embd=128 --block_size=64 --batch_size=12 --max_iters=2000 --lr_decay_iters=2000 --dropout=0.0:
@@ -33,7 +34,7 @@ def get_config(arg=None):
   c.optim.lr = 1e-3
   c.optim.b2 = 0.99  # nanoGPT's choice for this small-batch run
   c.optim.warmup_steps = 200
-  c.optim.schedule = "cosine"
+  c.optim.decay = "cosine"
   c.optim.final_lr_fraction = 0.1  # 1e-3 -> 1e-4
   c.train.steps = 2000
   c.train.eval_every = 250

@@ -1,5 +1,6 @@
-"""Eight virtual CPU devices for every test, set before jax is imported anywhere, and the two
-settings that keep the suite's compile time down."""
+"""Eight virtual CPU devices for every test, set before jax is imported anywhere, the two settings
+that keep the suite's compile time down, and the fixtures several modules share (their plain
+functions and constants are in helpers.py)."""
 
 import atexit
 import os
@@ -30,8 +31,7 @@ import pytest  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+from helpers import SHARED_DATA  # noqa: E402  (imports jax's users: after the device count)
 
 
 @pytest.fixture(scope="session")
@@ -41,15 +41,22 @@ def shared_data() -> pathlib.Path:
   return SHARED_DATA
 
 
+@pytest.fixture(scope="session")
+def shakespeare_file(shared_data) -> pathlib.Path:
+  """Tiny Shakespeare, the default experiment's text."""
+  return shared_data / "tinyshakespeare" / "input.txt"
+
+
 @pytest.fixture(scope="module")
-def data_flags(shared_data, tmp_path_factory) -> list[str]:
+def data_dir(tmp_path_factory) -> pathlib.Path:
+  """A TFDS data dir of the test module's own: its prepared datasets are shared by its tests."""
+  return tmp_path_factory.mktemp("tfds")
+
+
+@pytest.fixture(scope="module")
+def data_flags(shakespeare_file, tmp_path_factory) -> list[str]:
   """launch.py flags for tiny Shakespeare, prepared into a data dir of the test module's own."""
   return [
-    f"--config.data.source={shared_data / 'tinyshakespeare' / 'input.txt'}",
+    f"--config.data.source={shakespeare_file}",
     f"--config.data.data_dir={tmp_path_factory.mktemp('tfds')}",
   ]
-
-
-import sys  # noqa: E402
-
-sys.path.insert(0, str(REPO / "experiments"))  # experiment files are importable by name in tests

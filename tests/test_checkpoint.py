@@ -1,28 +1,29 @@
 """Checkpoints: a killed run resumes bit for bit; a checkpoint restores under another layout and
 device count; damaged, incomplete and mismatched checkpoints are clear errors that lose nothing."""
 
-import hashlib
 import json
-import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
-from conftest import REPO
-from test_launch import SHAKESPEARE, assert_bad_input, launch
-from test_train import losses, tiny_config
+from helpers import (
+  REPO,
+  SHAKESPEARE,
+  assert_bad_input,
+  files_digest,
+  launch,
+  launch_command,
+  launch_env,
+  losses,
+  metrics,
+  tiny_config,
+)
 
-from cgpt_jax import train
 from cgpt_jax.errors import InputError
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  return tmp_path_factory.mktemp("tfds")
+from cgpt_jax.train import loop
 
 
 def eight_heads(shared_data, data_dir, layout, **sizes):
@@ -34,16 +35,7 @@ def eight_heads(shared_data, data_dir, layout, **sizes):
 
 
 def by_step(workdir):
-  return {
-    l["step"]: l for l in map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines())
-  }
-
-
-def files_digest(folder):
-  h = hashlib.sha256()
-  for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-    h.update(str(path.relative_to(folder)).encode() + path.read_bytes())
-  return h.hexdigest()
+  return {l["step"]: l for l in metrics(workdir)}
 
 
 def copy_checkpoint(src, dst, step):
@@ -58,7 +50,7 @@ def copy_checkpoint(src, dst, step):
 def fsdp_run(shared_data, data_dir, tmp_path_factory):
   """8 steps under fsdp, checkpoints at 4 and 8: the uninterrupted reference."""
   workdir = tmp_path_factory.mktemp("fsdp")
-  train.run(eight_heads(shared_data, data_dir, "fsdp"), str(workdir))
+  loop.run(eight_heads(shared_data, data_dir, "fsdp"), str(workdir))
   return workdir
 
 
@@ -67,7 +59,7 @@ def test_restore_under_another_layout(shared_data, data_dir, fsdp_run, tmp_path,
   """Saved under fsdp at step 4, resumed under tp or a pipeline: steps 5-8 match the uninterrupted
   fsdp run to the layouts' float32 tolerance."""
   copy_checkpoint(fsdp_run, tmp_path, 4)
-  summary = train.run(eight_heads(shared_data, data_dir, layout, **sizes), str(tmp_path))
+  summary = loop.run(eight_heads(shared_data, data_dir, layout, **sizes), str(tmp_path))
   assert summary["resumed_from_step"] == 4
   ref, got = by_step(fsdp_run), by_step(tmp_path)
   assert sorted(got) == list(range(5, 9))
@@ -80,9 +72,9 @@ def test_restore_under_another_layout(shared_data, data_dir, fsdp_run, tmp_path,
 def test_pipeline_checkpoint_restores_on_one_device(shared_data, data_dir, tmp_path_factory):
   """A pipeline saves its [R, S, K, ...] layers in layer order: a single-device run resumes it."""
   saved, resumed = tmp_path_factory.mktemp("pp"), tmp_path_factory.mktemp("single")
-  train.run(eight_heads(shared_data, data_dir, "pp", pipe=2, data=4), str(saved))
+  loop.run(eight_heads(shared_data, data_dir, "pp", pipe=2, data=4), str(saved))
   copy_checkpoint(saved, resumed, 4)
-  train.run(eight_heads(shared_data, data_dir, "single"), str(resumed))
+  loop.run(eight_heads(shared_data, data_dir, "single"), str(resumed))
   ref, got = by_step(saved), by_step(resumed)
   np.testing.assert_allclose(
     [got[k]["loss"] for k in got], [ref[k]["loss"] for k in got], rtol=1e-5
@@ -100,7 +92,7 @@ def test_checkpoints_move_between_schedules(shared_data, data_dir, tmp_path_fact
   def run(schedule, workdir):
     c = eight_heads(shared_data, data_dir, "pp", pipe=2, data=4)
     c.pipeline.schedule = schedule
-    return train.run(c, str(workdir))
+    return loop.run(c, str(workdir))
 
   gpipe, one_f, to_1f1b, to_gpipe = (
     tmp_path_factory.mktemp(n) for n in ("gpipe", "1f1b", "to_1f1b", "to_gpipe")
@@ -174,8 +166,8 @@ def test_sigkill_then_rerun_is_bit_identical(shared_data, tmp_path):
   kept = sorted(int(d.name) for d in (whole / "checkpoints").iterdir() if d.name.isdigit())
   assert kept == [1400, 1450, 1500]  # checkpoint.keep=3, the last one at the last step
 
-  cmd = [sys.executable, str(REPO / "launch.py"), SHAKESPEARE, *flags, f"--workdir={killed}"]
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device, as launch() runs
+  cmd = launch_command(SHAKESPEARE, *flags, f"--workdir={killed}")
+  env = launch_env()  # one device, as launch() runs
   proc = subprocess.Popen(
     cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
   )
@@ -207,7 +199,7 @@ def test_bad_checkpoints_are_clear_errors_and_lose_nothing(
     match=r"checkpoints/4 is for model.d_model=64, this run has "
     r"model.d_model=128",
   ):
-    train.run(c, str(other))
+    loop.run(c, str(other))
   assert files_digest(other) == before
 
   # A damaged checkpoint: its array files truncated.
@@ -222,7 +214,7 @@ def test_bad_checkpoints_are_clear_errors_and_lose_nothing(
   with pytest.raises(
     InputError, match=r"checkpoints/8 cannot be (read|restored).*Delete that step"
   ):
-    train.run(c, str(damaged))
+    loop.run(c, str(damaged))
   assert files_digest(damaged) == before
 
   # An incomplete save (orbax's temporary directory, never renamed) does not hide step 8.
@@ -231,7 +223,7 @@ def test_bad_checkpoints_are_clear_errors_and_lose_nothing(
   shutil.copytree(
     incomplete / "checkpoints" / "8", incomplete / "checkpoints" / "12.orbax-checkpoint-tmp-1234567"
   )
-  summary = train.run(c, str(incomplete))
+  summary = loop.run(c, str(incomplete))
   assert summary["resumed_from_step"] == 8
 
 

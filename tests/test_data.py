@@ -1,4 +1,5 @@
-"""The data package: TFDS preparation of local text, the catalogue path, corpus loading and batching.
+"""The data package: TFDS preparation of local text, the catalogue path, corpus loading and
+batching.
 
 Expected sizes are nanoGPT's published numbers for tiny shakespeare (see shared/data/README.md);
 everything else is checked against values the tests compute independently of the code under test.
@@ -22,19 +23,10 @@ from cgpt_jax.errors import InputError
 GPT2_EOT = 50256
 
 
-@pytest.fixture(scope="session")
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("tfds"))
-
-
-@pytest.fixture(scope="session")
-def shakespeare_file(shared_data):
-  return str(shared_data / "tinyshakespeare" / "input.txt")
-
-
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def shakespeare_gpt2(shared_data, shakespeare_file, data_dir):
-  return load_corpus(shakespeare_file, data_dir, "gpt2", str(shared_data / "gpt2"))
+  """Tiny Shakespeare prepared into this module's data dir, as GPT-2 tokens."""
+  return load_corpus(str(shakespeare_file), str(data_dir), "gpt2", str(shared_data / "gpt2"))
 
 
 def _records(builder, split):
@@ -61,7 +53,7 @@ def test_gpt2_split_sizes_of_tiny_shakespeare(shakespeare_gpt2):
 
 def test_char_split_sizes_of_tiny_shakespeare(shakespeare_file, data_dir, shakespeare_gpt2):
   del shakespeare_gpt2  # Only to have the dataset prepared already.
-  corpus = load_corpus(shakespeare_file, data_dir, "char")
+  corpus = load_corpus(str(shakespeare_file), str(data_dir), "char")
   assert corpus.tokenizer.vocab_size == 65
   assert len(corpus.tokens["train"]) == 1_003_854
   assert len(corpus.tokens["validation"]) == 111_540
@@ -80,7 +72,7 @@ def test_unchanged_source_is_prepared_once(
     raise AssertionError("prepared a second time")
 
   monkeypatch.setattr(text_builder.LocalText, "download_and_prepare", fail)
-  builder = prepare_text_dataset(shakespeare_file, data_dir)
+  builder = prepare_text_dataset(str(shakespeare_file), str(data_dir))
   assert builder.is_prepared()
 
 
@@ -93,7 +85,7 @@ def test_edited_file_gets_a_new_config(tmp_path):
   assert first != second
 
 
-# --- sources: folder, glob, encodings ---------------------------------------------------------------
+# --- sources: folder, glob, encodings -------------------------------------------------------------
 
 
 def test_folder_source_skips_readme_and_joins_documents_with_eot(tmp_path, shared_data):
@@ -172,19 +164,19 @@ def test_bad_local_sources_raise_before_writing(tmp_path, make_source, message):
   assert not (tmp_path / "tfds").exists()
 
 
-# --- catalogue path ---------------------------------------------------------------------------------
+# --- catalogue path -------------------------------------------------------------------------------
 
 
 def test_catalogue_source_loads_a_prepared_dataset(
   shared_data, shakespeare_file, data_dir, shakespeare_gpt2
 ):
-  config = prepare_text_dataset(shakespeare_file, data_dir).builder_config.name
+  config = prepare_text_dataset(str(shakespeare_file), str(data_dir)).builder_config.name
   for source in (f"tfds:local_text/{config}", f"tfds:local_text/{config}:1.0.0"):
-    corpus = load_corpus(source, data_dir, "char")
+    corpus = load_corpus(source, str(data_dir), "char")
     assert len(corpus.tokens["train"]) == 1_003_854
     assert len(corpus.tokens["validation"]) == 111_540
   via_catalogue = load_corpus(
-    f"tfds:local_text/{config}", data_dir, "gpt2", str(shared_data / "gpt2")
+    f"tfds:local_text/{config}", str(data_dir), "gpt2", str(shared_data / "gpt2")
   )
   assert np.array_equal(via_catalogue.tokens["validation"], shakespeare_gpt2.tokens["validation"])
 
@@ -204,12 +196,12 @@ def test_catalogue_source_that_is_not_prepared(tmp_path, source, message):
 
 def test_catalogue_text_key_must_be_a_text_feature(shakespeare_file, data_dir, shakespeare_gpt2):
   del shakespeare_gpt2
-  config = prepare_text_dataset(shakespeare_file, data_dir).builder_config.name
+  config = prepare_text_dataset(str(shakespeare_file), str(data_dir)).builder_config.name
   with pytest.raises(InputError, match="no text feature 'body'"):
-    load_corpus(f"tfds:local_text/{config}", data_dir, "bytes", text_key="body")
+    load_corpus(f"tfds:local_text/{config}", str(data_dir), "bytes", text_key="body")
 
 
-# --- training batches -------------------------------------------------------------------------------
+# --- training batches -----------------------------------------------------------------------------
 # A stream of distinct values (0, 1, 2, ...) makes every window's position in the stream visible.
 
 
@@ -283,7 +275,7 @@ def test_train_batch_errors():
     train_batches(stream, seq_len=8, global_batch=6, seed=0, process_count=4)
 
 
-# --- evaluation batches -----------------------------------------------------------------------------
+# --- evaluation batches ---------------------------------------------------------------------------
 
 
 def test_eval_batches_are_sequential_and_repeatable():

@@ -7,7 +7,6 @@ import os
 import pathlib
 import signal
 import subprocess
-import sys
 import time
 
 import jax
@@ -15,16 +14,26 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from conftest import REPO
-from test_checkpoint import files_digest
-from test_hf import model_cfg, random_params
-from test_launch import SHAKESPEARE, assert_bad_input, launch
-from test_train import losses, tiny_config
+from helpers import (
+  REPO,
+  SHAKESPEARE,
+  assert_bad_input,
+  files_digest,
+  launch,
+  launch_command,
+  launch_env,
+  losses,
+  metrics,
+  random_params,
+  small_model_cfg,
+  tiny_config,
+)
 
-from cgpt_jax import checkpoint, data, generate, hf, perplexity, run_modes, train
+from cgpt_jax import checkpoint, data, generate, hf, perplexity, run_modes
 from cgpt_jax import config as config_lib
 from cgpt_jax.data import text_builder
 from cgpt_jax.errors import Diverged, InputError
+from cgpt_jax.train import loop, run_dir, run_log, setup, step_functions
 
 # A short run on one device, logged every step.
 TINY = [
@@ -36,16 +45,6 @@ TINY = [
   "--config.optim.warmup_steps=1",
   "--config.data.global_batch=8",
 ]
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  return tmp_path_factory.mktemp("tfds")
-
-
-@pytest.fixture(scope="module")
-def shakespeare(shared_data):
-  return shared_data / "tinyshakespeare" / "input.txt"
 
 
 def config(shared_data, data_dir, **train):
@@ -73,7 +72,8 @@ def saved_params_finite(workdir, step) -> bool:
 # ----------------------------------------------------------------------------------------------
 def test_a_diverging_run_exits_3_and_keeps_finite_checkpoints(tmp_path, data_flags):
   """lr=1e6 goes non-finite within a few steps. Before: exit 0, and keep=2 rotated every finite
-  checkpoint out. Now: exit 3 naming the step, every kept checkpoint finite, --mode=eval reads it."""
+  checkpoint out. Now: exit 3 naming the step, every kept checkpoint finite, --mode=eval reads
+  it."""
   run = [
     *TINY,
     *data_flags,
@@ -102,12 +102,12 @@ def test_skip_drops_non_finite_updates_and_counts_them(shared_data, data_dir, tm
   c = config(shared_data, data_dir, on_nonfinite="skip", max_skips=100)
   c.optim.lr = 1e6
   c.checkpoint.every = 4
-  summary = train.run(c, str(tmp_path))
-  records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  summary = loop.run(c, str(tmp_path))
+  records = metrics(tmp_path)
   assert summary["skipped_steps"] > 0 and records[-1]["skipped_steps"] == summary["skipped_steps"]
   assert np.isfinite(summary["final_eval_loss"])  # the parameters never took a bad update
   assert all(saved_params_finite(tmp_path, k) for k in kept_steps(tmp_path))
-  assert (tmp_path / train.RUN_MARKER).exists()  # a run marks its workdir as this project's
+  assert (tmp_path / run_dir.RUN_MARKER).exists()  # a run marks its workdir as this project's
 
 
 def test_too_many_skips_in_a_row_stop_the_run(shared_data, data_dir, tmp_path):
@@ -118,25 +118,25 @@ def test_too_many_skips_in_a_row_stop_the_run(shared_data, data_dir, tmp_path):
     match=r"steps \d+\.\.\d+ were all non-finite .* more than "
     r"train.max_skips=2 in a row",
   ):
-    train.run(c, str(tmp_path))
+    loop.run(c, str(tmp_path))
 
 
 def test_keep_finite_keeps_the_old_state():
-  old = train.TrainState(jnp.int32(4), {"w": jnp.ones(3)}, {"m": jnp.zeros(3)})
-  new = train.TrainState(jnp.int32(5), {"w": jnp.array([1.0, jnp.inf, 0.0])}, {"m": jnp.ones(3)})
+  old = setup.TrainState(jnp.int32(4), {"w": jnp.ones(3)}, {"m": jnp.zeros(3)})
+  new = setup.TrainState(jnp.int32(5), {"w": jnp.array([1.0, jnp.inf, 0.0])}, {"m": jnp.ones(3)})
   metrics = {"loss": jnp.float32(2.0), "grad_norm": jnp.float32(1.0)}
-  state, out = train.keep_finite(old, new, metrics)
+  state, out = step_functions.keep_finite(old, new, metrics)
   assert not out["finite"] and int(state.step) == 5
   np.testing.assert_array_equal(state.params["w"], old.params["w"])
   np.testing.assert_array_equal(state.opt_state["m"], old.opt_state["m"])
-  state, out = train.keep_finite(old, new._replace(params={"w": jnp.zeros(3)}), metrics)
+  state, out = step_functions.keep_finite(old, new._replace(params={"w": jnp.zeros(3)}), metrics)
   assert out["finite"] and not state.params["w"].any() and state.opt_state["m"].all()
 
 
 def test_perplexity_overflow_is_inf():
   """lr=100 blows up finitely: exp(loss) overflowed after the final checkpoint (a run that could
   never finish)."""
-  assert train.perplexity(1e4) == float("inf") and train.perplexity(1.0) == pytest.approx(np.e)
+  assert run_log.perplexity(1e4) == float("inf") and run_log.perplexity(1.0) == pytest.approx(np.e)
   nll = lambda params, rows: jnp.full((rows.shape[0], rows.shape[1] - 1), 1e4)
   result = perplexity.sliding_window_loss(None, nll, np.arange(20), 4, 4, 2)
   assert result["loss"] == pytest.approx(1e4) and result["perplexity"] == float("inf")
@@ -146,16 +146,16 @@ def test_eval_generate_and_export_refuse_non_finite_parameters(shared_data, data
   """A checkpoint written with nan parameters (as runs before the check did) is refused."""
   c = config(shared_data, data_dir, steps=3)
   c.checkpoint.every = 1
-  train.run(c, str(tmp_path))
+  loop.run(c, str(tmp_path))
   c = config(shared_data, data_dir, steps=4)
-  tokenizer = train.load_data(c).tokenizer
-  s = train.build(c, tokenizer.vocab_size)
+  tokenizer = setup.load_data(c).tokenizer
+  s = setup.build(c, tokenizer.vocab_size)
   ckpt = checkpoint.Checkpointer(
     tmp_path / "checkpoints", s.cfg, data.tokenizer_identity(tokenizer)
   )
-  state = train.restore(s, ckpt, 3, resume=True)
+  state = setup.restore(s, ckpt, 3, resume=True)
   nan = jax.tree.map(lambda x: x * jnp.nan, state.params)
-  ckpt.save(4, train.TrainState(state.step + 1, nan, state.opt_state), None, force=True)
+  ckpt.save(4, setup.TrainState(state.step + 1, nan, state.opt_state), None, force=True)
   ckpt.close()
   for mode in (run_modes.evaluate, run_modes.generate, run_modes.export_hf):
     c = config(shared_data, data_dir, steps=4)
@@ -166,7 +166,7 @@ def test_eval_generate_and_export_refuse_non_finite_parameters(shared_data, data
 
 
 def test_from_hf_refuses_non_finite_weights(tmp_path):
-  cfg = model_cfg()
+  cfg = small_model_cfg()
   params = random_params(cfg)
   params["wpe"] = params["wpe"].replace(value=params["wpe"][...].at[3, 5].set(jnp.nan))
   hf.export(params, cfg, tmp_path / "model")
@@ -179,11 +179,10 @@ def test_from_hf_refuses_non_finite_weights(tmp_path):
 # ----------------------------------------------------------------------------------------------
 def interrupted(run, workdir, signum, after_lines):
   """Runs `run`, sends `signum` once `after_lines` steps are logged; the finished process."""
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   proc = subprocess.Popen(
-    [sys.executable, str(REPO / "launch.py"), "--devices=1", *run],
+    launch_command("--devices=1", *run),
     cwd=REPO,
-    env=env,
+    env=launch_env(),
     stdout=subprocess.PIPE,
     stderr=subprocess.PIPE,
     text=True,
@@ -212,7 +211,8 @@ def long_run(data_flags, workdir, steps=150):
   ]
 
 
-# Slow: two whole runs (30 s); SIGINT's save-and-exit and the bit-identical rerun stay in the default run.
+# Slow: two whole runs (30 s); SIGINT's save-and-exit and the bit-identical rerun stay in the
+# default run.
 @pytest.mark.slow
 def test_sigterm_then_rerun_is_bit_identical(tmp_path, data_flags):
   whole, stopped = tmp_path / "whole", tmp_path / "stopped"
@@ -251,7 +251,7 @@ def test_sigterm_to_a_processes_parent_stops_every_child(tmp_path, data_flags):
   assert "stopped by SIGTERM after step" in err and "Traceback" not in err
   step = kept_steps(tmp_path)[-1]
   assert step >= 5
-  records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  records = metrics(tmp_path)
   assert records[-1]["step"] == step
 
 
@@ -260,14 +260,14 @@ def test_a_run_killed_before_its_summary_is_finished(shared_data, data_dir, tmp_
   the rerun writes the summary (before: "Raise train.steps" forever; a JSONDecodeError)."""
   c = config(shared_data, data_dir)
   c.checkpoint.every = 6
-  first = train.run(c, str(tmp_path))
+  first = loop.run(c, str(tmp_path))
   (tmp_path / "summary.json").unlink()
   whole = (tmp_path / "metrics.jsonl").read_text()
   with open(tmp_path / "metrics.jsonl", "a") as f:
     f.write('{"step": 13, "lo')
   c = config(shared_data, data_dir)
   c.checkpoint.every = 6
-  again = train.run(c, str(tmp_path))
+  again = loop.run(c, str(tmp_path))
   assert again["resumed_from_step"] == 12 and again["final_loss"] == first["final_loss"]
   assert again["final_eval_loss"] == first["final_eval_loss"]
   assert (tmp_path / "metrics.jsonl").read_text() == whole
@@ -278,7 +278,7 @@ def test_a_damaged_metrics_line_before_the_last_is_an_error(tmp_path):
   path = tmp_path / "metrics.jsonl"
   path.write_text('{"step": 1}\n{"st\n{"step": 2}\n')
   with pytest.raises(InputError, match=r"metrics.jsonl: line 2 is not JSON"):
-    train.read_metrics(path, 2)
+    run_log.read_metrics(path, 2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -287,7 +287,7 @@ def test_a_damaged_metrics_line_before_the_last_is_an_error(tmp_path):
 def test_a_folder_of_other_files_is_not_trained_into(tmp_path, data_flags):
   """An exported HF folder as the workdir: before, its config.json was overwritten."""
   folder = tmp_path / "hf"
-  hf.export(random_params(model_cfg()), model_cfg(), folder)
+  hf.export(random_params(small_model_cfg()), small_model_cfg(), folder)
   before = files_digest(folder)
   r = launch(*TINY, *data_flags, "--config.train.steps=2", f"--workdir={folder}")
   assert_bad_input(r, "holds files that no run of this project wrote", "config.json")
@@ -311,17 +311,19 @@ def test_a_refused_run_leaves_no_folder_behind(tmp_path, data_flags):
 # ----------------------------------------------------------------------------------------------
 # 4. The tokenizer is part of the model
 # ----------------------------------------------------------------------------------------------
-def test_another_tokenizer_or_data_order_is_refused(shared_data, data_dir, shakespeare, tmp_path):
+def test_another_tokenizer_or_data_order_is_refused(
+  shared_data, data_dir, shakespeare_file, tmp_path
+):
   """A corpus with as many distinct characters but a different one: before, resume, eval and
   from_hf all went ahead (exit 0) and generated garbage."""
-  text = shakespeare.read_text()
+  text = shakespeare_file.read_text()
   assert "~" not in text and "z" in text
   other = tmp_path / "other.txt"
   other.write_text(text.replace("z", "~"))
   run = tmp_path / "run"
   c = config(shared_data, data_dir, steps=3)
   c.checkpoint.every = 1
-  train.run(c, str(run))
+  loop.run(c, str(run))
   (run / "summary.json").unlink()
   run_modes.export_hf(config(shared_data, data_dir), str(run))
   before = files_digest(run)
@@ -332,17 +334,17 @@ def test_another_tokenizer_or_data_order_is_refused(shared_data, data_dir, shake
     return c
 
   with pytest.raises(InputError, match=r"trained with the tokenizer 'char' \(65 tokens, sha256 "):
-    train.run(other_corpus(steps=5), str(run))
+    loop.run(other_corpus(steps=5), str(run))
   with pytest.raises(InputError, match=r"tokenizer"):
     run_modes.evaluate(other_corpus(), str(run))
   c = other_corpus(steps=3)
   c.init.from_hf = str(run / "hf")
   with pytest.raises(InputError, match=r"hf/config.json: the model was trained with the 'char' "):
-    train.run(c, str(tmp_path / "fine_tuned"))
+    loop.run(c, str(tmp_path / "fine_tuned"))
   c = config(shared_data, data_dir, steps=5)
   c.data.seed = 1
   with pytest.raises(InputError, match=r"data.seed=0, this run has data.seed=1"):
-    train.run(c, str(run))
+    loop.run(c, str(run))
   assert files_digest(run) == before
   assert not (tmp_path / "fine_tuned").exists()
 
@@ -396,9 +398,9 @@ def test_too_many_devices_are_refused_before_jax_starts(tmp_path):
   assert time.monotonic() - t0 < 30  # before: minutes, while memory grew to 8 GB
 
 
-def test_a_global_batch_of_one(shakespeare, data_dir):
+def test_a_global_batch_of_one(shakespeare_file, data_dir):
   """grain's slice of an endless one-row batch stream overflowed (OverflowError) before."""
-  tokens = data.load_corpus(str(shakespeare), str(data_dir), "char").tokens["train"]
+  tokens = data.load_corpus(str(shakespeare_file), str(data_dir), "char").tokens["train"]
   one = data.train_batches(tokens, seq_len=8, global_batch=1, seed=0)
   two = data.train_batches(
     tokens, seq_len=8, global_batch=2, seed=0, process_index=1, process_count=2
@@ -487,16 +489,16 @@ def test_a_damaged_sweep_point_record(tmp_path):
   )
 
 
-def test_a_damaged_prepared_dataset_names_the_folder(shakespeare, tmp_path):
-  builder = text_builder.prepare_text_dataset(str(shakespeare), str(tmp_path))
+def test_a_damaged_prepared_dataset_names_the_folder(shakespeare_file, tmp_path):
+  builder = text_builder.prepare_text_dataset(str(shakespeare_file), str(tmp_path))
   folder = builder.data_dir
   for path in pathlib.Path(folder).glob("*.array_record*"):
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
   with pytest.raises(InputError, match=rf"prepared dataset in {folder} cannot be read.*Delete"):
-    data.load_corpus(str(shakespeare), str(tmp_path), "char")
+    data.load_corpus(str(shakespeare_file), str(tmp_path), "char")
   (pathlib.Path(folder) / "dataset_info.json").write_text('{"broken')
   with pytest.raises(InputError, match=r"cannot be read \(ParseError.*Delete that folder"):
-    data.load_corpus(str(shakespeare), str(tmp_path), "char")
+    data.load_corpus(str(shakespeare_file), str(tmp_path), "char")
 
 
 @pytest.fixture
@@ -532,7 +534,7 @@ def test_a_full_disk_is_one_line_and_keeps_the_checkpoints(tmp_path, data_flags,
 # 7. Messages that were wrong
 # ----------------------------------------------------------------------------------------------
 def test_a_prompt_longer_than_the_model(tmp_path):
-  cfg = model_cfg()
+  cfg = small_model_cfg()
   with pytest.raises(InputError, match=r"Shorten the prompt to at most 63 tokens"):
     generate.check_prompt(cfg, np.zeros(100, np.int32), 4)
 

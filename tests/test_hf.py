@@ -1,49 +1,22 @@
-"""Hugging Face GPT-2-format import/export: exact round trips, clear refusals, and (when transformers
-and torch are installed, requirements-hf.txt) the same logits as transformers' GPT2LMHeadModel."""
+"""Hugging Face GPT-2-format import/export: exact round trips, clear refusals, and (when
+transformers and torch are installed, requirements-hf.txt) the same logits as transformers'
+GPT2LMHeadModel."""
 
 import json
 import shutil
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import safetensors.numpy
 from flax import nnx
+from helpers import SMALL_SHAPE, random_params, small_model_cfg
 
-from cgpt_jax import config as config_lib
 from cgpt_jax import hf
 from cgpt_jax import model as model_lib
 from cgpt_jax.errors import InputError
 
-VOCAB = 65  # padded to 128 rows: the padding is exercised
-SHAPE = dict(n_layers=2, d_model=64, n_heads=4, vocab_size=VOCAB, n_positions=64)
-
-
-def model_cfg(**overrides):
-  c = config_lib.base_config().model
-  c.update({**SHAPE, **overrides})
-  config_lib.resolve_model(c)
-  return c
-
-
-def random_params(cfg, seed=0):
-  """Parameters of `cfg`'s GPT with every entry random (biases and norms too, so that a swapped
-  tensor shows; norm scales near 1, so that logits are O(1)), except the embedding table's padding
-  rows, which stay zero. Drawn with numpy on the abstract tree: initialising the real model costs
-  seconds of compiles."""
-  rng = np.random.default_rng(seed)
-
-  def draw(path, shape):
-    return jnp.asarray(rng.normal(1.0 if path[-1] == "scale" else 0.0, 0.1, shape), jnp.float32)
-
-  flat = [
-    (p, v.replace(value=draw(p, v.shape)))
-    for p, v in nnx.to_flat_state(model_lib.abstract_model(cfg)[1])
-  ]
-  params = nnx.from_flat_state(flat)
-  params["wte"] = params["wte"].replace(value=params["wte"][...].at[cfg.vocab_size :].set(0))
-  return params
+VOCAB = SMALL_SHAPE["vocab_size"]  # 65, padded to 128 rows: the padding is exercised
 
 
 def logits(cfg, params, tokens):
@@ -57,7 +30,7 @@ TOKENS = jax.random.randint(jax.random.key(1), (2, 48), 0, VOCAB)
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
   """(folder, cfg, params): a small random model exported once for the tests to read or spoil."""
-  cfg = model_cfg()
+  cfg = small_model_cfg()
   params = random_params(cfg)
   folder = tmp_path_factory.mktemp("hf") / "model"
   hf.export(params, cfg, folder)
@@ -97,8 +70,8 @@ def test_config_json_gives_the_same_model(exported):
   assert written["tie_word_embeddings"] and written["n_inner"] == 4 * 64
   assert written["eos_token_id"] is None  # 50256 is no token of a 65-word vocabulary
   overrides = hf.read_config(folder)
-  assert overrides == dict(SHAPE, d_ff=256, ln_eps=1e-5)
-  assert model_cfg(**overrides) == cfg
+  assert overrides == dict(SMALL_SHAPE, d_ff=256, ln_eps=1e-5)
+  assert small_model_cfg(**overrides) == cfg
 
 
 def test_accepts_unprefixed_names_buffers_and_tied_head(exported, tmp_path):
@@ -207,7 +180,7 @@ def test_export_refuses_to_overwrite(exported):
 
 
 def test_export_refuses_mup_and_mismatched_params(exported, tmp_path):
-  mup = model_cfg(mup=True)
+  mup = small_model_cfg(mup=True)
   with pytest.raises(
     InputError, match="cannot export to GPT-2 format, which has no muP multipliers"
   ):
@@ -215,7 +188,7 @@ def test_export_refuses_mup_and_mismatched_params(exported, tmp_path):
   with pytest.raises(InputError, match="muP"):
     hf.import_params(exported[0], mup)
   with pytest.raises(InputError, match=r"wpe is \[64, 64\], the config implies \[32, 64\]"):
-    hf.export(exported[2], model_cfg(n_positions=32), tmp_path / "other")
+    hf.export(exported[2], small_model_cfg(n_positions=32), tmp_path / "other")
   assert not (tmp_path / "mup").exists() and not (tmp_path / "other").exists()  # refused up front
 
 
@@ -247,7 +220,7 @@ def test_transformers_model_imports_with_same_logits(tmp_path):
     for p in theirs.parameters():
       p.add_(0.05 * torch.randn_like(p))
   theirs.save_pretrained(tmp_path, safe_serialization=True)
-  cfg = model_cfg(**hf.read_config(tmp_path))
+  cfg = small_model_cfg(**hf.read_config(tmp_path))
   ours = logits(cfg, hf.import_params(tmp_path, cfg), TOKENS)
   np.testing.assert_allclose(ours, hf_logits(theirs, TOKENS), atol=1e-4)
 

@@ -8,11 +8,11 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
-from test_launch import SHAKESPEARE, assert_bad_input, launch
-from test_train import tiny_config
+from helpers import SHAKESPEARE, assert_bad_input, launch, tiny_config
 
-from cgpt_jax import perplexity, run_modes, train
+from cgpt_jax import data, perplexity, run_modes
 from cgpt_jax.errors import InputError
+from cgpt_jax.train import loop, setup, step_functions
 
 
 @pytest.mark.parametrize(
@@ -26,12 +26,12 @@ def test_windows_score_every_position_once(n, window, stride):
 
 
 @pytest.fixture(scope="module")
-def trained(shared_data, tmp_path_factory):
+def trained(shared_data, data_dir, tmp_path_factory):
   """20 steps of the tiny model with a checkpoint at the end."""
   workdir = tmp_path_factory.mktemp("trained")
-  c = tiny_config(shared_data, tmp_path_factory.mktemp("tfds"), layout="single")
+  c = tiny_config(shared_data, data_dir, layout="single")
   c.train.steps, c.train.eval_every, c.checkpoint.every = 20, 20, 20
-  train.run(c, str(workdir))
+  loop.run(c, str(workdir))
   return c, workdir
 
 
@@ -46,7 +46,7 @@ def test_sliding_window_loss_is_the_per_token_recipe(trained):
   tokens = tokenizer.encode("First Citizen:\nBefore we proceed any further, hear me speak.")
   window, stride = 16, 5
   got = perplexity.sliding_window_loss(
-    params, train.make_loss(s, per_token=True), tokens, window, stride, batch=4
+    params, step_functions.make_loss(s, per_token=True), tokens, window, stride, batch=4
   )
   model = nnx.merge(s.graphdef, params)
   nll = []
@@ -82,17 +82,17 @@ def test_eval_generate_export_and_fine_tune(trained, shared_data, tmp_path):
   batch = np.asarray(
     next(
       iter(
-        train.data.train_batches(
-          train.load_data(s.cfg).tokens["train"], seq_len=64, global_batch=16, seed=0
+        data.train_batches(
+          setup.load_data(s.cfg).tokens["train"], seq_len=64, global_batch=16, seed=0
         )
       )
     )
   )
-  expected = float(train.make_loss(s)(params, batch))
+  expected = float(step_functions.make_loss(s)(params, batch))
   tuned = c.copy_and_resolve_references()
   tuned.init.from_hf = str(tmp_path / "hf")
   tuned.train.steps, tuned.optim.warmup_steps = 1, 0
-  train.run(tuned, str(tmp_path / "tuned"))
+  loop.run(tuned, str(tmp_path / "tuned"))
   first = json.loads((tmp_path / "tuned" / "metrics.jsonl").read_text().splitlines()[0])
   np.testing.assert_allclose(first["loss"], expected, rtol=1e-6)
 

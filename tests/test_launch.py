@@ -1,36 +1,10 @@
-"""launch.py as a user runs it: bad input exits 2 with a clear message before compiling; plans work."""
+"""launch.py as a user runs it: bad input exits 2 with a clear message before compiling; plans
+work."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
-from conftest import REPO
-
-
-def launch(*args, devices=1, timeout=300):
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  return subprocess.run(
-    [sys.executable, str(REPO / "launch.py"), f"--devices={devices}", *args],
-    cwd=REPO,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=timeout,
-  )
-
-
-SHAKESPEARE = "--config=experiments/shakespeare_char.py"
-
-
-def assert_bad_input(result, *phrases):
-  assert result.returncode == 2, result.stderr[-2000:]
-  message = result.stderr.strip().splitlines()[-1]
-  assert message.startswith("error: "), result.stderr[-2000:]
-  for phrase in phrases:
-    assert phrase in message, message
-  assert "Traceback" not in result.stderr
+from helpers import SHAKESPEARE, assert_bad_input, launch
 
 
 def test_missing_data(tmp_path):
@@ -150,33 +124,13 @@ def test_existing_run_is_not_overwritten(tmp_path, data_flags):
   assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1, "loss": 4.2}\n'
 
 
-def test_short_dp_run_from_the_command_line(tmp_path, data_flags):
-  r = launch(
-    SHAKESPEARE,
-    *data_flags,
-    "--config.mesh.layout=dp",
-    "--config.data.global_batch=16",
-    "--config.train.steps=20",
-    "--config.optim.warmup_steps=5",
-    "--config.train.eval_every=10",
-    "--config.data.eval_batches=2",
-    "--config.train.progress=False",
-    f"--workdir={tmp_path}",
-    devices=4,
-  )
-  assert r.returncode == 0, r.stderr[-3000:]
-  summary = json.loads((tmp_path / "summary.json").read_text())
-  assert summary["layout"] == "dp" and summary["devices"] == 4 and summary["mesh"]["data"] == 4
-  assert summary["final_eval_loss"] < 4.0  # below uniform over 65 characters (4.17) after 20 steps
-
-
-def test_plan_13b_from_abstract_shapes(tmp_path):
+def test_plan_13b_from_abstract_shapes(tmp_path, shared_data):
   """The 13B preset plans on this 24 GiB machine: nothing is allocated (RSS stays small)."""
   r = launch(
     "--config=experiments/cerebras_gpt.py:13b",
     "--plan",
     f"--workdir={tmp_path}",
-    f"--config.data.tokenizer_path={REPO.parent / 'shared' / 'data' / 'gpt2'}",
+    f"--config.data.tokenizer_path={shared_data / 'gpt2'}",
   )
   assert r.returncode == 0, r.stderr[-3000:]
   plan = json.loads((tmp_path / "plan.json").read_text())
@@ -185,13 +139,13 @@ def test_plan_13b_from_abstract_shapes(tmp_path):
   # Bytes held include the embedding table's padding to 50304 rows (a multiple of 128).
   assert plan["param_bytes"] == 4 * (12_853_386_240 + (50304 - 50257) * 5120)
   assert plan["optimizer_state_bytes"] >= 8 * 12_853_386_240  # Adam's two float32 moments
-  # 6 N per token for the matmul parameters plus 12 L T d for attention (REFERENCE.md §2).
+  # 6 N per token for the matmul parameters plus 12 L T d for attention (docs/formulas.md#flops).
   n_matmul = 40 * 12 * 5120**2 + 50257 * 5120
   assert plan["flops_per_token"] == 6 * n_matmul + 12 * 40 * 2048 * 5120
   assert plan["fits_80GB"] is False  # 154 GB of fp32 parameters and Adam moments on one device
 
 
-def test_plan_13b_on_64_devices(tmp_path):
+def test_plan_13b_on_64_devices(tmp_path, shared_data):
   """fsdp 8 x tensor 8: state is split 64 ways, so per-device arguments are 1/64 of one device's."""
   r = launch(
     "--config=experiments/cerebras_gpt.py:13b",
@@ -202,7 +156,7 @@ def test_plan_13b_on_64_devices(tmp_path):
     "--config.mesh.tensor=8",
     "--config.data.global_batch=64",
     "--config.model.remat=full",
-    f"--config.data.tokenizer_path={REPO.parent / 'shared' / 'data' / 'gpt2'}",
+    f"--config.data.tokenizer_path={shared_data / 'gpt2'}",
     devices=64,
   )
   assert r.returncode == 0, r.stderr[-3000:]
@@ -214,7 +168,7 @@ def test_plan_13b_on_64_devices(tmp_path):
   assert plan["analytic_collective_bytes_per_step"] > 0 and plan["collective_bytes_per_step"]
 
 
-def test_plan_13b_with_a_pipeline_on_64_devices(tmp_path):
+def test_plan_13b_with_a_pipeline_on_64_devices(tmp_path, shared_data):
   """pipe 4 x fsdp 4 x tensor 4: 10 layers per stage, 8 microbatches. The compiled FLOPs are the
   formula's exactly: bubbles included, (M + S - 1) / M = 11/8 on the blocks."""
   r = launch(
@@ -228,7 +182,7 @@ def test_plan_13b_with_a_pipeline_on_64_devices(tmp_path):
     "--config.pipeline.microbatches=8",
     "--config.data.global_batch=64",
     "--config.model.remat=full",
-    f"--config.data.tokenizer_path={REPO.parent / 'shared' / 'data' / 'gpt2'}",
+    f"--config.data.tokenizer_path={shared_data / 'gpt2'}",
     devices=64,
   )
   assert r.returncode == 0, r.stderr[-3000:]

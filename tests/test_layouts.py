@@ -5,20 +5,19 @@ import functools
 import jax
 import numpy as np
 import pytest
+from helpers import assert_same_gradients, compiled_step, loss_and_gradients, losses, tiny_config
 from jax.sharding import PartitionSpec as P
-from test_train import losses, tiny_config
-from tolerances import GRAD_ATOL, RTOL
+from tolerances import RTOL
 
-from cgpt_jax import train
-from cgpt_jax.costs import comm
+from cgpt_jax.costs import analysis, comm
 from cgpt_jax.errors import InputError
-from cgpt_jax.parallel import pipeline
+from cgpt_jax.train import aot_plan, loop, setup
 
 LAYOUTS = ("dp", "zero1", "fsdp")
 
 
 def setup_for(shared_data, data_dir, layout):
-  return train.build(tiny_config(shared_data, data_dir, layout=layout), 65)
+  return setup.build(tiny_config(shared_data, data_dir, layout=layout), 65)
 
 
 def per_device_bytes(tree) -> int:
@@ -26,11 +25,6 @@ def per_device_bytes(tree) -> int:
   return sum(
     np.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree)
   )
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  return tmp_path_factory.mktemp("tfds")
 
 
 @pytest.mark.parametrize(
@@ -52,7 +46,7 @@ def test_shardings_are_what_the_layout_promises(
   adam = s.shardings.opt_state[1][0]  # chain(clip, adamw) -> adamw -> ScaleByAdamState
   assert adam.mu["blocks"]["mlp"]["fc_kernel"].spec == moment_spec
   assert adam.nu["blocks"]["mlp"]["fc_kernel"].spec == moment_spec
-  state, ref = train.abstract_state(s), train.abstract_state(single)
+  state, ref = setup.abstract_state(s), setup.abstract_state(single)
   # Every tiny-model tensor with an embed dimension divides by 8; the biases of shapes
   # [layers, 3, heads, head_dim] and [layers, d_ff] (mlp is never on fsdp) stay whole, so the shrink
   # is 8 up to those few bytes.
@@ -104,69 +98,38 @@ def test_each_layout_trains_like_single(shared_data, data_dir, tmp_path_factory)
   doubled or misplaced reduction moves it by 1e-2 or more.
   """
   ref_dir = tmp_path_factory.mktemp("single")
-  train.run(eight_head_config(shared_data, data_dir, "single"), str(ref_dir))
+  loop.run(eight_head_config(shared_data, data_dir, "single"), str(ref_dir))
   ref_train, ref_eval = losses(ref_dir)
   for layout, sizes in MESHES:
     workdir = tmp_path_factory.mktemp(layout)
-    summary = train.run(eight_head_config(shared_data, data_dir, layout, **sizes), str(workdir))
+    summary = loop.run(eight_head_config(shared_data, data_dir, layout, **sizes), str(workdir))
     assert summary["devices"] == 8
     got_train, got_eval = losses(workdir)
     np.testing.assert_allclose(got_train, ref_train, rtol=RTOL, err_msg=f"{layout} {sizes}")
     np.testing.assert_allclose(got_eval, ref_eval, rtol=RTOL, err_msg=f"{layout} {sizes}")
 
 
-def loss_and_gradients(s, bubble_fill=0.0):
-  """Loss and gradients at initialisation on one fixed batch, as the train step computes them
-  (each gradient reduced into its optimizer state's sharding); pipeline gradients in layer order."""
-  state = train.make_init(s)()
-  batch = np.asarray(
-    next(
-      iter(
-        train.data.train_batches(
-          np.arange(10_000, dtype=np.int32) % 65, seq_len=64, global_batch=16, seed=0
-        )
-      )
-    )
-  )
-  f = jax.jit(
-    train.make_gradients(s, bubble_fill), in_shardings=(s.shardings.params, s.batch_sharding)
-  )
-  loss, grads = f(state.params, batch)
-  if s.schedule:
-    grads = pipeline.from_stages(grads)
-  return float(loss), jax.device_get(grads)
-
-
-def assert_same_gradients(got, ref, msg):
-  """Equal to GRAD_ATOL of the largest gradient of each tensor (tolerances.py)."""
-  for (path, g), r in zip(jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(ref)):
-    scale = float(np.abs(r).max()) or 1.0
-    np.testing.assert_allclose(
-      g, r, rtol=0, atol=GRAD_ATOL * scale, err_msg=f"{msg} {jax.tree_util.keystr(path)}"
-    )
-
-
 def test_each_layout_has_single_gradients(shared_data, data_dir):
   ref_loss, ref = loss_and_gradients(
-    train.build(eight_head_config(shared_data, data_dir, "single"), 65)
+    setup.build(eight_head_config(shared_data, data_dir, "single"), 65)
   )
   for layout, sizes in MESHES:
     loss, got = loss_and_gradients(
-      train.build(eight_head_config(shared_data, data_dir, layout, **sizes), 65)
+      setup.build(eight_head_config(shared_data, data_dir, layout, **sizes), 65)
     )
     np.testing.assert_allclose(loss, ref_loss, rtol=RTOL, err_msg=f"{layout} {sizes}")
     assert_same_gradients(got, ref, f"{layout} {sizes}")
 
 
 def test_tensor_parallel_shardings(shared_data, data_dir):
-  s = train.build(eight_head_config(shared_data, data_dir, "tp"), 65)
+  s = setup.build(eight_head_config(shared_data, data_dir, "tp"), 65)
   p = s.shardings.params
   assert p["blocks"]["attn"]["qkv_kernel"].spec == P(None, None, None, "tensor", None)  # column
   assert p["blocks"]["attn"]["out_kernel"].spec == P(None, "tensor", None, None)  # row
   assert p["blocks"]["mlp"]["fc_kernel"].spec == P(None, None, "tensor")  # column
   assert p["blocks"]["mlp"]["proj_kernel"].spec == P(None, "tensor", None)  # row
   assert p["wte"].spec == P("tensor", None)  # vocab-parallel (65 padded to 128 rows)
-  sp = train.build(eight_head_config(shared_data, data_dir, "sp"), 65)
+  sp = setup.build(eight_head_config(shared_data, data_dir, "sp"), 65)
   assert sp.layout.spec(("batch", "residual_seq", "embed")) == P(None, "tensor", None)
   assert s.layout.spec(("batch", "residual_seq", "embed")) == P(None, None, None)
 
@@ -176,14 +139,7 @@ def test_indivisible_dimension_is_a_clear_error(shared_data, data_dir):
   c.model.d_model = 60  # 60 does not split over 8 devices
   c.model.n_heads = 2
   with pytest.raises(InputError, match=r"'embed' dimension.*8 devices"):
-    train.build(c, 65)
-
-
-def compiled_step(s):
-  batch = jax.ShapeDtypeStruct(
-    (s.cfg.data.global_batch, s.cfg.data.seq_len + 1), np.int32, sharding=s.batch_sharding
-  )
-  return train.make_train_step(s).lower(train.abstract_state(s), batch).compile()
+    setup.build(c, 65)
 
 
 @pytest.fixture(scope="module")
@@ -198,7 +154,7 @@ def layout_step(shared_data, data_dir):
     c.model.update(dict(model))
     c.train.grad_accum = grad_accum
     c.data.global_batch = 64 if grad_accum > 1 else 16
-    s = train.build(c, 65)
+    s = setup.build(c, 65)
     return s, compiled_step(s)
 
   return lambda layout, sizes, grad_accum=1, model=None: build(
@@ -235,16 +191,8 @@ def test_each_collective_kind_moves_the_formulas_bytes(layout_step, layout, size
   pipelines' hops, entry and exit. A doubled reduction or a gather hoisted out of the micro-steps
   moves a kind by 10% or more."""
   s, compiled = layout_step(layout, sizes, grad_accum)
-  measured = train.analysis.collective_bytes(compiled.as_text())
-  terms = comm.analytic_terms(
-    s.layout,
-    s.abstract_params,
-    s.cfg.model,
-    s.cfg.data.global_batch,
-    s.cfg.data.seq_len,
-    s.schedule,
-    grad_accum,
-  )
+  measured = analysis.collective_bytes(compiled.as_text())
+  terms = comm.analytic_terms(s)
   analytic = comm.by_kind(terms)
   assert set(measured) == set(analytic), (measured, analytic)
   for kind, value in analytic.items():
@@ -279,16 +227,9 @@ VARIANTS = [
 )
 def test_remat_pipelines_and_bf16_move_the_formulas_bytes(layout_step, layout, sizes, model):
   s, compiled = layout_step(layout, sizes, model=model)
-  by_dtype = train.analysis.collective_bytes_by_dtype(compiled.as_text())
+  by_dtype = analysis.collective_bytes_by_dtype(compiled.as_text())
   measured = {kind: sum(v.values()) for kind, v in by_dtype.items()}
-  terms = comm.analytic_terms(
-    s.layout,
-    s.abstract_params,
-    s.cfg.model,
-    s.cfg.data.global_batch,
-    s.cfg.data.seq_len,
-    s.schedule,
-  )
+  terms = comm.analytic_terms(s)
   analytic = comm.by_kind(terms)
   assert set(measured) == set(analytic), (measured, analytic)
   for kind, value in analytic.items():
@@ -300,20 +241,20 @@ def test_dp_reduces_each_gradient_once(shared_data, data_dir):
   """dp all-reduces every gradient once: 2 P b (n-1)/n per device (ZeRO paper, sec. 7), the tied
   embedding's lookup and head contributions summed first, plus one scalar (the loss)."""
   s = setup_for(shared_data, data_dir, "dp")
-  measured = train.analysis.collective_bytes(compiled_step(s).as_text())
+  measured = analysis.collective_bytes(compiled_step(s).as_text())
   held = sum(x.size for x in jax.tree.leaves(s.abstract_params))  # with the padded vocabulary
   assert measured == {"all-reduce": round(2 * held * 4 * 7 / 8 + 2 * 4 * 7 / 8)}
 
 
 def test_compiled_matmul_flops_are_the_model_flops(shared_data, data_dir):
   """Single device: every dot in the compiled step, once per loop trip, adds up exactly to
-  6 N_matmul per token (forward + backward) plus 12 L T d of attention (REFERENCE.md §2), with N
-  counting the head over the padded vocabulary (128 rows for 65 characters)."""
+  6 N_matmul per token (forward + backward) plus 12 L T d of attention (docs/formulas.md#flops),
+  with N counting the head over the padded vocabulary (128 rows for 65 characters)."""
   s = setup_for(shared_data, data_dir, "single")
   m, tokens = s.cfg.model, 16 * 64
   n_matmul = m.n_layers * (4 * m.d_model**2 + 2 * m.d_model * m.d_ff) + 128 * m.d_model
   expected = (6 * n_matmul + 12 * m.n_layers * 64 * m.d_model) * tokens
-  assert train.analysis.dot_flops(compiled_step(s).as_text()) == expected
+  assert analysis.dot_flops(compiled_step(s).as_text()) == expected
 
 
 def test_collectives_in_a_scan_count_once_per_layer(shared_data, data_dir):
@@ -323,9 +264,9 @@ def test_collectives_in_a_scan_count_once_per_layer(shared_data, data_dir):
   def fsdp_costs(unroll):
     c = tiny_config(shared_data, data_dir, layout="fsdp")
     c.model.scan_unroll = unroll
-    hlo = compiled_step(train.build(c, 65)).as_text()
+    hlo = compiled_step(setup.build(c, 65)).as_text()
     assert ("while(" in hlo) == (unroll == 1)
-    return train.analysis.collective_bytes(hlo), train.analysis.dot_flops(hlo)
+    return analysis.collective_bytes(hlo), analysis.dot_flops(hlo)
 
   (rolled, rolled_flops), (unrolled, unrolled_flops) = fsdp_costs(1), fsdp_costs(2)
   assert rolled["all-gather"] > 0
@@ -335,11 +276,12 @@ def test_collectives_in_a_scan_count_once_per_layer(shared_data, data_dir):
 
 def test_state_memory_matches_the_zero_and_tp_formulas(layout_step):
   """Per-device argument bytes of the compiled step (parameters, moments, batch) against
-  REFERENCE.md §2: 16 bytes/param split by fsdp, matrices split by tensor, moments also by data
-  under zero1. Within 5%: the formula treats small tensors coarsely (the QKV bias is split by heads
+  docs/formulas.md#per-device-memory: 12 bytes/param (float32 parameter and two Adam moments; the
+  gradients are temporaries) split by fsdp, matrices split by tensor, moments also by data under
+  zero1. Within 5%: the formula treats small tensors coarsely (the QKV bias is split by heads
   under tp but counted as replicated; it stays whole under fsdp) and leaves out the batch."""
   for layout, sizes in [("single", {}), ("dp", {})] + MESHES:
     s, compiled = layout_step(layout, sizes)
-    measured = train.analysis.compiled_memory(compiled)["argument_bytes"]
-    analytic = train.compiled_costs(s, compiled)["analytic_state_bytes_per_device"]
+    measured = analysis.compiled_memory(compiled)["argument_bytes"]
+    analytic = aot_plan.compiled_costs(s, compiled)["analytic_state_bytes_per_device"]
     assert abs(measured / analytic - 1) < 0.05, (layout, sizes, measured, analytic)

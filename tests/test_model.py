@@ -5,20 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import PAPER_PARAMS
 
 from cgpt_jax import config as config_lib
 from cgpt_jax import model as model_lib
-
-# REFERENCE.md §1, "exact params" column (Cerebras-GPT model cards).
-PAPER_PARAMS = {
-  "111m": 111_050_496,
-  "256m": 255_977_024,
-  "590m": 590_310_912,
-  "1.3b": 1_315_723_264,
-  "2.7b": 2_651_553_280,
-  "6.7b": 6_658_404_352,
-  "13b": 12_853_386_240,
-}
 
 
 def model_cfg(preset, **overrides):

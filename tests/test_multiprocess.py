@@ -2,20 +2,18 @@
 across processes, and a bounded, clean failure when one process dies."""
 
 import json
-import os
 import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 
+import helpers
 import numpy as np
 import portpicker
 import psutil
 import pytest
-from conftest import REPO
-from test_launch import assert_bad_input
+from helpers import REPO, assert_bad_input, launch_command, launch_env, metrics
 
 from cgpt_jax import distributed
 from cgpt_jax.errors import InputError
@@ -40,30 +38,17 @@ RUN_TIMEOUT_S = 300  # a bound on every launch, far above what a run takes
 FAIL_WITHIN_S = 30  # a kill must end the whole run within this
 
 
-def command(*args):
-  return [sys.executable, str(REPO / "launch.py"), *args]
-
-
-def env():
-  return {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # launch.py sets the devices
-
-
 def launch(*args):
-  return subprocess.run(
-    command(*args), cwd=REPO, env=env(), capture_output=True, text=True, timeout=RUN_TIMEOUT_S
-  )
+  """launch.py ARGS, finished; the device count is ARGS' own --devices (launch.py sets it)."""
+  return helpers.launch(*args, devices=None, timeout=RUN_TIMEOUT_S)
 
 
 def start(log, *args):
-  return subprocess.Popen(command(*args), cwd=REPO, env=env(), stdout=log, stderr=log)
-
-
-def records(workdir):
-  return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  return subprocess.Popen(launch_command(*args), cwd=REPO, env=launch_env(), stdout=log, stderr=log)
 
 
 def losses(workdir, key="loss"):
-  return [(r["step"], r[key]) for r in records(workdir) if key in r]
+  return [(r["step"], r[key]) for r in metrics(workdir) if key in r]
 
 
 def assert_same_losses(got, ref):
@@ -77,7 +62,8 @@ def assert_same_losses(got, ref):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, data_flags):
-  """The same run in one process of 8 devices and in 2 processes of 4, checkpointed every 3 steps."""
+  """The same run in one process of 8 devices and in 2 processes of 4, checkpointed every 3
+  steps."""
   root = tmp_path_factory.mktemp("runs")
   for name, flags in (("one", ["--devices=8"]), ("two", ["--devices=4", "--processes=2"])):
     r = launch(
@@ -94,7 +80,7 @@ def test_two_processes_train_like_one(runs):
 
 
 def test_only_process_0_writes_the_run_files(runs):
-  assert len(records(runs / "two")) == STEPS  # one writer: no line twice
+  assert len(metrics(runs / "two")) == STEPS  # one writer: no line twice
   assert len(list((runs / "two").glob("events.out.tfevents.*"))) == 1
 
 

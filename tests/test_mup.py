@@ -1,19 +1,20 @@
-"""muP (REFERENCE.md §1): every multiplier is applied where the rules put it. Expected values are the
-rules' own numbers (base width 256, std 0.08, x10, 1/m, 1/d_head), not the code's output."""
+"""muP (docs/mup.md#the-rules): every multiplier is applied where the rules put it. Expected
+values are the rules' own numbers (base width 256, std 0.08, x10, 1/m, 1/d_head), not the code's
+output."""
 
 import math
 
-import cerebras_gpt  # experiments/ is on sys.path via conftest
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from test_train import tiny_config
+from helpers import experiment, tiny_config
 
 from cgpt_jax import config as config_lib
 from cgpt_jax import model as model_lib
-from cgpt_jax import mup, train
+from cgpt_jax import mup
+from cgpt_jax.train import setup
 
 TRUNC = 0.8796  # std of a unit normal truncated to [-2, 2]
 
@@ -34,7 +35,7 @@ def model_cfg(width, is_mup=True, **overrides):
 
 
 def test_presets_carry_the_mup_rules():
-  c = cerebras_gpt.get_config("111m-mup")
+  c = experiment("cerebras_gpt").get_config("111m-mup")
   assert c.optim.lr == 6e-3 and c.data.global_batch == 120
   config_lib.resolve_model(c.model)
   m = 768 / 256
@@ -111,9 +112,9 @@ def test_hidden_matrices_get_the_base_lr_over_m(shared_data, tmp_path):
   layer norms by the base LR. Width 512: m = 2."""
   c = tiny_config(shared_data, tmp_path, layout="single")
   c.model.update(d_model=512, n_heads=8, mup=True)
-  c.optim.update(lr=6e-3, warmup_steps=0, schedule="constant", weight_decay=0.0, clip_norm=1e9)
-  s = train.build(c, 65)
-  params = train.make_init(s)().params
+  c.optim.update(lr=6e-3, warmup_steps=0, decay="constant", weight_decay=0.0, clip_norm=1e9)
+  s = setup.build(c, 65)
+  params = setup.make_init(s)().params
   # Gradients of magnitude >= 1, so eps = 1e-8 changes nothing at float32 precision.
   grads = jax.tree.map(
     lambda p: jnp.where(jnp.arange(p.size).reshape(p.shape) % 2, 1.5, -2.0), params

@@ -5,19 +5,13 @@ family's memory follows its in-flight microbatches, not M."""
 import jax
 import numpy as np
 import pytest
-from test_layouts import assert_same_gradients, compiled_step, loss_and_gradients
-from test_train import losses, tiny_config
+from helpers import assert_same_gradients, compiled_step, loss_and_gradients, losses, tiny_config
 from tolerances import RTOL
 
-from cgpt_jax import train
 from cgpt_jax.costs import analysis, comm
 from cgpt_jax.errors import InputError
 from cgpt_jax.parallel import pipeline_1f1b
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  return tmp_path_factory.mktemp("tfds")
+from cgpt_jax.train import loop, setup
 
 
 def config(
@@ -41,7 +35,7 @@ def config(
 
 @pytest.fixture(scope="module")
 def sequential(shared_data, data_dir):
-  return loss_and_gradients(train.build(config(shared_data, data_dir), 65))
+  return loss_and_gradients(setup.build(config(shared_data, data_dir), 65))
 
 
 PIPELINES = {
@@ -89,7 +83,7 @@ _results = {}
 def pipelined(shared_data, data_dir, name, bubble_fill):
   """Loss and gradients of a pipeline case, computed once per module."""
   if (name, bubble_fill) not in _results:
-    s = train.build(config(shared_data, data_dir, **PIPELINES[name]), 65)
+    s = setup.build(config(shared_data, data_dir, **PIPELINES[name]), 65)
     assert s.schedule is not None
     _results[name, bubble_fill] = loss_and_gradients(s, bubble_fill)
   return _results[name, bubble_fill]
@@ -125,7 +119,7 @@ def head_flops(s) -> int:
 
 @pytest.fixture(scope="module")
 def sequential_flops(shared_data, data_dir):
-  return analysis.dot_flops(compiled_step(train.build(config(shared_data, data_dir), 65)).as_text())
+  return analysis.dot_flops(compiled_step(setup.build(config(shared_data, data_dir), 65)).as_text())
 
 
 @pytest.mark.parametrize(
@@ -140,7 +134,7 @@ def test_compiled_flops_carry_the_bubble(shared_data, data_dir, sequential_flops
   """Every stage computes every one of the M R + S - 1 iterations, so the blocks' compiled FLOPs
   are the single-device program's times (M R + S - 1) / (M R), exactly; the head, split over the
   sequence outside the pipeline, is not inflated."""
-  s = train.build(config(shared_data, data_dir, **PIPELINES[name]), 65)
+  s = setup.build(config(shared_data, data_dir, **PIPELINES[name]), 65)
   ref = sequential_flops
   got = analysis.dot_flops(compiled_step(s).as_text()) * s.layout.mesh.size
   sched = s.schedule
@@ -151,7 +145,7 @@ def test_compiled_flops_carry_the_bubble(shared_data, data_dir, sequential_flops
 def test_ppermute_bytes_are_one_activation_per_hop(shared_data, data_dir):
   """Per iteration each device sends its [microbatch rows, seq, d_model] activation forward, and
   its gradient back: 2 (M R + S - 1) (B / data / M) T d 4 bytes, and nothing else permutes."""
-  s = train.build(config(shared_data, data_dir, **PIPELINES["gpipe S4 M4"]), 65)
+  s = setup.build(config(shared_data, data_dir, **PIPELINES["gpipe S4 M4"]), 65)
   measured = analysis.collective_bytes(compiled_step(s).as_text())["collective-permute"]
   d, sched = s.cfg.data, s.schedule
   per_hop = d.global_batch // 2 // sched.microbatches * d.seq_len * s.cfg.model.d_model * 4
@@ -181,7 +175,7 @@ def test_hand_written_schedules_compute_no_bubble(shared_data, data_dir, sequent
   often as the schedule's table takes it, are the single-device program's exactly. ZB-H1's W
   applies the stage's VJP a second time for the weights, so it adds the whole input-gradient chain
   once more (the price of splitting B from W with two VJPs)."""
-  s = train.build(config(shared_data, data_dir, **PIPELINES[name]), 65)
+  s = setup.build(config(shared_data, data_dir, **PIPELINES[name]), 65)
   shares = s.schedule.program.branch_shares()
   got = analysis.dot_flops(compiled_step(s).as_text(), shares) * s.layout.mesh.size
   extra = input_gradient_flops(s) if s.schedule.name == "zb_h1" else 0
@@ -204,7 +198,7 @@ def test_hand_written_schedules_move_the_formulas_bytes(shared_data, data_dir, n
   [mb, T, d] float32 (the lockstep rounds of the table: 2 (M + S - 1) for 1F1B, 3 M + S - 1 for
   ZB-H1); every other collective as comm.py's formula says, within 1%: the scalars' few bytes
   that XLA's partitioner splits differently under tensor x pipe."""
-  s = train.build(config(shared_data, data_dir, **PIPELINES[name]), 65)
+  s = setup.build(config(shared_data, data_dir, **PIPELINES[name]), 65)
   sched, d = s.schedule, s.cfg.data
   rounds = {
     "1f1b": 2 * (sched.microbatches + sched.stages - 1),
@@ -217,11 +211,7 @@ def test_hand_written_schedules_move_the_formulas_bytes(shared_data, data_dir, n
   rows = d.global_batch // (s.layout.axis_sizes["data"] * s.layout.axis_sizes["fsdp"])
   per_hop = rows // sched.microbatches * d.seq_len * s.cfg.model.d_model * 4
   assert measured["collective-permute"] == 2 * sched.program.rounds * per_hop
-  analytic = comm.by_kind(
-    comm.analytic_terms(
-      s.layout, s.abstract_params, s.cfg.model, d.global_batch, d.seq_len, s.schedule
-    )
-  )
+  analytic = comm.by_kind(comm.analytic_terms(s))
   assert set(measured) == set(analytic), (measured, analytic)
   for kind, value in analytic.items():
     assert measured[kind] == pytest.approx(value, rel=0.01), (kind, measured, analytic)
@@ -242,7 +232,7 @@ def temp_bytes(shared_data, data_dir, schedule, microbatches, repeats=1):
     repeats=repeats,
   )
   c.data.global_batch = c.data.eval_batch = 2 * 2 * microbatches
-  return analysis.compiled_memory(compiled_step(train.build(c, 65)))["temp_bytes"]
+  return analysis.compiled_memory(compiled_step(setup.build(c, 65)))["temp_bytes"]
 
 
 @pytest.mark.parametrize(
@@ -278,9 +268,9 @@ def test_memory_follows_in_flight_microbatches_not_m(shared_data, data_dir, sche
 def test_hand_written_schedules_train_like_single(shared_data, data_dir, tmp_path_factory, name):
   """12 steps from the same seed: single's losses to the suite's float32 tolerance."""
   ref = tmp_path_factory.mktemp("single")
-  train.run(config(shared_data, data_dir), str(ref))
+  loop.run(config(shared_data, data_dir), str(ref))
   workdir = tmp_path_factory.mktemp("pipelined")
-  summary = train.run(config(shared_data, data_dir, **PIPELINES[name]), str(workdir))
+  summary = loop.run(config(shared_data, data_dir, **PIPELINES[name]), str(workdir))
   assert summary["pipeline"]["schedule"] == PIPELINES[name]["schedule"]
   got, want = losses(workdir), losses(ref)
   np.testing.assert_allclose(got[0], want[0], rtol=RTOL)
@@ -305,6 +295,6 @@ def test_hand_written_schedules_train_like_single(shared_data, data_dir, tmp_pat
 def test_bad_pipeline_configs_are_clear_errors(shared_data, data_dir, overrides, phrases):
   c = config(shared_data, data_dir, **{**PIPELINES["gpipe S4 M4"], **overrides})
   with pytest.raises(InputError) as e:
-    train.build(c, 65)
+    setup.build(c, 65)
   for phrase in phrases:
     assert phrase in str(e.value)

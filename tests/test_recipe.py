@@ -1,25 +1,22 @@
 """Training-recipe knobs: gradient accumulation is the same update as one big step; remat policies
-move memory and FLOPs the way they promise (compiled figures, not time); Adafactor, muP and bf16 train
-alike under every layout; Adafactor's state is factored; bf16 tracks float32 with less memory."""
+move memory and FLOPs the way they promise (compiled figures, not time); Adafactor, muP and bf16
+train alike under every layout; Adafactor's state is factored; bf16 tracks float32 with less
+memory."""
 
 import math
 
 import jax
 import numpy as np
 import pytest
+from helpers import compiled_step, tiny_config
 from jax.sharding import PartitionSpec as P
-from test_layouts import compiled_step
-from test_train import tiny_config
 
+from cgpt_jax import data
 from cgpt_jax import model as model_lib
-from cgpt_jax import train
 from cgpt_jax.costs import analysis
 from cgpt_jax.errors import InputError
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  return tmp_path_factory.mktemp("tfds")
+from cgpt_jax.parallel import pipeline
+from cgpt_jax.train import aot_plan, setup, step_functions
 
 
 def one_step(s):
@@ -28,16 +25,16 @@ def one_step(s):
   batch = np.asarray(
     next(
       iter(
-        train.data.train_batches(
+        data.train_batches(
           np.arange(10_000, dtype=np.int32) % 65, seq_len=64, global_batch=16, seed=0
         )
       )
     )
   )
-  state, metrics = train.make_train_step(s)(train.make_init(s)(), batch)
+  state, metrics = step_functions.make_train_step(s)(setup.make_init(s)(), batch)
   params = state.params
   if s.schedule:
-    params = train.pipeline.from_stages(params)
+    params = pipeline.from_stages(params, s.schedule)
   return float(metrics["loss"]), float(metrics["grad_norm"]), jax.device_get(params)
 
 
@@ -50,11 +47,11 @@ def test_grad_accumulation_is_one_step_on_the_whole_batch(shared_data, data_dir,
     c = tiny_config(shared_data, data_dir, layout=layout, **sizes)
     c.train.grad_accum = accum
     c.pipeline.microbatches = 2
-    return train.build(c, 65)
+    return setup.build(c, 65)
 
-  whole, init = one_step(run(1)), jax.device_get(train.make_init(run(1))().params)
+  whole, init = one_step(run(1)), jax.device_get(setup.make_init(run(1))().params)
   if layout == "pp":
-    init = train.pipeline.from_stages(init)
+    init = pipeline.from_stages(init, run(1).schedule)
   micro = one_step(run(k))
   np.testing.assert_allclose(micro[0], whole[0], rtol=1e-6)
   np.testing.assert_allclose(micro[1], whole[1], rtol=1e-5)
@@ -73,12 +70,12 @@ def test_remat_policies_trade_memory_for_flops(shared_data, data_dir):
   for policy in model_lib.REMAT_POLICIES | {"none": None}:
     c = tiny_config(shared_data, data_dir, layout="single")
     c.model.remat = policy
-    s = train.build(c, 65)
+    s = setup.build(c, 65)
     compiled = compiled_step(s)
     costs[policy] = (
       analysis.dot_flops(compiled.as_text()),
       analysis.compiled_memory(compiled)["temp_bytes"],
-      train.compiled_costs(s, compiled)["expected_matmul_flops_per_step"],
+      aot_plan.compiled_costs(s, compiled)["expected_matmul_flops_per_step"],
     )
   for flops, _, expected in costs.values():
     assert flops == expected
@@ -90,10 +87,10 @@ def test_grad_accum_that_does_not_divide_the_batch_is_a_clear_error(shared_data,
   c = tiny_config(shared_data, data_dir, layout="dp")
   c.train.grad_accum = 4  # 16 rows / 4 micro-steps = 4 rows, not divisible by 8 devices
   with pytest.raises(InputError, match=r"global_batch=16.*4 micro-steps x 8 devices"):
-    train.build(c, 65)
+    setup.build(c, 65)
   c.train.grad_accum = 3
   with pytest.raises(InputError, match=r"train.grad_accum=3.*divisor of data.global_batch=16"):
-    train.build(c, 65)
+    setup.build(c, 65)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -101,9 +98,9 @@ def test_grad_accum_that_does_not_divide_the_batch_is_a_clear_error(shared_data,
 # ----------------------------------------------------------------------------------------------
 def first_losses(s, steps=4):
   """Losses of the first `steps` steps on the real corpus, in process (no run directory)."""
-  corpus = train.load_data(s.cfg)
-  batches = train.data.train_batches(corpus.tokens["train"], seq_len=64, global_batch=16, seed=0)
-  state, step, losses = train.make_init(s)(), train.make_train_step(s), []
+  corpus = setup.load_data(s.cfg)
+  batches = data.train_batches(corpus.tokens["train"], seq_len=64, global_batch=16, seed=0)
+  state, step, losses = setup.make_init(s)(), step_functions.make_train_step(s), []
   for _ in range(steps):
     state, metrics = step(state, np.asarray(next(batches)))
     losses.append(float(metrics["loss"]))
@@ -123,7 +120,7 @@ LAYOUTS = [("fsdp", {}), ("tp", {}), ("pp", {"pipe": 2, "data": 4})]
 def adafactor_mup_reference(shared_data, data_dir):
   c = recipe_config(shared_data, data_dir, "single")
   c.optim.name, c.model.mup = "adafactor", True
-  return first_losses(train.build(c, 65))
+  return first_losses(setup.build(c, 65))
 
 
 @pytest.mark.parametrize("layout,sizes", LAYOUTS)
@@ -134,7 +131,7 @@ def test_adafactor_with_mup_trains_alike_under_every_layout(
   float32 losses equal single's to the layouts' tolerance (test_layouts)."""
   c = recipe_config(shared_data, data_dir, layout, **sizes)
   c.optim.name, c.model.mup = "adafactor", True
-  np.testing.assert_allclose(first_losses(train.build(c, 65)), adafactor_mup_reference, rtol=1e-5)
+  np.testing.assert_allclose(first_losses(setup.build(c, 65)), adafactor_mup_reference, rtol=1e-5)
 
 
 def test_adafactor_state_is_factored(shared_data, data_dir):
@@ -142,14 +139,14 @@ def test_adafactor_state_is_factored(shared_data, data_dir):
   mean of its squared gradients instead of Adam's two full moments (Shazeer & Stern 2018), and the
   factored moments shard along the parameter axes they keep."""
 
-  def setup(layout, name):
+  def make_setup(layout, name):
     c = recipe_config(shared_data, data_dir, layout)
     c.model.update(d_model=128, n_positions=256)  # wte [128, 128], wpe [256, 128], fc [2, 128, 512]
     c.optim.name = name
-    return train.build(c, 65)
+    return setup.build(c, 65)
 
   def moment_bytes(s):  # counters and optax's (1,) placeholders left out
-    return sum(x.size * 4 for x in jax.tree.leaves(train.abstract_state(s).opt_state) if x.size > 1)
+    return sum(x.size * 4 for x in jax.tree.leaves(setup.abstract_state(s).opt_state) if x.size > 1)
 
   def adafactor_elements(shape):
     big = sorted(shape)[-2:]
@@ -157,15 +154,15 @@ def test_adafactor_state_is_factored(shared_data, data_dir):
       return math.prod(shape) // big[1] + math.prod(shape) // big[0]
     return math.prod(shape)
 
-  adam, adafactor = setup("single", "adamw"), setup("single", "adafactor")
+  adam, adafactor = make_setup("single", "adamw"), make_setup("single", "adafactor")
   shapes = [x.shape for x in jax.tree.leaves(adam.abstract_params)]
   assert moment_bytes(adam) == 2 * 4 * sum(math.prod(s) for s in shapes)
   assert moment_bytes(adafactor) == 4 * sum(adafactor_elements(s) for s in shapes)
   assert moment_bytes(adam) / moment_bytes(adafactor) > 2.5  # the attention kernels stay full
   # The analysis reports the same bytes, whole and per device.
-  costs = train.compiled_costs(adafactor, compiled_step(adafactor))
-  assert costs["optimizer_state_bytes"] == train.analysis.tree_bytes(
-    train.abstract_state(adafactor).opt_state
+  costs = aot_plan.compiled_costs(adafactor, compiled_step(adafactor))
+  assert costs["optimizer_state_bytes"] == analysis.tree_bytes(
+    setup.abstract_state(adafactor).opt_state
   )
 
   # v_col keeps [layers, mlp], and mlp is never split over fsdp (layouts.RULES): whole there.
@@ -173,7 +170,7 @@ def test_adafactor_state_is_factored(shared_data, data_dir):
     ("fsdp", P(None, "fsdp"), P(None, None)),
     ("tp", P(None, None), P(None, "tensor")),
   ):
-    s = setup(layout, "adafactor")
+    s = make_setup(layout, "adafactor")
     factored = s.shardings.opt_state[1][0]  # chain(clip, adafactor) -> adafactor's FactoredState
     fc = "blocks", "mlp", "fc_kernel"  # [layers, embed, mlp]: v_row drops mlp, v_col drops embed
     assert factored.v_row[fc[0]][fc[1]][fc[2]].spec == row, layout
@@ -184,7 +181,7 @@ def test_adafactor_state_is_factored(shared_data, data_dir):
 def bf16_reference(shared_data, data_dir):
   c = recipe_config(shared_data, data_dir, "single")
   c.model.dtype = "bfloat16"
-  return first_losses(train.build(c, 65))
+  return first_losses(setup.build(c, 65))
 
 
 @pytest.mark.parametrize(
@@ -202,7 +199,7 @@ def test_bfloat16_trains_alike_under_every_layout(
   averaged over the batch's 1024 tokens in the loss): rtol 1e-4, not float32's 1e-5."""
   c = recipe_config(shared_data, data_dir, layout, **sizes)
   c.model.dtype = "bfloat16"
-  np.testing.assert_allclose(first_losses(train.build(c, 65)), bf16_reference, rtol=1e-4)
+  np.testing.assert_allclose(first_losses(setup.build(c, 65)), bf16_reference, rtol=1e-4)
 
 
 # Slow: two 20-step runs (19 s); bf16 under every layout stays in the default run.
@@ -212,21 +209,21 @@ def test_bfloat16_tracks_float32_and_saves_memory(shared_data, data_dir):
   shows master weights and optimizer state unchanged (float32 arguments) with smaller
   activations (temp), under single and fsdp."""
 
-  def setup(layout, dtype, steps=40):
+  def make_setup(layout, dtype, steps=40):
     c = recipe_config(shared_data, data_dir, layout)
     c.model.dtype = dtype
     c.train.steps = steps
-    return train.build(c, 65)
+    return setup.build(c, 65)
 
   f32, bf16 = (
-    first_losses(setup("single", "float32"), 40),
-    first_losses(setup("single", "bfloat16"), 40),
+    first_losses(make_setup("single", "float32"), 40),
+    first_losses(make_setup("single", "bfloat16"), 40),
   )
   assert f32[-1] < f32[0] - 0.5  # it learns
   np.testing.assert_allclose(bf16, f32, rtol=1e-3)
   for layout in ("single", "fsdp"):
     mem = {
-      dtype: train.analysis.compiled_memory(compiled_step(setup(layout, dtype)))
+      dtype: analysis.compiled_memory(compiled_step(make_setup(layout, dtype)))
       for dtype in ("float32", "bfloat16")
     }
     assert mem["bfloat16"]["argument_bytes"] == mem["float32"]["argument_bytes"], layout

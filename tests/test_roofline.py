@@ -1,15 +1,19 @@
-"""cgpt_jax/costs/roofline.py against hand-computed cases; the plan sweep's report against a real plan."""
+"""cgpt_jax/costs/roofline.py against hand-computed cases; the plan sweep's report against a real
+plan."""
 
 import json
 import re
 import subprocess
 import sys
 
-import plan_cerebras_gpt as experiment
 import pytest
-from conftest import REPO
+from helpers import REPO
+from helpers import experiment as load_experiment
 
+from cgpt_jax import report_plan
 from cgpt_jax.costs import roofline
+
+experiment = load_experiment("plan_cerebras_gpt")
 
 H100, V5P = roofline.H100, roofline.TPU_V5P
 
@@ -34,7 +38,8 @@ def fake_plan(**overrides) -> dict:
 
 
 def test_critical_tokens_match_reference():
-  # REFERENCE.md §2: C/W ≈ 2,200 on H100 NVLink, ≈ 2,500 on TPU v5p.
+  # docs/formulas.md#roofline: C/W = 989e12/450e9 ≈ 2,200 on H100 NVLink, 459e12/1.8e11 ≈ 2,550
+  # on TPU v5p.
   assert roofline.critical_tokens(H100, H100.link_bytes_per_s) == pytest.approx(2200, rel=0.01)
   assert roofline.critical_tokens(V5P, V5P.link_bytes_per_s) == pytest.approx(2500, rel=0.03)
 
@@ -89,9 +94,14 @@ def test_data_parallel_weights_move_once_per_step():
 
 
 def test_grad_accum_fits_the_budget():
-  per_row = experiment.activation_bytes_per_row("13b", 8)
-  room = experiment.ACTIVATION_BUDGET - experiment.state_bytes("13b", 64)
+  """13B on tensor 8 with its state split 64 ways (costs/memory.py, by hand): a sequence keeps every
+  block's input [2048, 5120] and three copies of its logits [2048, 50304 / 8] in float32; the step
+  holds 16 bytes per parameter (float32 parameters, gradients and two Adam moments); the budget is
+  40 GB. 90 sequences per device: 18 per micro-step fit (33.0 GB of 36.8), 30 do not, so k = 5."""
+  per_row = 2048 * 4 * (40 * 5120 + 3 * 50304 / 8)
+  room = 40e9 - 16 * 12_853_386_240 / 64
   k = experiment.grad_accum("13b", 90, 8, 64)
+  assert k == 5
   assert 90 % k == 0 and 90 // k * per_row <= room
   smaller = [j for j in range(1, k) if 90 % j == 0]
   assert all(90 // j * per_row > room for j in smaller)
@@ -139,7 +149,7 @@ def test_report_row_matches_a_real_plan(tmp_path):
   assert model["dtype"] == "bfloat16" and model["remat"] == "full"
   assert plan["tokens_per_step"] == 128 * 2048 and plan["devices"] == 64
 
-  row = experiment.plan_row(p, plan)
+  row = report_plan.plan_row(p, plan)
   assert row["memory_bytes"] == plan["memory_per_device_bytes"]["total_bytes"]
   assert row["bytes_measured"] == sum(plan["collective_bytes_per_step"].values())
   assert row["bytes_analytic"] == plan["analytic_collective_bytes_per_step"]

@@ -10,11 +10,14 @@ import pathlib
 
 import numpy as np
 import pytest
-import scaling
+from helpers import experiment
 
 from cgpt_jax import config as config_lib
-from cgpt_jax import scaling_law, train
+from cgpt_jax import scaling_law
 from cgpt_jax.errors import InputError
+from cgpt_jax.train import setup
+
+scaling = experiment("scaling")
 
 TRUE = scaling_law.PowerLaw(a=3e9, b=0.15, c=1.2)
 FLOPS = np.geomspace(5e10, 1e13, 7)  # the sweep's range
@@ -119,7 +122,7 @@ def test_sweep_points_spend_the_chinchilla_budget_within_one_epoch(monkeypatch):
   assert len(points) >= 5 and len({p["name"] for p in points}) == len(points)
   sizes = []
   for point in points:
-    s = train.build(with_overrides(point), vocab)
+    s = setup.build(with_overrides(point), vocab)
     d = s.cfg.data
     tokens_per_step = d.global_batch * d.seq_len
     tokens = s.cfg.train.steps * tokens_per_step

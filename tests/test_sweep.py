@@ -1,13 +1,12 @@
-"""Sweeps (cgpt_jax/sweep.py): get_sweep() points run one process each, failures are reported without
-stopping the sweep, reruns skip finished points, and the layout ablation compares every layout."""
+"""Sweeps (cgpt_jax/sweep.py): get_sweep() points run one process each, failures are reported
+without stopping the sweep, reruns skip finished points, and the layout ablation compares every
+layout."""
 
 import json
 import types
 
-import ablate_layouts  # experiments/ is on sys.path via conftest
 import pytest
-from conftest import REPO
-from test_launch import launch
+from helpers import REPO, experiment, launch
 
 from cgpt_jax import report, sweep
 from cgpt_jax.errors import InputError
@@ -56,14 +55,15 @@ def test_point_fields_and_command_line_overrides():
 
 
 def test_ablation_covers_every_layout_on_8_devices():
-  points = ablate_layouts.get_sweep()
+  points = experiment("ablate_layouts").get_sweep()
   assert points[0]["name"] == "single" and all(p["devices"] == 8 for p in points)
   assert {p["mesh.layout"] for p in points} == set(layouts.LAYOUT_PRESETS)
 
 
+ABLATE = REPO / "experiments" / "ablate_layouts.py"
 SWEEP_FILE = f"""
 import importlib.util
-spec = importlib.util.spec_from_file_location("ablate", "{REPO / "experiments" / "ablate_layouts.py"}")
+spec = importlib.util.spec_from_file_location("ablate", "{ABLATE}")
 ablate = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(ablate)
 from cgpt_jax.config import base_config
@@ -88,7 +88,8 @@ def get_sweep(arg=None):
   return [{{"name": "single", "devices": 4, "mesh.layout": "single"}},
           {{"name": "fsdp", "devices": 4, "mesh.layout": "fsdp"}},
           {{"name": "tp3", "devices": 4, "mesh.layout": "tp", "mesh.tensor": 3}},
-          {{"name": "dp2_x_tp2", "devices": 4, "mesh.layout": "tp", "mesh.data": 2, "mesh.tensor": 2}}]
+          {{"name": "dp2_x_tp2", "devices": 4, "mesh.layout": "tp", "mesh.data": 2,
+            "mesh.tensor": 2}}]
 
 report = ablate.report
 """
@@ -96,7 +97,8 @@ report = ablate.report
 
 def test_sweep_reports_failures_and_resumes(tmp_path, data_flags):
   """Four points, one of them a bad layout: the sweep goes on, the report shows the error and the
-  other layouts' losses equal to single's; a rerun skips what finished; a changed point is refused."""
+  other layouts' losses equal to single's; a rerun skips what finished; a changed point is
+  refused."""
   exp = tmp_path / "exp.py"
   exp.write_text(SWEEP_FILE)
   workdir = tmp_path / "sweep"

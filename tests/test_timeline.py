@@ -1,12 +1,13 @@
-"""Pipeline schedules as tables (cgpt_jax/parallel/timeline.py): legal, the papers' bubbles and memory."""
+"""Pipeline schedules as tables (cgpt_jax/parallel/timeline.py): legal, the papers' bubbles and
+memory."""
 
 import json
 
 import pytest
-from test_train import tiny_config
+from helpers import tiny_config
 
-from cgpt_jax import train
 from cgpt_jax.parallel import timeline
+from cgpt_jax.train import aot_plan
 
 SIZES = [(2, 4, 1), (4, 4, 1), (4, 8, 1), (4, 16, 1), (8, 16, 1), (2, 4, 2), (4, 8, 2), (4, 16, 3)]
 CASES = [
@@ -84,15 +85,10 @@ def test_unknown_schedule_is_refused():
     timeline.simulate("2f2b", 4, 8)
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  return tmp_path_factory.mktemp("tfds")
-
-
 def test_plan_reports_the_table_and_draws_it(shared_data, data_dir, tmp_path):
   c = tiny_config(shared_data, data_dir, layout="pp", pipe=2, data=4)
   c.model.n_heads = 8
-  train.plan(c, str(tmp_path))
+  aot_plan.plan(c, str(tmp_path))
   p = json.loads((tmp_path / "plan.json").read_text())["pipeline"]
   assert p["schedule"] == "gpipe"
   assert p["bubble_fraction_table"] == pytest.approx(p["bubble_fraction_theory"], rel=1e-12)

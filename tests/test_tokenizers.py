@@ -1,4 +1,5 @@
-"""Tokenizers against outside facts: OpenAI's GPT-2 ids (shared/data/README.md), nanoGPT's char vocabulary."""
+"""Tokenizers against outside facts: OpenAI's GPT-2 ids (shared/data/README.md), nanoGPT's char
+vocabulary."""
 
 import numpy as np
 import pytest
@@ -13,8 +14,8 @@ def gpt2(shared_data):
 
 
 @pytest.fixture(scope="module")
-def shakespeare(shared_data) -> str:
-  return (shared_data / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")
+def shakespeare(shakespeare_file) -> str:
+  return shakespeare_file.read_text(encoding="utf-8")
 
 
 def test_gpt2_known_ids(gpt2, shakespeare):

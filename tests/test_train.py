@@ -1,47 +1,19 @@
 """End-to-end training in-process: the loss falls, dp equals single, reruns are bit-identical."""
 
-import json
 import math
 
 import numpy as np
 import pytest
-import shakespeare_char  # experiments/ is on sys.path via conftest
+from helpers import experiment, losses, metrics, tiny_config
 
-from cgpt_jax import train
-
-
-def tiny_config(shared_data, data_dir, **mesh):
-  c = shakespeare_char.get_config()
-  c.model.preset = "tiny"
-  c.model.scan_unroll = 2
-  c.data.source = str(shared_data / "tinyshakespeare" / "input.txt")
-  c.data.data_dir = str(data_dir)
-  c.data.global_batch = 16
-  c.data.eval_batch = 64
-  c.data.eval_batches = 4
-  c.train.steps = 12
-  c.train.log_every = 1
-  c.train.eval_every = 6
-  c.train.progress = False
-  c.optim.warmup_steps = 2
-  c.mesh.update(mesh)
-  return c
-
-
-def losses(workdir):
-  lines = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
-  return [l["loss"] for l in lines], [l["eval_loss"] for l in lines if "eval_loss" in l]
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  return tmp_path_factory.mktemp("tfds")
+from cgpt_jax.errors import InputError
+from cgpt_jax.train import loop
 
 
 @pytest.fixture(scope="module")
 def single_run(shared_data, data_dir, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("single")
-  summary = train.run(tiny_config(shared_data, data_dir, layout="single"), str(workdir))
+  summary = loop.run(tiny_config(shared_data, data_dir, layout="single"), str(workdir))
   return workdir, summary
 
 
@@ -67,7 +39,7 @@ def test_run_writes_contract_files_and_loss_falls(single_run):
   assert train_losses[0] == pytest.approx(math.log(65), abs=0.1)  # uniform over the 65 characters
   assert train_losses[-1] < train_losses[0] - 0.3
   assert eval_losses[-1] < eval_losses[0]
-  lines = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+  lines = metrics(workdir)
   for key in ("step", "loss", "learning_rate", "grad_norm", "tokens_per_s", "step_s"):
     assert key in lines[0], key
   assert "eval_perplexity" in lines[5]
@@ -83,7 +55,7 @@ def test_dp_on_8_devices_matches_single(single_run, shared_data, data_dir, tmp_p
   shards, a missing all-reduce) moves the loss by 1e-2 or more.
   """
   _, summary = single_run
-  dp = train.run(tiny_config(shared_data, data_dir, layout="dp"), str(tmp_path))
+  dp = loop.run(tiny_config(shared_data, data_dir, layout="dp"), str(tmp_path))
   assert dp["devices"] == 8 and dp["mesh"]["data"] == 8
   single_train, single_eval = losses(single_run[0])
   dp_train, dp_eval = losses(tmp_path)
@@ -92,25 +64,26 @@ def test_dp_on_8_devices_matches_single(single_run, shared_data, data_dir, tmp_p
 
 
 def test_rerun_is_bit_identical(single_run, shared_data, data_dir, tmp_path):
-  train.run(tiny_config(shared_data, data_dir, layout="single"), str(tmp_path))
+  loop.run(tiny_config(shared_data, data_dir, layout="single"), str(tmp_path))
   assert losses(tmp_path) == losses(single_run[0])
 
 
 def test_refuses_a_workdir_that_holds_a_run(single_run, shared_data, data_dir):
   workdir, _ = single_run
   before = (workdir / "metrics.jsonl").read_bytes()
-  with pytest.raises(train.InputError, match="already holds a run"):
-    train.run(tiny_config(shared_data, data_dir), str(workdir))
+  with pytest.raises(InputError, match="already holds a run"):
+    loop.run(tiny_config(shared_data, data_dir), str(workdir))
   assert (workdir / "metrics.jsonl").read_bytes() == before
 
 
 @pytest.mark.slow
 def test_default_experiment_matches_nanogpt(tmp_path, data_dir, shared_data):
   """The full default run (2000 steps, ~2 min) ends within 0.01 of nanoGPT's 1.8857 on the same
-  recipe (REFERENCE.md §4); seeds differ by ~0.002 here, nanoGPT's 20-batch estimate by more."""
-  c = shakespeare_char.get_config()
+  recipe (docs/recipe.md#the-default-experiment); seeds differ by ~0.002 here, nanoGPT's 20-batch
+  estimate by more."""
+  c = experiment("shakespeare_char").get_config()
   c.data.source = str(shared_data / "tinyshakespeare" / "input.txt")
   c.data.data_dir = str(data_dir)
   c.train.progress = False
-  summary = train.run(c, str(tmp_path))
+  summary = loop.run(c, str(tmp_path))
   assert summary["final_eval_loss"] <= 1.8857 + 0.01

@@ -5,25 +5,19 @@ single is test_layouts' job: they are in its MESHES.)"""
 import json
 
 import pytest
-from test_layouts import compiled_step
-from test_train import tiny_config
+from helpers import PAPER_PARAMS, PAPER_SHAPES, compiled_step, tiny_config
 
-from cgpt_jax import train
 from cgpt_jax.costs import analysis
 from cgpt_jax.errors import InputError
+from cgpt_jax.train import aot_plan, setup
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  return tmp_path_factory.mktemp("tfds")
-
-
-def setup(shared_data, data_dir, layout, layers=2, **sizes):
+def wafer_setup(shared_data, data_dir, layout, layers=2, **sizes):
   c = tiny_config(shared_data, data_dir, layout=layout, **sizes)
   c.model.n_layers = layers
   c.model.n_heads = 8
   c.model.scan_unroll = 1
-  return train.build(c, 65)
+  return setup.build(c, 65)
 
 
 def test_working_memory_stays_flat_in_depth(shared_data, data_dir):
@@ -33,7 +27,9 @@ def test_working_memory_stays_flat_in_depth(shared_data, data_dir):
   sharded off-wafer store (arguments), 1/8 per device."""
 
   def memory(layout, layers):
-    return analysis.compiled_memory(compiled_step(setup(shared_data, data_dir, layout, layers)))
+    return analysis.compiled_memory(
+      compiled_step(wafer_setup(shared_data, data_dir, layout, layers))
+    )
 
   dp2, dp16 = memory("dp", 2), memory("dp", 16)
   wafer2, wafer16 = memory("wafer", 2), memory("wafer", 16)
@@ -50,7 +46,7 @@ def test_streamed_bytes_match_the_analytic_value(shared_data, data_dir, layout, 
   recompute the layer's output). Together they are 3 P_layers b (n-1)/n to within 1%: the QKV
   bias [3, heads, head_dim] has no d_model dimension, stays whole on every device and is summed
   once at the end instead (0.4% of a layer at d = 64)."""
-  s = setup(shared_data, data_dir, layout)
+  s = wafer_setup(shared_data, data_dir, layout)
   assert s.layout.axis_sizes["data"] == wafers
   compiled = compiled_step(s)
   loops = analysis.collective_bytes(compiled.as_text(), loops_only=True)
@@ -58,7 +54,7 @@ def test_streamed_bytes_match_the_analytic_value(shared_data, data_dir, layout, 
   m = s.cfg.model
   proj_bias = m.n_layers * m.d_model * 4 * (n - 1) // n
   assert loops["all-gather"] == 2 * loops["reduce-scatter"] - proj_bias
-  costs = train.compiled_costs(s, compiled)["wafer"]
+  costs = aot_plan.compiled_costs(s, compiled)["wafer"]
   assert costs["streamed_bytes_per_step"] == pytest.approx(
     costs["analytic_streamed_bytes_per_step"], abs=2
   )
@@ -67,16 +63,33 @@ def test_streamed_bytes_match_the_analytic_value(shared_data, data_dir, layout, 
 
 
 def test_plan_reports_cs2_streaming_for_every_size(shared_data, data_dir, tmp_path):
+  """Each published size at its published batch, recomputed by hand from outside figures: the
+  model cards' parameter counts and the paper's shapes and batches (helpers.py); 6 bytes per
+  parameter streamed (16-bit weights in for the forward and again for the backward, 16-bit
+  gradients out) over the CS-2's 12 x 100 GbE (datasheet: 1.2 Tb/s = 150 GB/s); compute of
+  6 N_matmul + 12 L T d FLOPs per token (N_matmul = 12 L d^2 + V d, GPT-2's V = 50257, T = 2048)
+  at a CS-2's share of Andromeda's 120 PFLOP/s over 16 CS-2s."""
   c = tiny_config(shared_data, data_dir, layout="wafer")
   c.model.n_heads = 8
-  result = train.plan(c, str(tmp_path))
+  result = aot_plan.plan(c, str(tmp_path))
   rows = json.loads((tmp_path / "plan.json").read_text())["cs2_streaming"]
-  assert [r["model"] for r in rows] == ["111m", "256m", "590m", "1.3b", "2.7b", "6.7b", "13b"]
-  for r in rows:  # 16-bit weights in twice and gradients out once, at 150 GB/s
-    assert r["stream_s"] == pytest.approx(6 * r["params"] / 150e9)
+  assert [r["model"] for r in rows] == list(PAPER_PARAMS)
+  io_bytes_per_s, peak_flops, seq = 12 * 100e9 / 8, 120e15 / 16, 2048
+  for r in rows:
+    name, params = r["model"], PAPER_PARAMS[r["model"]]
+    layers, d, batch = PAPER_SHAPES[name]
+    flops_per_token = 6 * (12 * layers * d**2 + 50257 * d) + 12 * layers * seq * d
+    stream_s = 6 * params / io_bytes_per_s
+    compute_s = flops_per_token * batch * seq / peak_flops
+    assert (r["params"], r["batch"], r["tokens_per_step"]) == (params, batch, batch * seq), name
+    assert r["stream_bytes_per_step"] == 6 * params, name
+    assert r["stream_s"] == pytest.approx(stream_s, rel=1e-12), name
+    assert r["compute_s_at_peak"] == pytest.approx(compute_s, rel=1e-12), name
+    assert r["compute_over_stream"] == pytest.approx(compute_s / stream_s, rel=1e-12), name
+    assert r["bound"] == "compute", name  # every size: 6.2x (111m) to 46x (6.7b) the streaming
   assert result["wafer"]["mode"]
 
 
 def test_wafer_with_tensor_parallelism_is_refused(shared_data, data_dir):
   with pytest.raises(InputError, match="no pipeline or tensor parallelism"):
-    setup(shared_data, data_dir, "wafer", fsdp=4, tensor=2)
+    wafer_setup(shared_data, data_dir, "wafer", fsdp=4, tensor=2)

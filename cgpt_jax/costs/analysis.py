@@ -1,4 +1,5 @@
-"""What a run costs: model FLOPs, byte counts, the compiled program's memory and FLOPs, the matmul peak.
+"""What a run costs: model FLOPs, byte counts, the compiled program's memory and FLOPs, the matmul
+peak.
 
 Exact figures (FLOPs, bytes, memory) come from shapes and from the compiled program; the one timing
 here, the matmul peak, is measured in the same process as the run it is compared with, so MFU on a
@@ -14,21 +15,20 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from cgpt_jax import config as config_lib
+from cgpt_jax.costs import memory as memory_model
+
 
 def layer_matmul_params(m: ml_collections.ConfigDict) -> int:
   """Parameters of the blocks' matrices: QKV, attention-out and the two MLP matrices."""
-  return m.n_layers * (4 * m.d_model**2 + 2 * m.d_model * m.d_ff)
-
-
-def matmul_params(m: ml_collections.ConfigDict) -> int:
-  """Parameters that take part in a matmul: the layer matrices and the tied output head."""
-  return layer_matmul_params(m) + m.vocab_size * m.d_model
+  return m.n_layers * config_lib.layer_matrix_params(m.d_model, m.d_ff)
 
 
 def flops_per_token(m: ml_collections.ConfigDict, seq_len: int) -> int:
   """Training FLOPs per token: 6 N_matmul (forward + backward) plus causal-agnostic attention
-  12 L T d (REFERENCE.md §2). Biases, layer norms and softmax are left out, as in the usual MFU."""
-  return 6 * matmul_params(m) + 12 * m.n_layers * seq_len * m.d_model
+  12 L T d (docs/formulas.md#flops): the blocks' (layer_matmul_flops_per_token) and the tied head's
+  6 V d. Biases, layer norms and softmax are left out, as in the usual MFU."""
+  return layer_matmul_flops_per_token(m, seq_len) + 6 * m.vocab_size * m.d_model
 
 
 def tree_bytes(tree) -> int:
@@ -226,9 +226,8 @@ def dot_flops(hlo_text: str, branch_shares: list[float] | None = None) -> int:
 
 
 def layer_params(m: ml_collections.ConfigDict) -> int:
-  """Parameters of one block: QKV and attention-out (4 d^2 + 4 d), the MLP (2 d f + f + d) and two
-  layer norms (4 d)."""
-  return 4 * m.d_model**2 + 2 * m.d_model * m.d_ff + 9 * m.d_model + m.d_ff
+  """Parameters of one block of `m` (config.layer_params): matrices, biases and layer norms."""
+  return config_lib.layer_params(m.d_model, m.d_ff)
 
 
 def layer_matmul_flops_per_token(m: ml_collections.ConfigDict, seq_len: int) -> int:
@@ -237,7 +236,8 @@ def layer_matmul_flops_per_token(m: ml_collections.ConfigDict, seq_len: int) -> 
 
 
 def remat_unit(m: ml_collections.ConfigDict, schedule=None) -> int:
-  """Blocks in one rematerialised unit: a block, or under a pipeline a stage iteration's K blocks."""
+  """Blocks in one rematerialised unit: a block, or under a pipeline a stage iteration's K
+  blocks."""
   return m.n_layers // (schedule.stages * schedule.repeats) if schedule else 1
 
 
@@ -251,7 +251,8 @@ def rerun_drops_last(m: ml_collections.ConfigDict, schedule=None) -> int:
 
 def backward_chains(schedule=None) -> int:
   """Times the backward runs its chain of input gradients through the layers: 2 under ZB-H1, whose
-  W applies the stage's VJP again to reach the weights (pipeline.Schedule.backward_chains), else 1."""
+  W applies the stage's VJP again to reach the weights (pipeline.Schedule.backward_chains), else
+  1."""
   return schedule.backward_chains if schedule is not None else 1
 
 
@@ -282,7 +283,7 @@ def expected_matmul_flops(
   layers += (chains - 1) * (2 * layer_matmul_params(m) + 8 * m.n_layers * seq_len * d)
   if (m.remat if remat is None else remat) == "full":
     per_unit = remat_unit(m, schedule)
-    forward = 2 * (4 * d * d + 2 * d * f) + 4 * seq_len * d
+    forward = 2 * config_lib.layer_matrix_params(d, f) + 4 * seq_len * d
     skipped = 2 * d * f * rerun_drops_last(m, schedule)
     layers += chains * (m.n_layers // per_unit) * (per_unit * forward - skipped)
   layers *= tokens
@@ -294,8 +295,10 @@ def expected_matmul_flops(
 def analytic_state_bytes(
   sizes: dict, m: ml_collections.ConfigDict, params_held: int, padded_vocab: int, zero1: bool
 ) -> int:
-  """Per-device bytes of float32 parameters (4) and Adam moments (8) by REFERENCE.md §2: FSDP
-  divides everything by its axis but the MLP biases (mlp is never on fsdp, layouts.RULES); TP divides the matrices (the layers' and the vocab-parallel
+  """Per-device bytes of the state kept between steps, float32 parameters and Adam moments
+  (memory.STATE_BYTES_PER_PARAM, 4 + 8; gradients live only within a step), by
+  docs/formulas.md#per-device-memory: FSDP divides everything by its axis but the MLP biases (mlp
+  is never on fsdp, layouts.RULES); TP divides the matrices (the layers' and the vocab-parallel
   embedding) by its axis and replicates the rest (positions, norms, biases); PP divides the layers
   by its stages; ZeRO-1 further divides the moments by the data axis. `params_held` counts what is
   stored, embedding padding included."""
@@ -307,4 +310,9 @@ def analytic_state_bytes(
   mlp_biases = m.n_layers * m.d_ff / sizes["tensor"] / sizes["pipe"]
   per_device = (layers_held + rest_held - mlp_biases) / sizes["fsdp"] + mlp_biases
   moment_ways = sizes["data"] if zero1 else 1
-  return int(round(4 * per_device + 8 * per_device / moment_ways))
+  return int(
+    round(
+      memory_model.PARAM_BYTES * per_device
+      + memory_model.ADAM_MOMENT_BYTES * per_device / moment_ways
+    )
+  )

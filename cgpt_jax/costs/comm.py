@@ -1,4 +1,5 @@
-"""The bytes each layout's algorithm moves per step and device, by cause: the formula beside the HLO.
+"""The bytes each layout's algorithm moves per step and device, by cause: the formula beside the
+HLO.
 
 Every term is the algorithm spmd.py and the layouts' tables define, counted from shapes: nothing
 here reads the compiled program. Conventions: per device and per optimizer step;
@@ -51,6 +52,7 @@ moves 16-bit collectives as float32 (spmd.wire_dtype). `backend` picks which.
 """
 
 import math
+from typing import TYPE_CHECKING
 
 import jax
 import ml_collections
@@ -61,6 +63,9 @@ from cgpt_jax import model as model_lib
 from cgpt_jax.costs import analysis
 from cgpt_jax.parallel import spmd
 from cgpt_jax.parallel.layouts import Layout, is_spec
+
+if TYPE_CHECKING:  # a type only: costs/ is below train/
+  from cgpt_jax.train.setup import Setup
 
 # Each cause: the collective kind it compiles to, and the mesh axes it runs over (the roofline
 # times a term at its axes' bandwidth).
@@ -224,18 +229,13 @@ def activation_terms(
   return terms
 
 
-def analytic_terms(
-  layout: Layout,
-  abstract_params,
-  m: ml_collections.ConfigDict,
-  global_batch: int,
-  seq_len: int,
-  schedule=None,
-  grad_accum: int = 1,
-  backend: str | None = None,
-) -> dict[str, int]:
-  """Bytes per step and device of every cause that moves any (CAUSES), rounded to whole bytes, on
-  `backend` (its wire dtype, spmd.wire_dtype; default this process's)."""
+def analytic_terms(s: "Setup", backend: str | None = None) -> dict[str, int]:
+  """Bytes per step and device of every cause that moves any (CAUSES), rounded to whole bytes, for
+  the run `s` describes (its layout, abstract parameters, model, batch, pipeline schedule and
+  gradient accumulation), on `backend` (its wire dtype, spmd.wire_dtype; default this process's)."""
+  layout, abstract_params, m, schedule = s.layout, s.abstract_params, s.cfg.model, s.schedule
+  global_batch, seq_len = s.cfg.data.global_batch, s.cfg.data.seq_len
+  grad_accum = s.cfg.train.grad_accum
   remat = "full" if layout.streams_weights else m.remat
   terms = {
     **parameter_terms(layout, abstract_params, m, schedule, grad_accum, remat, backend),

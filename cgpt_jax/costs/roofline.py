@@ -1,4 +1,8 @@
-"""Is a planned layout compute- or communication-bound on a real accelerator? (REFERENCE.md §2)
+"""Is a planned layout compute- or communication-bound on a real accelerator?
+(docs/formulas.md#roofline)
+
+The hardware assumed (H100, TPU v5p, and the CS-2 that weight streaming is judged against) is here,
+with sources.
 
 Pure functions of a plan.json dict (train.plan) and a hardware spec. Two views:
 - The closed-form conditions: data parallelism and FSDP are compute-bound when the tokens one
@@ -18,7 +22,8 @@ Both assume perfect overlap of compute and communication: the step takes at leas
 import dataclasses
 import math
 
-from cgpt_jax.costs import comm
+from cgpt_jax import config as config_lib
+from cgpt_jax.costs import analysis, comm
 from cgpt_jax.parallel.layouts import (
   AXES,  # outermost first: tensor neighbours are adjacent devices
 )
@@ -38,7 +43,7 @@ class Hardware:
 # NVIDIA H100 SXM5 datasheet: BF16 Tensor Core 1,979 TFLOP/s with 2:4 sparsity, 989 dense; 80 GB
 # HBM3; NVLink 4 900 GB/s per GPU (both directions), 450 GB/s each way to the NVSwitch, among the 8
 # GPUs of a DGX/HGX H100 node. Between nodes one ConnectX-7 NIC per GPU, 400 Gb/s = 50 GB/s
-# (DGX H100 user guide, network modules). C/W = 989e12 / 450e9 = 2,198 (REFERENCE.md: ≈ 2,200).
+# (DGX H100 user guide, network modules). C/W = 989e12 / 450e9 = 2,198.
 H100 = Hardware(
   name="H100 SXM",
   peak_flops=989e12,
@@ -51,8 +56,8 @@ H100 = Hardware(
 )
 # Cloud TPU v5p docs: 459 TFLOP/s bf16 per chip, 95 GB HBM2e, 3D torus, ICI 1,200 GB/s per chip
 # both directions over 6 links. "How to Scale Your Model" (part 2) rounds a link to 9e10 B/s each
-# way; a ring along one torus axis uses both neighbours: 1.8e11 B/s, C/W = 2,550 (REFERENCE.md:
-# ≈ 2,500). Slices of up to 6,144 chips are one torus, so every mesh here is ICI only.
+# way; a ring along one torus axis uses both neighbours: 1.8e11 B/s, C/W = 2,550.
+# Slices of up to 6,144 chips are one torus, so every mesh here is ICI only.
 TPU_V5P = Hardware(
   name="TPU v5p",
   peak_flops=459e12,
@@ -64,6 +69,59 @@ TPU_V5P = Hardware(
   "How to Scale Your Model, part 2 (9e10 B/s per ICI link each way, 2 links per axis)",
 )
 HARDWARE = (H100, TPU_V5P)
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamingSystem:
+  """A machine that streams the weights in from off-chip storage every step (Cerebras' weight
+  streaming, parallel/wafer.py): its compute against its system I/O."""
+
+  name: str
+  peak_flops: float  # dense 16-bit FLOP/s of the whole system
+  io_bytes_per_s: float  # system I/O to the weight store, per direction
+  source: str
+
+
+# CS-2 system I/O: 12 x 100 GbE = 1.2 Tb/s (Cerebras CS-2 datasheet), in bytes per second. Dense
+# 16-bit compute of one CS-2: Andromeda's 16 CS-2s give 120 PFLOP/s (Cerebras, SC22, reported by
+# Tom's Hardware, 2022-11-14: "120 Petaflops of 16-bit half-precision").
+CS2 = StreamingSystem(
+  name="Cerebras CS-2",
+  peak_flops=120e15 / 16,
+  io_bytes_per_s=1.2e12 / 8,
+  source="Cerebras CS-2 datasheet (12 x 100 GbE system I/O); Cerebras at SC22 via Tom's "
+  "Hardware (Andromeda: 16 CS-2s, 120 PFLOP/s of 16-bit compute)",
+)
+# 16-bit weights in for the forward and again for the backward, 16-bit gradients out.
+STREAM_BYTES_PER_PARAM = 6
+
+
+def cs2_streaming_table(seq_len: int = 2048, system: StreamingSystem = CS2) -> list[dict]:
+  """Per training step of each Cerebras-GPT size at the paper's batch on one CS-2: seconds to stream
+  the weights in twice and the gradients out once at the system I/O rate, against seconds of
+  compute at the wafer's dense peak (a lower bound on the real compute time)."""
+  rows = []
+  for name in config_lib.CEREBRAS_GPT:
+    c = config_lib.resolve(config_lib.cerebras_gpt(name), config_lib.GPT2_VOCAB)
+    m = c.model
+    params = config_lib.closed_form_params(m.n_layers, m.d_model, m.vocab_size, m.n_positions)
+    tokens = c.data.global_batch * seq_len
+    stream_s = STREAM_BYTES_PER_PARAM * params / system.io_bytes_per_s
+    compute_s = analysis.flops_per_token(m, seq_len) * tokens / system.peak_flops
+    rows.append(
+      {
+        "model": name,
+        "params": params,
+        "batch": c.data.global_batch,
+        "tokens_per_step": tokens,
+        "stream_bytes_per_step": STREAM_BYTES_PER_PARAM * params,
+        "stream_s": stream_s,
+        "compute_s_at_peak": compute_s,
+        "compute_over_stream": compute_s / stream_s,
+        "bound": "compute" if compute_s >= stream_s else "streaming",
+      }
+    )
+  return rows
 
 
 def critical_tokens(hw: Hardware, bandwidth: float) -> float:

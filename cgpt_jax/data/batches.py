@@ -46,7 +46,8 @@ def load_corpus(
   `data_dir`, whose records are taken as documents and whose feature `text_key` holds the text.
   Local files that look binary are refused unless `allow_binary`.
   """
-  # Fixed-vocabulary tokenizers are built first so that a bad kind or path fails before any preparing.
+  # Fixed-vocabulary tokenizers are built first, so that a bad kind or path fails before anything
+  # is prepared.
   tokenizer = (
     None if tokenizer_kind == "char" else make_tokenizer(tokenizer_kind, path=tokenizer_path)
   )
@@ -128,8 +129,9 @@ def train_batches(
 
   windows_per_epoch = max(1, (len(tokens) - seq_len) // window)
   max_offset = min(seq_len, len(tokens) - windows_per_epoch * window)
-  # grain seeds epoch e's shuffle with (seed + e), so user seeds s and s + 1 would share all but one
-  # epoch order; spreading the user seed through a SeedSequence keeps neighbouring seeds independent.
+  # grain seeds epoch e's shuffle with (seed + e), so user seeds s and s + 1 would share all but
+  # one epoch order; spreading the user seed through a SeedSequence keeps neighbouring seeds
+  # independent.
   shuffle_seed, offset_seed = (int(s) for s in np.random.SeedSequence(seed).generate_state(2))
 
   @functools.lru_cache(maxsize=2)  # A batch touches at most two epochs.

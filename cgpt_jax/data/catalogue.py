@@ -23,7 +23,8 @@ def is_catalogue_source(source: str) -> bool:
 
 
 def load_prepared_builder(source: str, data_dir: str) -> tfds.core.DatasetBuilder:
-  """The builder of catalogue source `source` ('tfds:NAME[/CONFIG][:VERSION]') prepared in `data_dir`."""
+  """The builder of catalogue source `source` ('tfds:NAME[/CONFIG][:VERSION]'), prepared in
+  `data_dir`."""
   spec = source[len(PREFIX) :]
   if not _SPEC.fullmatch(spec):
     raise InputError(

@@ -30,7 +30,8 @@ _GLOB_CHARS = frozenset("*?[")
 
 @dataclasses.dataclass
 class LocalTextConfig(tfds.core.BuilderConfig):
-  """A config is one resolved list of files; its name is a fingerprint of them (see prepare_text_dataset)."""
+  """A config is one resolved list of files; its name is a fingerprint of them (see
+  prepare_text_dataset)."""
 
   # Kept out of repr: TFDS logs the config on every load and a folder can hold many files.
   files: tuple[str, ...] = dataclasses.field(default=(), repr=False)
@@ -43,9 +44,10 @@ class LocalText(tfds.core.GeneratorBasedBuilder):
   RELEASE_NOTES = {
     "1.0.0": "Per-file 90/10 character split; UTF-8 with latin-1 fallback; CRLF -> LF."
   }
-  # TFDS derives a code path only to find a checksums.tsv for verifying downloads. For a class inside
-  # a package that derivation imports the `importlib_resources` backport, which is not installed, and
-  # this builder downloads nothing, so it has no code path (TFDS handles None as "no checksums").
+  # TFDS derives a code path only to find a checksums.tsv for verifying downloads. For a class
+  # inside a package that derivation imports the `importlib_resources` backport, which is not
+  # installed, and this builder downloads nothing, so it has no code path (TFDS handles None as
+  # "no checksums").
   code_path = None
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -127,7 +129,8 @@ def prepare_text_dataset(source: str, data_dir: str, allow_binary: bool = False)
 
 
 def resolve_files(source: str) -> list[str]:
-  """Absolute paths of the files `source` names: the file itself, a glob's matches, a folder's files.
+  """Absolute paths of the files `source` names: the file itself, a glob's matches, a folder's
+  files.
 
   Glob matches and folder entries skip README* files (the gutenberg folder's README is the Project
   Gutenberg licence header, not corpus text) and hidden files (.DS_Store and the like). Folders are

@@ -1,9 +1,9 @@
 """Text <-> token ids: a character vocabulary, raw UTF-8 bytes, or GPT-2's byte-level BPE.
 
 All three answer the same small `Tokenizer` protocol so that the corpus loader and the sampler never
-branch on the kind. `encode` returns int32 numpy arrays because that is what the batch pipeline packs
-and what the model consumes; `eot_id` is the id put between documents (None for tokenizers without
-one, whose documents are then simply concatenated, as nanoGPT does for its char-level runs).
+branch on the kind. `encode` returns int32 numpy arrays because that is what the batch pipeline
+packs and what the model consumes; `eot_id` is the id put between documents (None for tokenizers
+without one, whose documents are then simply concatenated, as nanoGPT does for its char-level runs).
 """
 
 import hashlib
@@ -14,9 +14,9 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import tokenizers
 
+from cgpt_jax.config import TOKENIZERS
 from cgpt_jax.errors import InputError
 
-KINDS = ("char", "bytes", "gpt2")
 GPT2_FILES = ("encoder.json", "vocab.bpe")
 GPT2_EOT = "<|endoftext|>"
 
@@ -166,7 +166,7 @@ def make_tokenizer(
     return ByteTokenizer()
   if kind == "gpt2":
     return Gpt2Tokenizer(path)
-  raise InputError(f"unknown tokenizer {kind!r}; valid tokenizers are {', '.join(KINDS)}")
+  raise InputError(f"unknown tokenizer {kind!r}; valid tokenizers are {', '.join(TOKENIZERS)}")
 
 
 def _code_points(text: str) -> np.ndarray:

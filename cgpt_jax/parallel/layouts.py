@@ -1,9 +1,9 @@
 """The device mesh, layouts, and the logical->mesh axis rules.
 
-One mesh with a fixed list of axes (`AXES`). A layout is data: the size of each axis (1 = off, one -1 =
-"the rest of the devices") and a table mapping the model's logical axis names to mesh axes. The model
-only ever names logical axes (`constrain(x, ("batch", "seq", "embed"))`); which devices hold what is
-decided here and nowhere else.
+One mesh with a fixed list of axes (`AXES`). A layout is data: the size of each axis (1 = off,
+one -1 = "the rest of the devices") and a table mapping the model's logical axis names to mesh axes.
+The model only ever names logical axes (`constrain(x, ("batch", "seq", "embed"))`); which devices
+hold what is decided here and nowhere else.
 """
 
 import contextlib
@@ -62,8 +62,9 @@ class LayoutPreset:
 LAYOUT_PRESETS: dict[str, LayoutPreset] = {
   # The reference: one device, nothing sharded.
   "single": LayoutPreset({}),
-  # Batch split over every device; parameters and optimizer state replicated; XLA all-reduces the
-  # gradients: 2 P b (n-1)/n bytes per device per step (REFERENCE.md §2).
+  # Batch split over every device; parameters and optimizer state replicated; the step all-reduces
+  # the float32 gradients once: 2 P 4 (n-1)/n bytes per device per step
+  # (docs/formulas.md#data-parallel).
   "dp": LayoutPreset({"data": -1}),
   # ZeRO-1: as dp, but each device keeps 1/n of the Adam moments (split along d_model, or d_ff for
   # the MLP biases; the tied table along its rows, so its slice is contiguous and its update reads
@@ -135,6 +136,26 @@ class Layout:
   def state_sharding(self, names: Sequence[str | None]) -> NamedSharding:
     """Sharding of optimizer state that belongs to a parameter with these logical names."""
     return NamedSharding(self.mesh, self.spec(names, self.state_rules))
+
+  def tree_specs(self, params: nnx.State, rules: Rules | None = None):
+    """PartitionSpecs of every array in `params` (abstract or not), from its logical names."""
+    logical = nnx.get_partition_spec(params)
+    return jax.tree.map(lambda names: self.spec(tuple(names), rules), logical, is_leaf=is_spec)
+
+  def tree_shardings(self, params: nnx.State, state: bool = False):
+    """Where every array in `params` lives, or with `state` where its optimizer state does."""
+    rules = self.state_rules if state else self.rules
+    return jax.tree.map(
+      lambda spec: NamedSharding(self.mesh, spec), self.tree_specs(params, rules), is_leaf=is_spec
+    )
+
+  @property
+  def zero1(self) -> bool:
+    """The optimizer state is split over devices that hold the parameters whole (ZeRO-1): some
+    logical name's state goes to a mesh axis the parameter itself is not split over."""
+    return any(
+      self.spec((name,), self.state_rules) != self.spec((name,)) for name in self.state_rules
+    )
 
   @property
   def replicated(self) -> NamedSharding:
@@ -362,8 +383,8 @@ def check_divisible(layout: Layout, abstract_params) -> None:
           raise InputError(
             f"layout {layout.name}: parameter {jax.tree_util.keystr(path)} has {size} along its "
             f"'{names[dim]}' dimension, which does not divide over mesh axes {'x'.join(axes)} "
-            f"({n} devices). Choose a model size whose {names[dim]} divides by {n}, or fewer devices "
-            "on those axes."
+            f"({n} devices). Choose a model size whose {names[dim]} divides by {n}, or fewer "
+            "devices on those axes."
           )
 
 

@@ -1,4 +1,5 @@
-"""Pipeline parallelism over the `pipe` mesh axis: GPipe and circular schedules in the step's shard_map.
+"""Pipeline parallelism over the `pipe` mesh axis: GPipe and circular schedules in the step's
+shard_map.
 
 Stages. The L stacked layers are stored as [R, S, K, ...] (repeats x stages x layers per stage): a
 free reshape of [L, ...] that keeps layer order, layer (r S + s) K + k at [r, s, k]. The `stage`
@@ -208,13 +209,32 @@ def _is_var(x) -> bool:
   return isinstance(x, nnx.Variable)
 
 
+def stage_shape(layer_shape: tuple[int, ...], schedule: Schedule) -> tuple[int, ...]:
+  """[L, ...] -> [R, S, K, ...]: layer l = (r S + s) K + k, so a reshape, no data moved."""
+  r, s = schedule.repeats, schedule.stages
+  return (r, s, layer_shape[0] // (r * s), *layer_shape[1:])
+
+
+def layer_shape(staged_shape: tuple[int, ...]) -> tuple[int, ...]:
+  """Inverse of stage_shape."""
+  return (staged_shape[0] * staged_shape[1] * staged_shape[2], *staged_shape[3:])
+
+
+def is_staged(path, leaf, schedule: Schedule) -> bool:
+  """A stacked-layer array of a state in stage order: a parameter under `blocks`, or an optimizer
+  moment shaped like one (Adafactor's (1,) placeholders and the counters are not)."""
+  in_blocks = any(getattr(k, "key", None) == "blocks" for k in path)
+  return (
+    in_blocks and leaf.ndim >= 3 and tuple(leaf.shape[:2]) == (schedule.repeats, schedule.stages)
+  )
+
+
 def to_stages(params: nnx.State, schedule: Schedule) -> nnx.State:
   """Reshapes every stacked layer parameter [L, ...] to [R, S, K, ...], logical names following."""
-  r, s = schedule.repeats, schedule.stages
 
   def split(v: nnx.Variable) -> nnx.Variable:
     names = tuple(v.get_metadata()["out_sharding"])
-    shape = (r, s, v.shape[0] // (r * s), *v.shape[1:])
+    shape = stage_shape(v.shape, schedule)
     value = v.get_value()
     value = (
       jax.ShapeDtypeStruct(shape, v.dtype)
@@ -226,12 +246,15 @@ def to_stages(params: nnx.State, schedule: Schedule) -> nnx.State:
   return _map_blocks(split, params)
 
 
-def from_stages(params: nnx.State) -> nnx.State:
-  """Inverse of to_stages: [R, S, K, ...] back to [L, ...] in layer order."""
+def from_stages(params: nnx.State, schedule: Schedule | None) -> nnx.State:
+  """Inverse of to_stages: [R, S, K, ...] back to [L, ...] in layer order (as they are without a
+  pipeline schedule)."""
+  if schedule is None:
+    return params
 
   def merge(v: nnx.Variable) -> nnx.Variable:
     names = tuple(v.get_metadata()["out_sharding"])[2:]
-    return v.replace(value=v.get_value().reshape(-1, *v.shape[3:]), out_sharding=names)
+    return v.replace(value=v.get_value().reshape(layer_shape(v.shape)), out_sharding=names)
 
   return _map_blocks(merge, params)
 

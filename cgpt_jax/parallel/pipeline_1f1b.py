@@ -1,4 +1,5 @@
-"""The 1F1B family over the `pipe` axis: 1F1B, interleaved 1F1B and ZB-H1, the backward written by hand.
+"""The 1F1B family over the `pipe` axis: 1F1B, interleaved 1F1B and ZB-H1, the backward written
+by hand.
 
 jax.grad of pipeline.py's loop runs every forward and then every backward (GPipe's order), so the
 backward keeps M R + S - 1 stage inputs. Here the step's loss and gradients come out of the
@@ -53,7 +54,8 @@ BRANCHES = (
   "weights",
 )
 IDLE, FORWARD, FORWARD_EMBED, FORWARD_HEAD, BACKWARD, BACKWARD_EMBED, WEIGHTS = range(len(BRANCHES))
-# A table row: the branch, its microbatch and chunk, the slots it reads (arrived activation, cotangent)
+# A table row: the branch, its microbatch and chunk, the slots it reads (arrived activation,
+# cotangent)
 # and writes or reads (stash), and the slots this stage files the round's arrivals in (-1: none).
 FIELDS = (
   "branch",
@@ -193,154 +195,181 @@ def make_value_and_grad(cfg, program: Program, graphdef, bubble_fill: float = 0.
   gradients are the loss's, with respect to `loaded`, in float32. `bubble_fill` is what every
   buffer holds before a real value is filed in it (tests set NaN to prove none is ever read).
   """
-  S, M = program.stages, program.microbatches
-  forward_ring = [(k, (k + 1) % S) for k in range(S)]
-  backward_ring = [(k, (k - 1) % S) for k in range(S)]
 
   def value_and_grad(loaded, rows, loss_scale):
+    device = _StageDevice(cfg, program, graphdef, loaded, rows, loss_scale)
+    carry, _ = jax.lax.scan(
+      device.round, device.initial_carry(bubble_fill), jnp.asarray(program.table)
+    )
+    return device.loss_and_grads(carry, loaded)
+
+  return value_and_grad
+
+
+class _StageDevice:
+  """One device's stage of the hand-written schedule: the program's rounds run as one scan, each
+  round one branch of a switch (idle, forward, backward or weights) picked by the program's table
+  row for this device, then the two ring hops. Shapes: micro [M, mb, T+1] token rows; every
+  message, activation and cotangent slot [mb, T, d]."""
+
+  def __init__(self, cfg, program: Program, graphdef, loaded, rows, loss_scale):
+    self.cfg, self.program, self.graphdef, self.loss_scale = cfg, program, graphdef, loss_scale
     state = nnx.State(dict(loaded))
-    blocks = jax.tree.map(lambda a: a[:, 0], state["blocks"])  # this stage's [R, K, ...]
-    others = nnx.State({k: v for k, v in state.items() if k != "blocks"})
-    block_def = nnx.split(nnx.merge(graphdef, state).blocks)[0]
+    self.stacked = state["blocks"]
+    self.blocks = jax.tree.map(lambda a: a[:, 0], state["blocks"])  # this stage's [R, K, ...]
+    self.others = nnx.State({k: v for k, v in state.items() if k != "blocks"})
+    self.block_def = nnx.split(nnx.merge(graphdef, state).blocks)[0]
     b, t1 = rows.shape
-    mb, T = b // M, t1 - 1
-    micro = rows.reshape(mb, M, t1).swapaxes(0, 1)  # microbatch j: rows j, j + M, ...
-    compute = jax.tree.leaves(blocks)[0].dtype
-    wire = spmd.wire_dtype(compute)
-    d = cfg.d_model
-
-    def whole(o):  # the model, for its embedding and head (o: the parameters outside the blocks)
-      return nnx.merge(graphdef, nnx.State({**o, "blocks": state["blocks"]}))
-
-    def embed(o, tokens):
-      return whole(o).embed(tokens).astype(compute)
-
-    def head_loss(o, y, targets):
-      return jnp.mean(whole(o).head_nll(y, targets)) * loss_scale
-
-    def stage(w, x):
-      return model_lib.scan_blocks(cfg, block_def, w, x, remat="none")
-
-    stage = model_lib.rematerialise(stage, cfg.remat)
-
-    def chunk(c):
-      return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, c, keepdims=False), blocks)
-
-    def split_vjp(w, x):
-      """The stage's output and VJP; of the VJP's leaves (its residuals), which are the weights
-      themselves (not stashed: every round has them), and the rest."""
-      y, vjp = jax.vjp(stage, w, x)
-      leaves, treedef = jax.tree.flatten(vjp)
-      weights = jax.tree.leaves(w)
-      where = [next((i for i, q in enumerate(weights) if q is leaf), None) for leaf in leaves]
-      return y, treedef, where, [leaf for leaf, i in zip(leaves, where) if i is None]
-
+    self.mb, self.T = b // program.microbatches, t1 - 1
+    # Microbatch j: rows j, j + M, ...
+    self.micro = rows.reshape(self.mb, program.microbatches, t1).swapaxes(0, 1)
+    self.compute = jax.tree.leaves(self.blocks)[0].dtype
+    self.wire = spmd.wire_dtype(self.compute)
+    self.stage = model_lib.rematerialise(self._stage, cfg.remat)
     # The VJP's structure, traced once ahead: its treedef holds the backward's jaxpr, the same
     # program whichever trace made it, and the weights' places among its leaves.
-    def residual_shapes(w, x):
-      _, structure["treedef"], structure["where"], rest = split_vjp(w, x)
-      return rest
-
-    structure: dict = {}
-    x_shape = jax.ShapeDtypeStruct((mb, T, d), compute)
-    stash_shapes = jax.eval_shape(residual_shapes, chunk(0), x_shape)
-
-    def rebuilt_vjp(w, stashed):
-      weights, stashed = jax.tree.leaves(w), iter(stashed)
-      leaves = [next(stashed) if i is None else weights[i] for i in structure["where"]]
-      return jax.tree.unflatten(structure["treedef"], leaves)
-
-    def add_chunk_grads(acc, c, dw):
-      return jax.tree.map(lambda a, g: _put(a, c, _get(a, c) + g.astype(jnp.float32)), acc, dw)
-
-    def add(acc, g):
-      return jax.tree.map(lambda a, x: a + x.astype(jnp.float32), acc, g)
-
-    # -- the branches: (carry, row) -> carry ---------------------------------------------------
-    def idle(carry, row):
-      return carry
-
-    def forward(carry, row, embed_first=False, head_after=False):
-      tokens = _get(micro, row[MICROBATCH])
-      if embed_first:
-        x = embed(others, tokens[:, :-1])
-      else:
-        x = _get(carry.acts, row[ACT_SLOT]).astype(compute)
-      y, _, where, residuals = split_vjp(chunk(row[CHUNK]), x)
-      assert where == structure["where"], "the stage's VJP holds its weights elsewhere"
-      stash = [_put(buf, row[STASH_SLOT], r) for buf, r in zip(carry.stash, residuals)]
-      carry = carry._replace(stash=stash)
-      if not head_after:
-        return carry._replace(to_next=y.astype(wire))
-      # The last layer's output: the loss now, and its gradient as this microbatch's cotangent.
-      loss, (d_others, dy) = jax.value_and_grad(head_loss, argnums=(0, 1))(others, y, tokens[:, 1:])
-      return carry._replace(
-        loss=carry.loss + loss,
-        other_grads=add(carry.other_grads, d_others),
-        cots=_put(carry.cots, row[COT_SLOT], dy.astype(wire)),
-      )
-
-    def backward(carry, row, embed_after=False, part="both"):
-      c = row[CHUNK]
-      dy = _get(carry.cots, row[COT_SLOT]).astype(compute)
-      dw, dx = rebuilt_vjp(chunk(c), [_get(buf, row[STASH_SLOT]) for buf in carry.stash])(dy)
-      if part in ("both", "weights"):
-        carry = carry._replace(block_grads=add_chunk_grads(carry.block_grads, c, dw))
-      if part == "weights":
-        return carry
-      if not embed_after:
-        return carry._replace(to_prev=dx.astype(wire))
-      tokens = _get(micro, row[MICROBATCH])[:, :-1]
-      _, embed_vjp = jax.vjp(lambda o: embed(o, tokens), others)
-      (d_others,) = embed_vjp(dx)
-      return carry._replace(other_grads=add(carry.other_grads, d_others))
-
+    self.structure: dict = {}
+    x_shape = jax.ShapeDtypeStruct((self.mb, self.T, cfg.d_model), self.compute)
+    self.stash_shapes = jax.eval_shape(self._residual_shapes, self.chunk(0), x_shape)
     split = program.name == "zb_h1"
-    branches = [
-      idle,
-      forward,
-      lambda carry, row: forward(carry, row, embed_first=True),
-      lambda carry, row: forward(carry, row, head_after=True),
-      lambda carry, row: backward(carry, row, part="input" if split else "both"),
-      lambda carry, row: backward(carry, row, embed_after=True, part="input" if split else "both"),
-      lambda carry, row: backward(carry, row, part="weights"),
+    backward_part = "input" if split else "both"
+    self.branches = [
+      self.idle,
+      self.forward,
+      lambda carry, row: self.forward(carry, row, embed_first=True),
+      lambda carry, row: self.forward(carry, row, head_after=True),
+      lambda carry, row: self.backward(carry, row, part=backward_part),
+      lambda carry, row: self.backward(carry, row, embed_after=True, part=backward_part),
+      # Only ZB-H1 splits the weights' gradient off (W); elsewhere this branch is never taken.
+      (lambda carry, row: self.backward(carry, row, part="weights")) if split else self.idle,
     ]
-    if not split:
-      branches[WEIGHTS] = idle  # never taken
 
-    def round_(carry, rows_of_round):
-      row = rows_of_round[jax.lax.axis_index(AXIS)]
-      carry = jax.lax.switch(row[BRANCH], branches, carry, row)
-      arrived_act = jax.lax.ppermute(carry.to_next, AXIS, forward_ring)
-      arrived_cot = jax.lax.ppermute(carry.to_prev, AXIS, backward_ring)
-      return carry._replace(
-        acts=_file(carry.acts, row[FILE_ACT], arrived_act),
-        cots=_file(carry.cots, row[FILE_COT], arrived_cot),
-      ), None
+  # -- the model's pieces -------------------------------------------------------------------------
+  def whole(self, o):
+    """The model, for its embedding and head (o: the parameters outside the blocks)."""
+    return nnx.merge(self.graphdef, nnx.State({**o, "blocks": self.stacked}))
+
+  def embed(self, o, tokens):
+    return self.whole(o).embed(tokens).astype(self.compute)
+
+  def head_loss(self, o, y, targets):
+    return jnp.mean(self.whole(o).head_nll(y, targets)) * self.loss_scale
+
+  def _stage(self, w, x):
+    return model_lib.scan_blocks(self.cfg, self.block_def, w, x, remat="none")
+
+  def chunk(self, c):
+    """Chunk c's K blocks of this stage."""
+    return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, c, keepdims=False), self.blocks)
+
+  # -- the stage's VJP, its residuals stashed without the weights ----------------------------------
+  def split_vjp(self, w, x):
+    """The stage's output and VJP; of the VJP's leaves (its residuals), which are the weights
+    themselves (not stashed: every round has them), and the rest."""
+    y, vjp = jax.vjp(self.stage, w, x)
+    leaves, treedef = jax.tree.flatten(vjp)
+    weights = jax.tree.leaves(w)
+    where = [next((i for i, q in enumerate(weights) if q is leaf), None) for leaf in leaves]
+    return y, treedef, where, [leaf for leaf, i in zip(leaves, where) if i is None]
+
+  def _residual_shapes(self, w, x):
+    _, self.structure["treedef"], self.structure["where"], rest = self.split_vjp(w, x)
+    return rest
+
+  def rebuilt_vjp(self, w, stashed):
+    weights, stashed = jax.tree.leaves(w), iter(stashed)
+    leaves = [next(stashed) if i is None else weights[i] for i in self.structure["where"]]
+    return jax.tree.unflatten(self.structure["treedef"], leaves)
+
+  # -- the branches: (carry, row) -> carry -----------------------------------------------------
+  def idle(self, carry, row):
+    return carry
+
+  def forward(self, carry, row, embed_first=False, head_after=False):
+    tokens = _get(self.micro, row[MICROBATCH])
+    if embed_first:
+      x = self.embed(self.others, tokens[:, :-1])
+    else:
+      x = _get(carry.acts, row[ACT_SLOT]).astype(self.compute)
+    y, _, where, residuals = self.split_vjp(self.chunk(row[CHUNK]), x)
+    assert where == self.structure["where"], "the stage's VJP holds its weights elsewhere"
+    stash = [_put(buf, row[STASH_SLOT], r) for buf, r in zip(carry.stash, residuals)]
+    carry = carry._replace(stash=stash)
+    if not head_after:
+      return carry._replace(to_next=y.astype(self.wire))
+    # The last layer's output: the loss now, and its gradient as this microbatch's cotangent.
+    loss, (d_others, dy) = jax.value_and_grad(self.head_loss, argnums=(0, 1))(
+      self.others, y, tokens[:, 1:]
+    )
+    return carry._replace(
+      loss=carry.loss + loss,
+      other_grads=_add(carry.other_grads, d_others),
+      cots=_put(carry.cots, row[COT_SLOT], dy.astype(self.wire)),
+    )
+
+  def backward(self, carry, row, embed_after=False, part="both"):
+    c = row[CHUNK]
+    dy = _get(carry.cots, row[COT_SLOT]).astype(self.compute)
+    stashed = [_get(buf, row[STASH_SLOT]) for buf in carry.stash]
+    dw, dx = self.rebuilt_vjp(self.chunk(c), stashed)(dy)
+    if part in ("both", "weights"):
+      carry = carry._replace(block_grads=_add_chunk(carry.block_grads, c, dw))
+    if part == "weights":
+      return carry
+    if not embed_after:
+      return carry._replace(to_prev=dx.astype(self.wire))
+    tokens = _get(self.micro, row[MICROBATCH])[:, :-1]
+    _, embed_vjp = jax.vjp(lambda o: self.embed(o, tokens), self.others)
+    (d_others,) = embed_vjp(dx)
+    return carry._replace(other_grads=_add(carry.other_grads, d_others))
+
+  # -- the rounds ------------------------------------------------------------------------------
+  def round(self, carry, rows_of_round):
+    """This device's branch of the round, then both ring hops (every device, every round)."""
+    S = self.program.stages
+    row = rows_of_round[jax.lax.axis_index(AXIS)]
+    carry = jax.lax.switch(row[BRANCH], self.branches, carry, row)
+    arrived_act = jax.lax.ppermute(carry.to_next, AXIS, [(k, (k + 1) % S) for k in range(S)])
+    arrived_cot = jax.lax.ppermute(carry.to_prev, AXIS, [(k, (k - 1) % S) for k in range(S)])
+    return carry._replace(
+      acts=_file(carry.acts, row[FILE_ACT], arrived_act),
+      cots=_file(carry.cots, row[FILE_COT], arrived_cot),
+    ), None
+
+  def initial_carry(self, bubble_fill: float) -> "Carry":
+    """Every buffer holding `bubble_fill` until a real value is filed in it."""
 
     def fill(shape, dtype):
       return jnp.full(shape, bubble_fill if jnp.issubdtype(dtype, jnp.floating) else 0, dtype)
 
-    message = fill((mb, T, d), wire)
-    carry = Carry(
-      acts=fill((program.act_slots, mb, T, d), wire),
-      cots=fill((program.cot_slots, mb, T, d), wire),
-      stash=[fill((program.stash_slots, *r.shape), r.dtype) for r in stash_shapes],
-      block_grads=jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), blocks),
-      other_grads=jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), others),
+    p, message = self.program, (self.mb, self.T, self.cfg.d_model)
+    return Carry(
+      acts=fill((p.act_slots, *message), self.wire),
+      cots=fill((p.cot_slots, *message), self.wire),
+      stash=[fill((p.stash_slots, *r.shape), r.dtype) for r in self.stash_shapes],
+      block_grads=jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), self.blocks),
+      other_grads=jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), self.others),
       loss=jnp.zeros((), jnp.float32),
-      to_next=message,
-      to_prev=message,
+      to_next=fill(message, self.wire),
+      to_prev=fill(message, self.wire),
     )
-    carry, _ = jax.lax.scan(round_, carry, jnp.asarray(program.table))
+
+  def loss_and_grads(self, carry, loaded):
+    """The loss, and the gradients in `loaded`'s structure and dtypes (for its load's VJP, which
+    casts back to float32)."""
     grads = nnx.State(
       {**carry.other_grads, "blocks": jax.tree.map(lambda g: g[:, None], carry.block_grads)}
     )
-    # In `loaded`'s structure and dtypes, for its load's VJP (which casts back to float32).
     grads = jax.tree.unflatten(jax.tree.structure(loaded), jax.tree.leaves(grads))
     return carry.loss, jax.tree.map(lambda g, p: g.astype(p.dtype), grads, loaded)
 
-  return value_and_grad
+
+def _add(acc, g):
+  return jax.tree.map(lambda a, x: a + x.astype(jnp.float32), acc, g)
+
+
+def _add_chunk(acc, c, dw):
+  return jax.tree.map(lambda a, g: _put(a, c, _get(a, c) + g.astype(jnp.float32)), acc, dw)
 
 
 def _get(a, i):

@@ -1,4 +1,4 @@
-"""The wafer layout: Cerebras weight streaming on a device mesh (DESIGN.md, "The wafer layout").
+"""The wafer layout: Cerebras weight streaming on a device mesh (docs/wafer.md).
 
 A CS-2 keeps activations on the wafer and only the running layer's weights; weights and optimizer
 state live off-wafer in MemoryX and stream in layer by layer, forward and again backward, while
@@ -20,51 +20,7 @@ program has no host memory space and memory_analysis() counts pinned_host argume
 memory), so here it could be neither measured nor told apart from this one.
 """
 
-import ml_collections
-
-from cgpt_jax import config as config_lib
-from cgpt_jax.costs import analysis
+# The CS-2 hardware and its streaming table live with the other hardware (costs/roofline.py); the
+# plan's `cs2_streaming` field reads them through this module.
 
 MODE = "per-layer all-gather from shards across the wafer"
-
-
-# ----------------------------------------------------------------------------------------------
-# Is Cerebras-GPT's training streaming-bound on a CS-2?
-# ----------------------------------------------------------------------------------------------
-# CS-2 system I/O: 12 x 100 GbE = 1.2 Tb/s (Cerebras CS-2 datasheet), in bytes per second.
-CS2_IO_BYTES_PER_S = 1.2e12 / 8
-# Dense 16-bit compute of one CS-2: Andromeda's 16 CS-2s give 120 PFLOP/s (Cerebras, SC22,
-# reported by Tom's Hardware, 2022-11-14: "120 Petaflops of 16-bit half-precision").
-CS2_PEAK_FLOPS = 120e15 / 16
-STREAM_BYTES_PER_PARAM = (
-  6  # 16-bit weights in for the forward and again for the backward, 16-bit gradients out
-)
-
-
-def cs2_streaming_table(seq_len: int = 2048) -> list[dict]:
-  """Per training step of each Cerebras-GPT size at the paper's batch on one CS-2: seconds to stream
-  the weights in twice and the gradients out once at the system I/O rate, against seconds of
-  compute at the wafer's dense peak (a lower bound on the real compute time)."""
-  rows = []
-  for name, p in config_lib.CEREBRAS_GPT.items():
-    params = config_lib.closed_form_params(p.n_layers, p.d_model)
-    m = ml_collections.ConfigDict(
-      dict(n_layers=p.n_layers, d_model=p.d_model, d_ff=4 * p.d_model, vocab_size=50257)
-    )
-    tokens = p.batch * seq_len
-    stream_s = STREAM_BYTES_PER_PARAM * params / CS2_IO_BYTES_PER_S
-    compute_s = analysis.flops_per_token(m, seq_len) * tokens / CS2_PEAK_FLOPS
-    rows.append(
-      {
-        "model": name,
-        "params": params,
-        "batch": p.batch,
-        "tokens_per_step": tokens,
-        "stream_bytes_per_step": STREAM_BYTES_PER_PARAM * params,
-        "stream_s": stream_s,
-        "compute_s_at_peak": compute_s,
-        "compute_over_stream": compute_s / stream_s,
-        "bound": "compute" if compute_s >= stream_s else "streaming",
-      }
-    )
-  return rows
