@@ -31,7 +31,7 @@ from cgpt_jax import config as config_lib
 from cgpt_jax import model as model_lib
 from cgpt_jax.costs import analysis, comm
 from cgpt_jax.errors import Diverged, InputError, Stopped
-from cgpt_jax.parallel import layouts, pipeline, pipeline_1f1b, spmd, wafer
+from cgpt_jax.parallel import context, layouts, pipeline, pipeline_1f1b, spmd, wafer
 
 
 class TrainState(NamedTuple):
@@ -319,8 +319,9 @@ def make_local_loss(s: Setup, bubble_fill: float = 0.0, per_token: bool = False)
         inputs, targets = (
           jax.lax.dynamic_slice_in_dim(a, start, part, axis=1) for a in (inputs, targets)
         )
+      inputs, targets, start = context.local_part(inputs, targets, start)
       nll = nnx.merge(graphdef, params).token_nll(inputs, targets, run_blocks, start)
-      return nll if per_token else jnp.mean(nll)
+      return context.whole_sequence(nll) if per_token else jnp.mean(nll)
 
   return local_loss
 
@@ -467,6 +468,7 @@ def build(cfg: ml_collections.ConfigDict, vocab_size: int) -> Setup:
   cfg = config_lib.resolve(cfg, vocab_size)
   layout = layouts.make_layout(cfg.mesh)
   check_batches(cfg, layout)
+  context.check(cfg, layout)
   schedule = pipeline.make_schedule(cfg, layout)
   graphdef, abstract_params = model_lib.abstract_model(cfg.model, cfg.train.seed)
   n_params = model_lib.count_params(abstract_params, cfg.model)
@@ -504,6 +506,7 @@ def compiled_costs(s: Setup, compiled) -> dict:
   tokens = d.global_batch * d.seq_len
   held = sum(x.size for x in jax.tree.leaves(s.abstract_params))
   streams = s.layout.streams_weights
+  ways = sizes[context.AXIS]
   terms = comm.analytic_terms(
     s.layout, s.abstract_params, m, d.global_batch, d.seq_len, s.schedule, s.cfg.train.grad_accum
   )
@@ -528,7 +531,7 @@ def compiled_costs(s: Setup, compiled) -> dict:
     "optimizer_state_bytes_per_device": analysis.per_device_bytes(opt_state),
     "compiled_matmul_flops_per_step": analysis.dot_flops(hlo, shares) * s.layout.mesh.size,
     "expected_matmul_flops_per_step": analysis.expected_matmul_flops(
-      m, d.seq_len, tokens, vocab, s.schedule, remat="full" if streams else None
+      m, d.seq_len, tokens, vocab, s.schedule, remat="full" if streams else None, context=ways
     ),
     "collective_bytes_per_step": {k: sum(v.values()) for k, v in by_dtype.items()},
     "collective_bytes_by_dtype": by_dtype,
@@ -549,6 +552,8 @@ def compiled_costs(s: Setup, compiled) -> dict:
       "analytic_streamed_bytes_per_step": terms["layer_weight_gather"]
       + terms["layer_grad_scatter"],
     }
+  if ways > 1:
+    costs["context"] = context.describe(ways, d.seq_len)
   if s.schedule:
     # What the same step costs without the pipeline's bubbles: the single-device program.
     unpipelined = analysis.expected_matmul_flops(m, d.seq_len, tokens, vocab)
