@@ -115,11 +115,9 @@ def test_each_layout_trains_like_single(shared_data, data_dir, tmp_path_factory)
     np.testing.assert_allclose(got_eval, ref_eval, rtol=RTOL, err_msg=f"{layout} {sizes}")
 
 
-def loss_and_gradients(s, bubble_fill=0.0):
-  """Loss and gradients at initialisation on one fixed batch, as the train step computes them
-  (each gradient reduced into its optimizer state's sharding); pipeline gradients in layer order."""
-  state = train.make_init(s)()
-  batch = np.asarray(
+def fixed_batch():
+  """One batch [16, 65] of a fixed token stream: what the at-init comparisons compute on."""
+  return np.asarray(
     next(
       iter(
         train.data.train_batches(
@@ -128,6 +126,13 @@ def loss_and_gradients(s, bubble_fill=0.0):
       )
     )
   )
+
+
+def loss_and_gradients(s, bubble_fill=0.0):
+  """Loss and gradients at initialisation on one fixed batch, as the train step computes them
+  (each gradient reduced into its optimizer state's sharding); pipeline gradients in layer order."""
+  state = train.make_init(s)()
+  batch = fixed_batch()
   f = jax.jit(
     train.make_gradients(s, bubble_fill), in_shardings=(s.shardings.params, s.batch_sharding)
   )
