@@ -22,6 +22,7 @@ from tolerances import RTOL
 from cgpt_jax import config as config_lib
 from cgpt_jax import run_modes, train
 from cgpt_jax.costs import analysis, comm
+from cgpt_jax.errors import InputError
 from cgpt_jax.parallel import context
 
 layout_step = test_layouts.layout_step  # fixture: each compiled step once per module
@@ -32,8 +33,8 @@ def data_dir(tmp_path_factory):
   return tmp_path_factory.mktemp("tfds")
 
 
-# Rings of 2, 4 and 8 devices on the 8, and the ring with dp, fsdp and tp: the tiny model with 8
-# heads, T = 64 in 2N chunks. The first stays in the default run.
+# Rings of 2, 4 and 8 devices on the 8, and the ring with dp, fsdp, tp, zero1 and the wafer: the
+# tiny model with 8 heads, T = 64 in 2N chunks. The first stays in the default run.
 MESHES = [
   ("cp", {"context": 4, "data": 2}),
   ("cp", {"context": 2, "data": 4}),
@@ -41,6 +42,8 @@ MESHES = [
   ("cp", {"context": 4, "fsdp": 2}),
   ("cp", {"context": 2, "tensor": 4}),
   ("cp", {"context": 4, "tensor": 2}),
+  ("zero1", {"context": 2}),  # data 4, Adam moments split over it
+  ("wafer", {"context": 2}),  # fsdp 4, weights streamed per layer, full remat
 ]
 IDS = [f"{l}-" + "-".join(f"{a}{n}" for a, n in z.items()) for l, z in MESHES]
 
@@ -67,7 +70,7 @@ def test_ring_has_single_gradients(shared_data, data_dir, single, layout, sizes)
   assert_same_gradients(got, ref, f"{layout} {sizes}")
 
 
-# Slow (1.5 min): 12 steps under each ring; the default run keeps the gradients at init.
+# Slow (2.5 min): 12 steps under each ring; the default run keeps the gradients at init.
 @pytest.mark.slow
 def test_ring_trains_like_single(shared_data, data_dir, tmp_path_factory):
   """12 steps and two evaluations under each ring give single's losses at every step (RTOL)."""
@@ -187,6 +190,11 @@ def test_indivisible_sequence_is_refused_before_compile(tmp_path, data_flags):
   )
   assert_bad_input(r, "seq_len=60", "2 x mesh.context = 8", "multiple of 8")
   assert not (tmp_path / "run").exists()
+
+
+def test_a_ring_with_a_pipeline_is_refused(shared_data, data_dir):
+  with pytest.raises(InputError, match=r"mesh.context=2\) does not combine with a pipeline"):
+    train.build(eight_head_config(shared_data, data_dir, "cp", context=2, pipe=2, data=2), 65)
 
 
 # Slow (35 s): three runs, two evaluations and two generations.
