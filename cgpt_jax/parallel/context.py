@@ -2,8 +2,9 @@
 
 `context` is one of the manual axes of the step's shard_map (spmd.py), as `pipe` is for the
 embedding and head: each of its N devices takes two of the sequence's 2N equal chunks, i and
-2N-1-i (zig-zag, or head-tail: Brandon et al. 2023, "Striped Attention", arXiv 2311.09431, and
-Megatron-LM's context parallelism), embeds, runs the blocks and scores the loss on them alone. Every
+2N-1-i (zig-zag, or head-tail, as Megatron-LM's context parallelism and torchtitan split it; Brandon
+et al. 2023, "Striped Attention", arXiv 2311.09431, measure the imbalance it removes), embeds, runs
+the blocks and scores the loss on them alone. Every
 op of a block is per token except attention, which runs as ring attention (Liu et al. 2023, "Ring
 Attention with Blockwise Transformers", arXiv 2310.01889): each device keeps its queries while the
 keys and values travel round the ring by `ppermute`, N-1 hops, and the blocks' softmaxes are
@@ -12,16 +13,16 @@ device.
 
 Causal blocks. With c = T/(2N), a device's two query chunks against its own keys need three c x c
 blocks: two on the diagonal (causal mask) and its tail against its head (whole). At hop s the keys
-and values are device r-s's (mod N): if that device precedes this one, both query chunks see its
+and values are device i-s's (mod N): if that device precedes this one, both query chunks see its
 head chunk and neither sees its tail; if it follows, the tail queries see both its chunks and the
 head queries neither. Either way two whole blocks, and the other two are skipped: 2N+1 blocks per
 device, the same on every device, against 4N^2 for the whole [T, T] of one device. Without the
-zig-zag (device r holding chunk r of N) device r needs r + 1 of the N blocks of its rows, the last
+zig-zag (device i holding chunk i of N) device i needs i + 1 of the N blocks of its rows, the last
 device N of them, and the step waits for it (`causal_work`).
 
-Per layer run the forward sends each device's K and V, [b, T/N, d] each, N-1 times:
-2 (N-1)/N b T d bytes; the backward, autodiff's transpose of each hop, sends their gradients back
-the same way (costs/comm.py).
+Per layer run the forward sends each device's K and V, [b, T/N, d/Y] each (Y tensor ways), N-1
+times: 2 (N-1)/N b T d/Y elements; the backward, autodiff's transpose of each hop, sends their
+gradients back the same way (costs/comm.py). docs/context_parallel.md has the derivations.
 """
 
 from fractions import Fraction
@@ -173,7 +174,9 @@ def causal_work(n: int, seq_len: int, zigzag: bool = True) -> np.ndarray:
 
 
 def describe(n: int, seq_len: int) -> dict:
-  """Context parallelism's work split, for plan.json and summary.json."""
+  """Context parallelism's work split, for plan.json and summary.json: each device's c x c score
+  blocks per head and layer, and its query-key pairs of one sequence under the causal mask, with
+  their max / mean over the devices, with and without the zig-zag."""
   balanced, contiguous = (causal_work(n, seq_len, z) for z in (True, False))
   return {
     "ways": n,
