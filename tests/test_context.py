@@ -33,7 +33,7 @@ def data_dir(tmp_path_factory):
   return tmp_path_factory.mktemp("tfds")
 
 
-# Rings of 2, 4 and 8 devices on the 8, and the ring with dp, fsdp, tp, zero1 and the wafer: the
+# Rings of 2, 4 and 8 devices on the 8, and the ring with dp, fsdp, tp, sp, zero1 and the wafer: the
 # tiny model with 8 heads, T = 64 in 2N chunks. The first stays in the default run.
 MESHES = [
   ("cp", {"context": 4, "data": 2}),
@@ -42,6 +42,7 @@ MESHES = [
   ("cp", {"context": 4, "fsdp": 2}),
   ("cp", {"context": 2, "tensor": 4}),
   ("cp", {"context": 4, "tensor": 2}),
+  ("sp", {"context": 2}),  # tensor 4, the residual stream split over it as well
   ("zero1", {"context": 2}),  # data 4, Adam moments split over it
   ("wafer", {"context": 2}),  # fsdp 4, weights streamed per layer, full remat
 ]
@@ -70,7 +71,7 @@ def test_ring_has_single_gradients(shared_data, data_dir, single, layout, sizes)
   assert_same_gradients(got, ref, f"{layout} {sizes}")
 
 
-# Slow (2.5 min): 12 steps under each ring; the default run keeps the gradients at init.
+# Slow (3 min): 12 steps under each ring; the default run keeps the gradients at init.
 @pytest.mark.slow
 def test_ring_trains_like_single(shared_data, data_dir, tmp_path_factory):
   """12 steps and two evaluations under each ring give single's losses at every step (RTOL)."""
@@ -134,13 +135,16 @@ def test_ring_moves_the_formulas_bytes_and_skips_masked_blocks(layout_step):
 
 # Where the ring runs again or crosses other axes: 8 devices on the ring; tp, whose heads split
 # the K and V blocks; fsdp; sp, whose residual stream is split over tensor too (its positions'
-# gradient is the device's chunks'); remat, whose rerun passes K and V round again ("dots"
-# included: a hop is not a matmul); bfloat16 (float32 on this CPU's wire); 4 micro-steps.
+# gradient is the device's chunks'); zero1; the wafer, whose full remat reruns the ring; remat,
+# whose rerun passes K and V round again ("dots" included: a hop is not a matmul); bfloat16
+# (float32 on this CPU's wire); 4 micro-steps.
 VARIANTS = [
   ("cp", {}, 1, {}),
   ("cp", {"context": 2, "tensor": 4}, 1, {}),
   ("cp", {"context": 4, "fsdp": 2}, 1, {}),
   ("sp", {"context": 2}, 1, {}),
+  ("zero1", {"context": 2}, 1, {}),
+  ("wafer", {"context": 2}, 1, {}),
   ("cp", {"context": 4, "data": 2}, 1, {"remat": "full"}),
   ("cp", {"context": 4, "data": 2}, 1, {"remat": "dots", "dtype": "bfloat16"}),
   ("cp", {"context": 4, "data": 2}, 4, {}),
