@@ -198,6 +198,7 @@ def _mesh_defaults(c: ml_collections.ConfigDict) -> None:
     data=config_dict.placeholder(int),
     pipe=config_dict.placeholder(int),
     fsdp=config_dict.placeholder(int),
+    context=config_dict.placeholder(int),  # context parallelism: the sequence split N ways
     tensor=config_dict.placeholder(int),
   )
   # Used when mesh.pipe > 1 (pipeline.py, pipeline_1f1b.py; bubbles in timeline.py).

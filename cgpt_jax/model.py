@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from cgpt_jax.parallel import context
 from cgpt_jax.parallel.layouts import (
   constrain,
   tensor_region,
@@ -94,6 +95,8 @@ class Attention(nnx.Module):
     """Attention without its output bias: under tensor parallelism each device's heads give a
     partial sum of this, reduced over `tensor` (layouts.tensor_region)."""
     q, k, v = self.project(x)
+    if context.ways() > 1:  # x is this device's chunks of the sequence: the rest are on the ring
+      return self.project_out(context.ring_attention(q, k, v, self.scale))
     t = x.shape[1]
     return self.attend(q, k, v, jnp.tril(jnp.ones((t, t), bool)))
 
@@ -130,7 +133,10 @@ class Attention(nnx.Module):
       probs = jax.nn.softmax(scores, axis=-1)
     else:
       probs = softmax_keeping(scores, q.dtype)
-    ctx = jnp.einsum("bhqk,bkhe->bqhe", probs, v)
+    return self.project_out(jnp.einsum("bhqk,bkhe->bqhe", probs, v))
+
+  def project_out(self, ctx):
+    """The heads' context [batch, q_len, heads, head_dim] -> [batch, q_len, embed] (no bias)."""
     return jnp.einsum("bqhe,hed->bqd", ctx, self.out_kernel[...])
 
 
@@ -239,8 +245,8 @@ class GPT(nnx.Module):
     self.ln_f = LayerNorm(cfg.d_model, cfg.ln_eps)
 
   def __call__(self, tokens: jax.Array, run_blocks=None, start: jax.Array | int = 0) -> jax.Array:
-    """tokens [batch, seq] int at positions start, start + 1, ... -> logits [batch, seq, vocab]
-    float32.
+    """tokens [batch, seq] int at positions start, start + 1, ... (or at positions `start` [seq],
+    GPT.embed) -> logits [batch, seq, vocab] float32.
 
     `run_blocks(graphdef, stacked, x)` applies the layer stack; by default a scan over its leading
     `layers` axis. The pipeline passes its own schedule (pipeline.py).
@@ -261,8 +267,12 @@ class GPT(nnx.Module):
     return run_blocks(*nnx.split(self.blocks), x)
 
   def embed(self, tokens: jax.Array, start: jax.Array | int = 0) -> jax.Array:
-    """tokens [batch, seq] at positions start, start + 1, ... (a traced start when decoding)."""
-    positions = jax.lax.dynamic_slice_in_dim(self.wpe[...], start, tokens.shape[1])
+    """tokens [batch, seq] at positions start, start + 1, ... (a traced start when decoding), or
+    with `start` [seq] at those positions (a context-parallel device's chunks, context.py)."""
+    if jnp.ndim(start):
+      positions = jnp.take(self.wpe[...], start, axis=0)
+    else:
+      positions = jax.lax.dynamic_slice_in_dim(self.wpe[...], start, tokens.shape[1])
     # Whole on every device, as the table is: under sequence parallelism the rows' gradient, which
     # arrives split along the sequence, is then all-gathered before it is padded back to the table
     # (left to it, the partitioner reshards the padded table with collective-permutes as well).

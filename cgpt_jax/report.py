@@ -19,6 +19,8 @@ import shutil
 
 import numpy as np
 
+from cgpt_jax.parallel.layouts import AXES
+
 # The layouts issue's tolerance: same seed, same data, every logged loss equal to single's to this
 # relative difference in float32 (tests/test_layouts.py).
 LOSS_RTOL = 1e-5
@@ -63,7 +65,7 @@ def bubble(s: dict) -> float:
 
 def mesh_text(s: dict) -> str:
   m = s["mesh"]
-  return f"{m['data']} x {m['pipe']} x {m['fsdp']} x {m['tensor']}"
+  return " x ".join(str(m.get(a, 1)) for a in AXES)  # summaries from before an axis existed: 1
 
 
 def layouts_table(results: dict, reference: str = "single") -> list[str]:
@@ -72,7 +74,7 @@ def layouts_table(results: dict, reference: str = "single") -> list[str]:
   reference's at every logged step."""
   ref = results[reference]
   lines = [
-    "| layout | mesh (data x pipe x fsdp x tensor) | tokens/s | vs single | memory/device GiB "
+    f"| layout | mesh ({' x '.join(AXES)}) | tokens/s | vs single | memory/device GiB "
     "| vs single | collective MB/step measured | analytic | measured/analytic | bubble "
     f"| final loss | - single | max rel. diff, all steps | within {LOSS_RTOL:g} |",
     "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",

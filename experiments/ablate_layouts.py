@@ -71,6 +71,9 @@ LAYOUTS = {  # point name -> config overrides; `single` first: it is the referen
     "pipeline.schedule": "zb_h1",
   },
   "3d_dp2_pp2_tp2_M4": {"mesh.layout": "3d", "pipeline.microbatches": 4},
+  # Context parallelism: the sequence in zig-zag chunks over a ring of 8, or of 4 with dp over 2.
+  "cp": {"mesh.layout": "cp"},
+  "cp4_x_dp2": {"mesh.layout": "cp", "mesh.context": 4, "mesh.data": 2},
   "fsdp_remat": {"mesh.layout": "fsdp", "model.remat": "full"},
   "wafer": {"mesh.layout": "wafer"},
   "swarm_2x4": {"mesh.layout": "swarm"},

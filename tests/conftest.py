@@ -3,6 +3,7 @@ that keep the suite's compile time down, and the fixtures several modules share 
 functions and constants are in helpers.py)."""
 
 import atexit
+import functools
 import os
 import pathlib
 import shutil
@@ -31,7 +32,9 @@ import pytest  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
 
-from helpers import SHARED_DATA  # noqa: E402  (imports jax's users: after the device count)
+from helpers import SHARED_DATA, compiled_step, eight_head_config  # noqa: E402  (after the device count)
+
+from cgpt_jax.train import setup  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -60,3 +63,23 @@ def data_flags(shakespeare_file, tmp_path_factory) -> list[str]:
     f"--config.data.source={shakespeare_file}",
     f"--config.data.data_dir={tmp_path_factory.mktemp('tfds')}",
   ]
+
+
+@pytest.fixture(scope="module")
+def layout_step(shared_data, data_dir):
+  """layout_step(layout, sizes, grad_accum, model) -> (Setup, compiled train step) of the eight-head
+  model, compiled once per module: the bytes and the memory tests read the same programs. Batch 16,
+  or 64 under gradient accumulation (pp: 4 micro-steps x 4 microbatches x data 4)."""
+
+  @functools.cache
+  def build(layout, sizes, grad_accum, model):
+    c = eight_head_config(shared_data, data_dir, layout, **dict(sizes))
+    c.model.update(dict(model))
+    c.train.grad_accum = grad_accum
+    c.data.global_batch = 64 if grad_accum > 1 else 16
+    s = setup.build(c, 65)
+    return s, compiled_step(s)
+
+  return lambda layout, sizes, grad_accum=1, model=None: build(
+    layout, tuple(sorted(sizes.items())), grad_accum, tuple(sorted((model or {}).items()))
+  )

@@ -10,6 +10,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 from types import ModuleType
@@ -181,11 +182,9 @@ def compiled_step(s):
   return step_functions.make_train_step(s).lower(setup.abstract_state(s), batch).compile()
 
 
-def loss_and_gradients(s, bubble_fill=0.0):
-  """Loss and gradients at initialisation on one fixed batch, as the train step computes them
-  (each gradient reduced into its optimizer state's sharding); pipeline gradients in layer order."""
-  state = setup.make_init(s)()
-  batch = np.asarray(
+def fixed_batch():
+  """One batch [16, 65] of a fixed token stream: what the at-init comparisons compute on."""
+  return np.asarray(
     next(
       iter(
         data.train_batches(
@@ -194,6 +193,13 @@ def loss_and_gradients(s, bubble_fill=0.0):
       )
     )
   )
+
+
+def loss_and_gradients(s, bubble_fill=0.0):
+  """Loss and gradients at initialisation on one fixed batch, as the train step computes them
+  (each gradient reduced into its optimizer state's sharding); pipeline gradients in layer order."""
+  state = setup.make_init(s)()
+  batch = fixed_batch()
   f = jax.jit(
     step_functions.make_gradients(s, bubble_fill),
     in_shardings=(s.shardings.params, s.batch_sharding),
@@ -211,3 +217,29 @@ def assert_same_gradients(got, ref, msg):
     np.testing.assert_allclose(
       g, r, rtol=0, atol=GRAD_ATOL * scale, err_msg=f"{msg} {jax.tree_util.keystr(path)}"
     )
+
+
+def eight_head_config(shared_data, data_dir, layout, **sizes):
+  c = tiny_config(shared_data, data_dir, layout=layout, **sizes)
+  c.model.n_heads = 8
+  return c
+
+
+def eight_heads(shared_data, data_dir, layout, **sizes):
+  c = tiny_config(shared_data, data_dir, layout=layout, **sizes)
+  c.model.n_heads = 8  # tp splits heads over 8 devices
+  c.train.steps = 8
+  c.checkpoint.every = 4
+  return c
+
+
+def by_step(workdir):
+  return {l["step"]: l for l in metrics(workdir)}
+
+
+def copy_checkpoint(src, dst, step):
+  """A workdir holding only `src`'s checkpoint at `step`."""
+  shutil.copytree(src / "checkpoints", dst / "checkpoints")
+  for other in (dst / "checkpoints").iterdir():
+    if other.is_dir() and other.name.isdigit() and int(other.name) != step:
+      shutil.rmtree(other)

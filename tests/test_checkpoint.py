@@ -13,37 +13,18 @@ from helpers import (
   REPO,
   SHAKESPEARE,
   assert_bad_input,
+  by_step,
+  copy_checkpoint,
+  eight_heads,
   files_digest,
   launch,
   launch_command,
   launch_env,
   losses,
-  metrics,
-  tiny_config,
 )
 
 from cgpt_jax.errors import InputError
 from cgpt_jax.train import loop
-
-
-def eight_heads(shared_data, data_dir, layout, **sizes):
-  c = tiny_config(shared_data, data_dir, layout=layout, **sizes)
-  c.model.n_heads = 8  # tp splits heads over 8 devices
-  c.train.steps = 8
-  c.checkpoint.every = 4
-  return c
-
-
-def by_step(workdir):
-  return {l["step"]: l for l in metrics(workdir)}
-
-
-def copy_checkpoint(src, dst, step):
-  """A workdir holding only `src`'s checkpoint at `step`."""
-  shutil.copytree(src / "checkpoints", dst / "checkpoints")
-  for other in (dst / "checkpoints").iterdir():
-    if other.is_dir() and other.name.isdigit() and int(other.name) != step:
-      shutil.rmtree(other)
 
 
 @pytest.fixture(scope="module")

@@ -187,7 +187,7 @@ def test_plan_13b_with_a_pipeline_on_64_devices(tmp_path, shared_data):
   )
   assert r.returncode == 0, r.stderr[-3000:]
   plan = json.loads((tmp_path / "plan.json").read_text())
-  assert plan["mesh"] == {"data": 1, "pipe": 4, "fsdp": 4, "tensor": 4}
+  assert plan["mesh"] == {"data": 1, "pipe": 4, "fsdp": 4, "context": 1, "tensor": 4}
   p = plan["pipeline"]
   assert (p["stages"], p["microbatches"], p["iterations"]) == (4, 8, 11)
   assert p["bubble_fraction_theory"] == 3 / 11

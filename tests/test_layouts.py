@@ -1,11 +1,16 @@
 """Sharded layouts: the shardings are what each layout promises, and training matches `single`."""
 
-import functools
-
 import jax
 import numpy as np
 import pytest
-from helpers import assert_same_gradients, compiled_step, loss_and_gradients, losses, tiny_config
+from helpers import (
+  assert_same_gradients,
+  compiled_step,
+  eight_head_config,
+  loss_and_gradients,
+  losses,
+  tiny_config,
+)
 from jax.sharding import PartitionSpec as P
 from tolerances import RTOL
 
@@ -81,12 +86,6 @@ MESHES = [
 ]
 
 
-def eight_head_config(shared_data, data_dir, layout, **sizes):
-  c = tiny_config(shared_data, data_dir, layout=layout, **sizes)
-  c.model.n_heads = 8
-  return c
-
-
 # Slow (2 min): 12 steps under 15 layouts. The default run keeps every layout's loss and gradients
 # at init against single's (below), and dp, the pipelines and the schedules training like single.
 @pytest.mark.slow
@@ -140,26 +139,6 @@ def test_indivisible_dimension_is_a_clear_error(shared_data, data_dir):
   c.model.n_heads = 2
   with pytest.raises(InputError, match=r"'embed' dimension.*8 devices"):
     setup.build(c, 65)
-
-
-@pytest.fixture(scope="module")
-def layout_step(shared_data, data_dir):
-  """layout_step(layout, sizes, grad_accum, model) -> (Setup, compiled train step) of the eight-head
-  model, compiled once per module: the bytes and the memory tests read the same programs. Batch 16,
-  or 64 under gradient accumulation (pp: 4 micro-steps x 4 microbatches x data 4)."""
-
-  @functools.cache
-  def build(layout, sizes, grad_accum, model):
-    c = eight_head_config(shared_data, data_dir, layout, **dict(sizes))
-    c.model.update(dict(model))
-    c.train.grad_accum = grad_accum
-    c.data.global_batch = 64 if grad_accum > 1 else 16
-    s = setup.build(c, 65)
-    return s, compiled_step(s)
-
-  return lambda layout, sizes, grad_accum=1, model=None: build(
-    layout, tuple(sorted(sizes.items())), grad_accum, tuple(sorted((model or {}).items()))
-  )
 
 
 # One of each layout family whose step spmd.py writes out, and the batch that divides under

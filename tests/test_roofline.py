@@ -2,6 +2,7 @@
 plan."""
 
 import json
+import math
 import re
 import subprocess
 import sys
@@ -114,7 +115,7 @@ def test_sweep_points_are_well_formed():
   assert all(re.fullmatch(r"[A-Za-z0-9._-]+", n) for n in names)
   for p in points:
     sizes = [p[f"mesh.{a}"] for a in roofline.AXES]
-    assert p["devices"] == sizes[0] * sizes[1] * sizes[2] * sizes[3], p["name"]
+    assert p["devices"] == math.prod(sizes), p["name"]
     batch = p.get("data.global_batch", experiment.config_lib.CEREBRAS_GPT[p["config_arg"]].batch)
     assert batch % (p["train.grad_accum"] * p["mesh.data"] * p["mesh.fsdp"]) == 0, p["name"]
   assert {p["devices"] for p in points if p["config_arg"] == "13b"} >= {64, 512}
@@ -122,7 +123,7 @@ def test_sweep_points_are_well_formed():
 
 def test_report_row_matches_a_real_plan(tmp_path):
   """One real point (111M, FSDP over 64 devices), planned by launch.py as the sweep runner would."""
-  p = next(p for p in experiment.get_sweep() if p["name"] == "111m-fsdp-1x1x64x1")
+  p = next(p for p in experiment.get_sweep() if p["name"] == "111m-fsdp-1x1x64x1x1")
   workdir = tmp_path / "points" / p["name"]
   overrides = [
     f"--config.{k}={v}" for k, v in p.items() if k not in ("name", "devices", "mode", "config_arg")

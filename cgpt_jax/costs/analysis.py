@@ -17,6 +17,7 @@ import numpy as np
 
 from cgpt_jax import config as config_lib
 from cgpt_jax.costs import memory as memory_model
+from cgpt_jax.parallel import context as context_lib
 
 
 def layer_matmul_params(m: ml_collections.ConfigDict) -> int:
@@ -263,6 +264,7 @@ def expected_matmul_flops(
   padded_vocab: int,
   schedule=None,
   remat: str | None = None,
+  context: int = 1,
 ) -> int:
   """Matmul FLOPs the compiled step should run on all devices together.
 
@@ -275,21 +277,24 @@ def expected_matmul_flops(
   the blocks' FLOPs times (M R + S - 1) / (M R); a hand-written schedule's idle rounds compute
   nothing. ZB-H1's W reruns the backward's chain to every weight, which is all of its input-gradient
   work (2 N_layers + 8 L T d per token; even the first layer's QKV input gradient feeds its layer
-  norm's gradient), and under full remat the unit's forward once more.
+  norm's gradient), and under full remat the unit's forward once more. A `context`-parallel ring
+  of N devices scores a query against (2N+1)/(4N) of the T keys on average
+  (parallel.context.score_fraction): the attention terms' T becomes that.
   """
   d, f = m.d_model, m.d_ff
-  layers = layer_matmul_flops_per_token(m, seq_len)
+  keys = seq_len * context_lib.score_fraction(context)
+  layers = layer_matmul_flops_per_token(m, keys)
   chains = backward_chains(schedule)
-  layers += (chains - 1) * (2 * layer_matmul_params(m) + 8 * m.n_layers * seq_len * d)
+  layers += (chains - 1) * (2 * layer_matmul_params(m) + 8 * m.n_layers * keys * d)
   if (m.remat if remat is None else remat) == "full":
     per_unit = remat_unit(m, schedule)
-    forward = 2 * config_lib.layer_matrix_params(d, f) + 4 * seq_len * d
+    forward = 2 * config_lib.layer_matrix_params(d, f) + 4 * keys * d
     skipped = 2 * d * f * rerun_drops_last(m, schedule)
     layers += chains * (m.n_layers // per_unit) * (per_unit * forward - skipped)
   layers *= tokens
   if schedule is not None:
     layers = layers * schedule.layer_runs // (schedule.microbatches * schedule.repeats)
-  return 6 * padded_vocab * d * tokens + layers
+  return int(6 * padded_vocab * d * tokens + layers)
 
 
 def analytic_state_bytes(

@@ -8,8 +8,9 @@ whole result is V sends V (n-1)/n, a collective-permute V. k = train.grad_accum 
 
 Parameters, one term per cause, summed over the parameter tensors by where each is held (its spec)
 and where its optimizer state is (its state spec):
-- gradient_all_reduce: a gradient replicated over batch axes (data, fsdp) or pipe is reduced once
-  per step over them, after the micro-steps summed it locally: 2 V (n-1)/n of its float32 shard.
+- gradient_all_reduce: a gradient replicated over batch axes (data, fsdp) or the axes that split
+  the sequence (pipe, context) is reduced once per step over them, after the micro-steps summed it
+  locally: 2 V (n-1)/n of its float32 shard.
 - gradient_reduce_scatter + parameter_all_gather (ZeRO-1): where the state is split over axes the
   parameter is not, the gradient is reduce-scattered instead, V (n-1)/n, and the updated parameter
   all-gathered back, V (n-1)/n.
@@ -44,11 +45,21 @@ moves 16-bit collectives as float32 (spmd.wire_dtype). `backend` picks which.
   reduce-scatter and the head entered with an all-gather. With the residual stream split along the
   sequence, the gradients of the layer norms and output biases (6 d per layer, 2 d for the final
   norm) are partial sums over tensor, all-reduced in every micro-step (sequence_norm_grads), and
-  the gradient of the T positions' rows comes out split along the sequence and is all-gathered
-  before it joins the table (sequence_positions_grad, model.GPT.embed).
+  the gradient of the positions' rows the device embeds (T, or its T/S or T/N part of the
+  sequence) comes out split along the sequence and is all-gathered before it joins the table
+  (sequence_positions_grad, model.GPT.embed).
 - pipeline_hops: one [mb, T, d] collective-permute per iteration forward and one backward.
 - pipeline_entry, pipeline_exit: stage inputs all-gathered over pipe (whole sequences), outputs
   reduce-scattered back to sequence parts, and each one's transpose in the backward.
+- context_kv_ring: context parallelism's ring attention (parallel/context.py). In every layer run
+  each of the N devices sends its keys and values, [tokens, d/Y] each for its T/N of the sequence,
+  N-1 hops round the ring: 2 (N-1)/N b T d/Y per layer, b the rows it holds. Under any remat
+  policy the backward's rerun of the layer sends them round again ("dots" keeps matmul outputs, and
+  a hop's is not one).
+- context_kv_grad_ring: the backward's transpose of each hop sends the keys' and values'
+  gradients one hop back: the same bytes again, per layer run.
+The device's tokens in the activation terms are its rows' whole sequences, B T / X, or under
+context parallelism its 1/N of them.
 """
 
 import math
@@ -70,14 +81,14 @@ if TYPE_CHECKING:  # a type only: costs/ is below train/
 # Each cause: the collective kind it compiles to, and the mesh axes it runs over (the roofline
 # times a term at its axes' bandwidth).
 CAUSES = {
-  "gradient_all_reduce": ("all-reduce", ("data", "fsdp", "pipe")),
+  "gradient_all_reduce": ("all-reduce", ("data", "fsdp", "pipe", "context")),
   "gradient_reduce_scatter": ("reduce-scatter", ("data",)),
   "parameter_all_gather": ("all-gather", ("data",)),
   "layer_weight_gather": ("all-gather", ("fsdp",)),
   "layer_grad_scatter": ("reduce-scatter", ("fsdp",)),
   "head_weight_gather": ("all-gather", ("fsdp",)),
   "head_grad_scatter": ("reduce-scatter", ("fsdp",)),
-  "scalars": ("all-reduce", ("data", "fsdp", "pipe", "tensor")),
+  "scalars": ("all-reduce", ("data", "fsdp", "pipe", "context", "tensor")),
   "tensor_layers": ("all-reduce", ("tensor",)),
   "tensor_embedding_head": ("all-reduce", ("tensor",)),
   "tensor_cross_entropy": ("all-reduce", ("tensor",)),
@@ -90,6 +101,8 @@ CAUSES = {
   "pipeline_hops": ("collective-permute", ("pipe",)),
   "pipeline_entry": ("all-gather", ("pipe",)),
   "pipeline_exit": ("reduce-scatter", ("pipe",)),
+  "context_kv_ring": ("collective-permute", ("context",)),
+  "context_kv_grad_ring": ("collective-permute", ("context",)),
 }
 F32, PRED = 4, 1
 
@@ -185,12 +198,14 @@ def activation_terms(
   backend: str | None = None,
 ) -> dict[str, float]:
   """The activation causes (module docstring). Per device the step's tokens are B T / X (whole
-  sequences of its rows, X = data x fsdp), each micro-step 1/k of them. Activations cross in the
-  backend's wire dtype (spmd.wire_dtype), the loss's partials and the gradients in float32."""
+  sequences of its rows, X = data x fsdp), or 1/N of them under N-way context parallelism, each
+  micro-step 1/k of them. Activations cross in the backend's wire dtype (spmd.wire_dtype), the
+  loss's partials and the gradients in float32."""
   sizes = layout.axis_sizes
   x_ways, y_ways, stages = sizes["data"] * sizes["fsdp"], sizes["tensor"], sizes["pipe"]
+  ring = sizes["context"]
   d, b = m.d_model, spmd.wire_dtype(m.dtype, backend).itemsize
-  tokens = global_batch * seq_len / x_ways
+  tokens = global_batch * seq_len / x_ways / ring
   terms = {}
   if y_ways > 1:
     layer_tokens = layers_run(m, schedule) * tokens / (schedule.microbatches if schedule else 1)
@@ -214,13 +229,18 @@ def activation_terms(
       vectors = 6 * d * m.n_layers + 2 * d
       # Reduced by the partitioner (tensor is its axis) inside every micro-step.
       terms["sequence_norm_grads"] = grad_accum * 2 * vectors * F32 * _share(y_ways)
-      terms["sequence_positions_grad"] = seq_len / stages * d * F32 * _share(y_ways)
+      # The rows of the positions this device embeds: its part of the sequence.
+      terms["sequence_positions_grad"] = seq_len / stages / ring * d * F32 * _share(y_ways)
     else:
       # The partitioner places tp's all-reduces after the matmuls: "dots" keeps the reduced
       # outputs, "full" reruns the matmuls and their all-reduces.
       terms["tensor_layers"] = 2 * unit * (2 + chains * (2 + rerun_exits * (remat == "full")))
       terms["tensor_embedding_head"] = embedding_head
     terms["tensor_cross_entropy"] = 3 * 2 * tokens / stages * F32 * _share(y_ways)
+  if ring > 1:  # no pipeline: context.check refuses one
+    hops = 2 * (ring - 1) * m.n_layers * tokens * d / y_ways * b  # K and V, N-1 hops, every layer
+    terms["context_kv_ring"] = hops * (1 + (remat != "none"))
+    terms["context_kv_grad_ring"] = hops
   if schedule is not None:
     terms["pipeline_hops"] = 2 * schedule.hops * tokens / schedule.microbatches * d * b
     if not schedule.hand_written:  # which spreads the embedding and head over the sequence

@@ -131,15 +131,16 @@ def critical_tokens(hw: Hardware, bandwidth: float) -> float:
 
 def axis_span(mesh: dict, axis: str) -> int:
   """Consecutive device ids one group of `axis` covers: its size times the sizes inside it (the
-  mesh is row-major over AXES, so tensor neighbours are adjacent devices)."""
+  mesh is row-major over AXES, so tensor neighbours are adjacent devices). An axis a plan does not
+  name (one from before the axis existed) is 1."""
   inner = AXES[AXES.index(axis) :]
-  return math.prod(mesh[a] for a in inner)
+  return math.prod(mesh.get(a, 1) for a in inner)
 
 
 def axes_bandwidth(hw: Hardware, mesh: dict, axes: tuple[str, ...]) -> float:
   """Per-chip bandwidth of a collective over `axes`: the fast links if every group stays inside one
   node, else the network (a ring that leaves the node is paced by each chip's NIC)."""
-  spans = [axis_span(mesh, a) for a in axes if mesh[a] > 1]
+  spans = [axis_span(mesh, a) for a in axes if mesh.get(a, 1) > 1]
   inside = hw.node_size is None or all(s <= hw.node_size for s in spans)
   return hw.link_bytes_per_s if inside else hw.network_bytes_per_s
 

@@ -22,7 +22,7 @@ from jax.sharding import PartitionSpec as P
 from cgpt_jax.errors import InputError
 from cgpt_jax.parallel.spmd import axes_of
 
-AXES = ("data", "pipe", "fsdp", "tensor")
+AXES = ("data", "pipe", "fsdp", "context", "tensor")
 TENSOR = "tensor"
 BATCH_AXES = ("data", "fsdp")  # FSDP is data parallelism whose state is sharded too
 
@@ -45,9 +45,11 @@ RULES: Rules = {
   "stage": ("pipe",),  # pipeline stages of the stacked layers (pipeline.py)
   # Outside the pipeline (embedding, head, loss) the `pipe` devices split the sequence: those parts
   # are per-token, so this is plain data parallelism for them. Inside the pipeline `pipe` is manual
-  # and these entries drop out.
-  "seq": ("pipe",),
-  "residual_seq": ("pipe",),
+  # and these entries drop out. `context` splits the sequence everywhere, attention included, each
+  # device holding two zig-zag chunks (context.py). Both axes are manual in the step's shard_map,
+  # which splits the sequence itself (train.make_local_loss).
+  "seq": ("pipe", "context"),
+  "residual_seq": ("pipe", "context"),
 }
 
 
@@ -92,6 +94,10 @@ LAYOUT_PRESETS: dict[str, LayoutPreset] = {
   "pp": LayoutPreset({"pipe": -1}),
   # Megatron's 3D combination: data x pipe x tensor (set mesh.fsdp > 1 for ZeRO-3 within it).
   "3d": LayoutPreset({"data": 2, "pipe": 2, "tensor": 2}),
+  # Context parallelism (context.py): the sequence split over `context` in zig-zag chunks, the
+  # chunks' keys and values passed round a ring for attention: per layer 2 (N-1)/N b T d forward
+  # and again backward, and every device the same causal work.
+  "cp": LayoutPreset({"context": -1}),
   # Cerebras weight streaming (wafer.py): all devices are one wafer holding the activations
   # (batch split over fsdp); each layer's weights stream in from their shards when it runs, in the
   # forward and again in the backward, and its gradients stream back out: 3 P b (n-1)/n.

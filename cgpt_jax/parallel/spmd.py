@@ -4,8 +4,9 @@ written out.
 Left to the partitioner, the step moved 1.3-2.5x its algorithm's bytes: XLA's CPU pipeline
 all-reduces and slices where ZeRO needs a reduce-scatter, reduces the tied embedding's lookup and
 head gradients separately, and reduces a pipeline's embedding over `data` and again over `pipe`. So
-the axes that share the batch (`data`, `fsdp`) and the pipeline's `pipe` are manual here, and every
-collective over them is one of these, decided by the layout's tables alone:
+the axes that share the batch (`data`, `fsdp`), the pipeline's `pipe` and `context` (which shares
+the sequence, context.py) are manual here, and every collective over them is one of these, decided
+by the layout's tables alone (and context parallelism's ring, written in context.py):
 
 - Weights. A weight split over a manual axis (fsdp: ZeRO-3, the wafer) is all-gathered where it is
   used: once per micro-step for the embedding, positions and final norm, per layer inside the layer
@@ -30,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-MANUAL = ("data", "pipe", "fsdp")
+MANUAL = ("data", "pipe", "fsdp", "context")
 
 
 def axes_of(entry) -> tuple[str, ...]:
@@ -163,7 +164,8 @@ def wire_dtype(dtype, backend: str | None = None):
 
 
 def shares(sizes: dict[str, int]) -> int:
-  """Devices among which the step's tokens are divided: data x fsdp rows, x pipe sequence parts."""
+  """Devices among which the step's tokens are divided: data x fsdp rows, x pipe and context
+  sequence parts."""
   return math.prod(sizes[a] for a in MANUAL)
 
 

@@ -12,7 +12,7 @@ import ml_collections
 from cgpt_jax import config as config_lib
 from cgpt_jax import model as model_lib
 from cgpt_jax.costs import analysis, comm, roofline
-from cgpt_jax.parallel import wafer
+from cgpt_jax.parallel import context, wafer
 from cgpt_jax.train import run_dir, setup, step_functions
 from cgpt_jax.train.setup import Setup
 
@@ -27,6 +27,7 @@ def compiled_costs(s: Setup, compiled) -> dict:
   tokens = d.global_batch * d.seq_len
   held = sum(x.size for x in jax.tree.leaves(s.abstract_params))
   streams = s.layout.streams_weights
+  ways = sizes[context.AXIS]
   terms = comm.analytic_terms(s)
   # The same step compiled for a GPU or TPU, which move the compute dtype (spmd.wire_dtype).
   accelerator_terms = comm.analytic_terms(s, backend="gpu")
@@ -40,7 +41,7 @@ def compiled_costs(s: Setup, compiled) -> dict:
     "optimizer_state_bytes_per_device": analysis.per_device_bytes(opt_state),
     "compiled_matmul_flops_per_step": analysis.dot_flops(hlo, shares) * s.layout.mesh.size,
     "expected_matmul_flops_per_step": analysis.expected_matmul_flops(
-      m, d.seq_len, tokens, vocab, s.schedule, remat="full" if streams else None
+      m, d.seq_len, tokens, vocab, s.schedule, remat="full" if streams else None, context=ways
     ),
     "collective_bytes_per_step": {k: sum(v.values()) for k, v in by_dtype.items()},
     "collective_bytes_by_dtype": by_dtype,
@@ -61,6 +62,8 @@ def compiled_costs(s: Setup, compiled) -> dict:
       "analytic_streamed_bytes_per_step": terms["layer_weight_gather"]
       + terms["layer_grad_scatter"],
     }
+  if ways > 1:
+    costs["context"] = context.describe(ways, d.seq_len)
   if s.schedule:
     # What the same step costs without the pipeline's bubbles: the single-device program.
     unpipelined = analysis.expected_matmul_flops(m, d.seq_len, tokens, vocab)

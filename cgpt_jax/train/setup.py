@@ -17,7 +17,7 @@ from cgpt_jax import config as config_lib
 from cgpt_jax import model as model_lib
 from cgpt_jax.costs import analysis
 from cgpt_jax.errors import InputError
-from cgpt_jax.parallel import layouts, pipeline
+from cgpt_jax.parallel import context, layouts, pipeline
 
 
 class TrainState(NamedTuple):
@@ -153,6 +153,7 @@ def build(cfg: ml_collections.ConfigDict, vocab_size: int) -> Setup:
   cfg = config_lib.resolve(cfg, vocab_size)
   layout = layouts.make_layout(cfg.mesh)
   check_batches(cfg, layout)
+  context.check(cfg, layout)
   schedule = pipeline.make_schedule(cfg, layout)
   graphdef, abstract_params = model_lib.abstract_model(cfg.model, cfg.train.seed)
   n_params = model_lib.count_params(abstract_params, cfg.model)

@@ -12,7 +12,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from cgpt_jax import model as model_lib
-from cgpt_jax.parallel import layouts, pipeline, pipeline_1f1b, spmd
+from cgpt_jax.parallel import context, layouts, pipeline, pipeline_1f1b, spmd
 from cgpt_jax.train.setup import Setup, TrainState
 
 
@@ -114,8 +114,9 @@ def make_local_loss(
         inputs, targets = (
           jax.lax.dynamic_slice_in_dim(a, start, part, axis=1) for a in (inputs, targets)
         )
+      inputs, targets, start = context.local_part(inputs, targets, start)
       nll = nnx.merge(graphdef, params).token_nll(inputs, targets, run_blocks, start)
-      return nll if per_token else jnp.mean(nll)
+      return context.whole_sequence(nll) if per_token else jnp.mean(nll)
 
   return local_loss
 
