@@ -305,6 +305,50 @@ def pipeline_memory_tables(
 
 
 # ----------------------------------------------------------------------------------------------
+# Long context (experiments/long_context.py)
+# ----------------------------------------------------------------------------------------------
+def long_context_table(results: dict, seq_len: int, reference: str = "single") -> list[str]:
+  """Planned rings against `reference` at `seq_len` tokens: per-device memory (total and
+  temporary) and its ratio to the reference's, the ring's collective-permute bytes beside the
+  formula (comm.py's context terms), every collective's bytes beside the formula, and the compiled
+  matmul FLOPs per token beside the reference's with the ring's score fraction."""
+  ref = results.get(reference, {"error": "not run"})
+
+  def per_token_flops(p):
+    return p["compiled_matmul_flops_per_step"] / p["tokens_per_step"]
+
+  def vs_ref(value, of):
+    return "" if "error" in ref else f"{value / of(ref):.3f}"
+
+  lines = [
+    f"## T = {seq_len:,}: memory per device and bytes per step",
+    "",
+    "| point | mesh | memory GiB/device | / single | temp GiB | ring ppermute MB | formula "
+    "| all collectives MB | / formula | FLOPs per token / single | score fraction |",
+    "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+  ]
+  for name, p in results.items():
+    if "error" in p:
+      lines.append(f"| {name} | error: {p['error']} |" + " |" * 9)
+      continue
+    total = p["memory_per_device_bytes"]["total_bytes"]
+    terms = p["analytic_collective_terms"]
+    ring = terms.get("context_kv_ring", 0) + terms.get("context_kv_grad_ring", 0)
+    ppermute = p["collective_bytes_per_step"].get("collective-permute", 0)
+    measured = sum(p["collective_bytes_per_step"].values())
+    analytic = p["analytic_collective_bytes_per_step"]
+    lines.append(
+      f"| {name} | {mesh_text(p)} | {_gib(total)} | "
+      f"{vs_ref(total, lambda r: r['memory_per_device_bytes']['total_bytes'])} | "
+      f"{_gib(p['memory_per_device_bytes']['temp_bytes'])} | {ppermute / 1e6:.1f} | "
+      f"{ring / 1e6:.1f} | {measured / 1e6:.1f} | {measured / analytic if analytic else 1:.4f} | "
+      f"{vs_ref(per_token_flops(p), per_token_flops)} | "
+      f"{p.get('context', {}).get('score_fraction', 1.0):.4f} |"
+    )
+  return lines
+
+
+# ----------------------------------------------------------------------------------------------
 # Compile time against depth (experiments/compile_time.py)
 # ----------------------------------------------------------------------------------------------
 def compile_time_table(results: dict, depths: tuple[int, ...], setting: str) -> list[str]:

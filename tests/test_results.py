@@ -124,6 +124,45 @@ def test_compile_time_table_by_hand():
   ]
 
 
+def test_long_context_table_by_hand():
+  """A ring of 4 at a quarter of single's memory, its ppermute bytes on the formula, a sixth more
+  bytes elsewhere, and (2N+1)/(4N) = 9/16 of the scores: per-token FLOPs 0.6 of single's."""
+  gib = 2**30
+  mesh = {"data": 1, "pipe": 1, "fsdp": 1, "tensor": 1}
+  single = {
+    "mesh": {**mesh, "context": 1},
+    "memory_per_device_bytes": {"total_bytes": 8 * gib, "temp_bytes": 6 * gib},
+    "analytic_collective_terms": {},
+    "collective_bytes_per_step": {},
+    "analytic_collective_bytes_per_step": 0,
+    "compiled_matmul_flops_per_step": 1000,
+    "tokens_per_step": 10,
+  }
+  ring = {
+    "mesh": {**mesh, "context": 4},
+    "memory_per_device_bytes": {"total_bytes": 2 * gib, "temp_bytes": 1 * gib},
+    "analytic_collective_terms": {
+      "context_kv_ring": 30e6,
+      "context_kv_grad_ring": 30e6,
+      "grad_allreduce": 12e6,
+    },
+    "collective_bytes_per_step": {"collective-permute": 60e6, "all-reduce": 12e6},
+    "analytic_collective_bytes_per_step": 72e6,
+    "compiled_matmul_flops_per_step": 1200,
+    "tokens_per_step": 20,
+    "context": {"score_fraction": 0.5625},
+  }
+  lines = report_lib.long_context_table({"single": single, "cp4": ring, "cp8": {"error": "x"}}, 64)
+  assert lines[0] == "## T = 64: memory per device and bytes per step"
+  assert lines[4:] == [
+    "| single | 1 x 1 x 1 x 1 x 1 | 8.00 | 1.000 | 6.00 | 0.0 | 0.0 | 0.0 | 1.0000 | 1.000 "
+    "| 1.0000 |",
+    "| cp4 | 1 x 1 x 1 x 4 x 1 | 2.00 | 0.250 | 1.00 | 60.0 | 60.0 | 72.0 | 1.0000 | 0.600 "
+    "| 0.5625 |",
+    "| cp8 | error: x |" + " |" * 9,
+  ]
+
+
 def scaling_results(tmp_path):
   """Five sizes whose losses follow (f / 3e9)^-0.15 + 1.2 exactly, one failed size, and the point
   folders' files 40 s apart (point.json to summary.json: the process's wall time)."""
