@@ -8,6 +8,7 @@ from flax import nnx
 from helpers import PAPER_PARAMS
 
 from cgpt_jax import config as config_lib
+from cgpt_jax import loss
 from cgpt_jax import model as model_lib
 
 
@@ -100,9 +101,7 @@ def test_full_remat_keeps_loss_and_gradients():
 
   def loss_and_grad(c):
     graphdef, params = nnx.split(model_lib.GPT(c, rngs=nnx.Rngs(3)))
-    f = lambda p: jnp.mean(
-      model_lib.token_nll(nnx.merge(graphdef, p)(tokens[:, :-1]), tokens[:, 1:])
-    )
+    f = lambda p: jnp.mean(loss.token_nll(nnx.merge(graphdef, p)(tokens[:, :-1]), tokens[:, 1:]))
     return jax.value_and_grad(f)(params)
 
   base = loss_and_grad(cfg)
