@@ -110,23 +110,10 @@ def train_batches(
   offsets in [0, n - seq_len - 1].
   """
   tokens = np.asarray(tokens, dtype=np.int32)
-  _check_positive(seq_len=seq_len, global_batch=global_batch, process_count=process_count)
+  _check_train_batches(
+    len(tokens), seq_len, global_batch, seed, start_step, process_index, process_count
+  )
   window = seq_len + 1
-  if len(tokens) < window:
-    raise InputError(
-      f"the train split has {len(tokens)} tokens, fewer than one window of seq_len + 1 = "
-      f"{window}; lower --config.data.seq_len or use a larger corpus"
-    )
-  if global_batch % process_count:
-    raise InputError(
-      f"global batch {global_batch} is not divisible by the {process_count} processes; "
-      "make it a multiple of the process count"
-    )
-  if not 0 <= process_index < process_count:
-    raise InputError(f"process index {process_index} is outside [0, {process_count})")
-  if seed < 0 or start_step < 0:
-    raise InputError(f"seed ({seed}) and start step ({start_step}) must be >= 0")
-
   windows_per_epoch = max(1, (len(tokens) - seq_len) // window)
   max_offset = min(seq_len, len(tokens) - windows_per_epoch * window)
   # grain seeds epoch e's shuffle with (seed + e), so user seeds s and s + 1 would share all but
@@ -155,6 +142,32 @@ def train_batches(
     .batch(rows)
   )
   return (batches[step * process_count + process_index] for step in itertools.count(start_step))
+
+
+def _check_train_batches(
+  n_tokens: int,
+  seq_len: int,
+  global_batch: int,
+  seed: int,
+  start_step: int,
+  process_index: int,
+  process_count: int,
+) -> None:
+  _check_positive(seq_len=seq_len, global_batch=global_batch, process_count=process_count)
+  if n_tokens < seq_len + 1:
+    raise InputError(
+      f"the train split has {n_tokens} tokens, fewer than one window of seq_len + 1 = "
+      f"{seq_len + 1}; lower --config.data.seq_len or use a larger corpus"
+    )
+  if global_batch % process_count:
+    raise InputError(
+      f"global batch {global_batch} is not divisible by the {process_count} processes; "
+      "make it a multiple of the process count"
+    )
+  if not 0 <= process_index < process_count:
+    raise InputError(f"process index {process_index} is outside [0, {process_count})")
+  if seed < 0 or start_step < 0:
+    raise InputError(f"seed ({seed}) and start step ({start_step}) must be >= 0")
 
 
 def eval_batches(

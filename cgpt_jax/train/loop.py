@@ -177,13 +177,7 @@ def train_loop(p: Prepared, c: Compiled) -> Trained:
   tokens_per_step = cfg.data.global_batch * cfg.data.seq_len
   clock = LogClock(p.start)
   last, eval_metrics, saved = {}, {}, p.start
-  bar = tqdm.tqdm(
-    initial=p.start,
-    total=cfg.train.steps,
-    disable=not (cfg.train.progress and main),
-    mininterval=1.0,
-    dynamic_ncols=True,
-  )
+  bar = progress_bar(cfg, p.start, shown=main)
   signals = faults.StopSignals()
   run_start = time.perf_counter()
   try:
@@ -230,6 +224,16 @@ def train_loop(p: Prepared, c: Compiled) -> Trained:
       ckpt.close()  # waits for the last save
   wall_s = time.perf_counter() - run_start
   return Trained(state, last, eval_metrics, clock.train_time, wall_s, nonfinite.skipped)
+
+
+def progress_bar(cfg: ml_collections.ConfigDict, start: int, shown: bool) -> tqdm.tqdm:
+  return tqdm.tqdm(
+    initial=start,
+    total=cfg.train.steps,
+    disable=not (cfg.train.progress and shown),
+    mininterval=1.0,
+    dynamic_ncols=True,
+  )
 
 
 class LogClock:
