@@ -25,6 +25,7 @@ import numpy as np
 from absl import app, flags
 
 from cgpt_jax import config as config_lib
+from cgpt_jax import presets
 from cgpt_jax.costs import analysis, roofline
 from cgpt_jax.errors import InputError
 from cgpt_jax.parallel import layouts
@@ -200,7 +201,7 @@ def main(_):
   kind = devices[0].device_kind
   peak, source = chip_peak(kind)
   batch = _BATCH.value or (2 if _TINY.value else 16)
-  vocab = TINY_VOCAB if _TINY.value else config_lib.GPT2_VOCAB
+  vocab = TINY_VOCAB if _TINY.value else presets.GPT2_VOCAB
   try:
     runs = {"single": measure(make_config("single", batch), vocab, devices[:1], peak)}
     skipped = None

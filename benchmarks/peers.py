@@ -37,7 +37,10 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from cgpt_jax import config as config_lib  # noqa: E402
-from cgpt_jax import sweep  # noqa: E402
+from cgpt_jax import (
+  presets,  # noqa: E402
+  sweep,  # noqa: E402
+)
 from cgpt_jax.costs import analysis  # noqa: E402
 from cgpt_jax.train import setup, step_functions  # noqa: E402
 
@@ -72,8 +75,8 @@ class Shape:
 
 SHAPES = {
   "char": Shape(char_config, CHAR_VOCAB, 100),
-  "4l256": Shape(gpt2_config(4, 256, 4, 8, 256), config_lib.GPT2_VOCAB, 10),
-  "2l768": Shape(gpt2_config(2, 768, 12, 8, 256), config_lib.GPT2_VOCAB, 10),
+  "4l256": Shape(gpt2_config(4, 256, 4, 8, 256), presets.GPT2_VOCAB, 10),
+  "2l768": Shape(gpt2_config(2, 768, 12, 8, 256), presets.GPT2_VOCAB, 10),
 }
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/peers", "Where the report goes.")

@@ -1,55 +1,17 @@
-"""Config schema, model presets and validation.
+"""Config schema and validation (the model presets: presets.py).
 
 Experiment files (`experiments/*.py`) return `base_config()` with their own values filled in; the
 launcher applies `--config.KEY=VALUE` overrides, then `resolve()` fills what a preset implies and
 checks every number a user can get wrong, raising `InputError` (exit 2) before anything compiles.
 """
 
-import dataclasses
 import math
 
 import ml_collections
 from ml_collections import config_dict
 
-from cgpt_jax import mup
+from cgpt_jax import mup, presets
 from cgpt_jax.errors import InputError
-
-
-# Cerebras-GPT (arXiv 2304.03208, model zoo configs): layers, d_model, heads, peak LR, batch of
-# 2048-token sequences, Adam eps, decay shape. d_ffn = 4 d_model, vocab 50257, 2048 positions.
-@dataclasses.dataclass(frozen=True)
-class Preset:
-  n_layers: int
-  d_model: int
-  n_heads: int
-  lr: float = 6e-4
-  batch: int = 120
-  eps: float = 1e-8
-  decay: str = "linear"
-  mup: bool = False
-
-
-CEREBRAS_GPT = {
-  "111m": Preset(10, 768, 12, 6e-4, 120, 1e-8, "linear"),
-  "256m": Preset(14, 1088, 17, 6e-4, 264, 1e-8, "linear"),
-  "590m": Preset(18, 1536, 12, 2e-4, 264, 1e-8, "linear"),
-  "1.3b": Preset(24, 2048, 16, 2e-4, 528, 1e-8, "cosine"),
-  "2.7b": Preset(32, 2560, 32, 2e-4, 528, 1e-8, "cosine"),
-  "6.7b": Preset(32, 4096, 32, 1.2e-4, 1040, 1e-9, "linear"),
-  "13b": Preset(40, 5120, 40, 1.2e-4, 720, 1e-9, "cosine"),
-}
-# Cerebras-GPT-muP: the same shapes and batches with muP's base LR (mup.py, docs/mup.md).
-CEREBRAS_GPT_MUP = {
-  f"{size}-mup": dataclasses.replace(CEREBRAS_GPT[size], lr=mup.BASE_LR, mup=True)
-  for size in ("111m", "256m", "590m", "1.3b", "2.7b")
-}
-# Small shapes for laptops and tests; not part of the paper.
-SMALL = {
-  "tiny": Preset(2, 64, 2),  # tests: compiles in seconds
-  "char4": Preset(4, 128, 4),  # nanoGPT's CPU shakespeare_char shape
-  "char6": Preset(6, 384, 6),  # nanoGPT's GPU shakespeare_char shape
-}
-PRESETS = {**CEREBRAS_GPT, **CEREBRAS_GPT_MUP, **SMALL}
 
 TOKENIZERS = ("char", "bytes", "gpt2")
 DECAYS = ("cosine", "linear", "constant")
@@ -58,15 +20,11 @@ OPTIMIZERS = ("adamw", "adafactor")
 DTYPES = ("float32", "bfloat16")
 ON_NONFINITE = ("stop", "skip")
 
-GPT2_VOCAB = 50257  # the GPT-2 BPE tokenizer's size (before padding: model.padded_vocab)
-TOKENS_PER_PARAM = 20  # Chinchilla-optimal budget used by Cerebras-GPT
-WARMUP_TOKENS = 375e6  # Cerebras-GPT's linear warm-up length in tokens
-
 
 def _model_defaults(c: ml_collections.ConfigDict) -> None:
   """The model's shape, initialisation, parameterisation and compute knobs."""
   c.model = dict(
-    preset="",  # a key of PRESETS, or "" to give every shape field by hand
+    preset="",  # a key of presets.PRESETS, or "" to give every shape field by hand
     n_layers=config_dict.placeholder(int),
     d_model=config_dict.placeholder(int),
     n_heads=config_dict.placeholder(int),
@@ -234,9 +192,14 @@ def _fail(key: str, value, why: str, fix: str):
 def resolve_model(model: ml_collections.ConfigDict) -> None:
   """Fills shape fields from the preset and checks them (in place)."""
   if model.preset:
-    if model.preset not in PRESETS:
-      _fail("model.preset", model.preset, "unknown preset", f"Choose one of: {', '.join(PRESETS)}.")
-    p = PRESETS[model.preset]
+    if model.preset not in presets.PRESETS:
+      _fail(
+        "model.preset",
+        model.preset,
+        "unknown preset",
+        f"Choose one of: {', '.join(presets.PRESETS)}.",
+      )
+    p = presets.PRESETS[model.preset]
     for key, value in (
       ("n_layers", p.n_layers),
       ("d_model", p.d_model),
@@ -251,7 +214,7 @@ def resolve_model(model: ml_collections.ConfigDict) -> None:
         f"model.{key}",
         None,
         "not set and no preset given",
-        f"Set --config.model.preset (one of {', '.join(PRESETS)}) or --config.model.{key}.",
+        f"Set --config.model.preset (one of {', '.join(presets.PRESETS)}) or --config.model.{key}.",
       )
     if model[key] <= 0:
       _fail(f"model.{key}", model[key], "must be positive", "Give a positive integer.")
@@ -316,7 +279,7 @@ def resolve_parameterisation(model: ml_collections.ConfigDict) -> None:
   model.mup = bool(model.mup)
   if model.mup_base_width <= 0:
     _fail("model.mup_base_width", model.mup_base_width, "must be positive", "muP's base is 256.")
-  big = model.preset in CEREBRAS_GPT and CEREBRAS_GPT[model.preset].d_model >= 2048
+  big = model.preset in presets.CEREBRAS_GPT and presets.CEREBRAS_GPT[model.preset].d_model >= 2048
   for key, value in mup.parameterisation(model, big_residual_rule=big).items():
     if model[key] is None:
       model[key] = value
@@ -484,7 +447,7 @@ def cerebras_gpt(size: str) -> ml_collections.ConfigDict:
   1.0, linear warm-up over 375M tokens, then linear or cosine decay to 10% at the Chinchilla budget
   of 20 tokens per parameter. The data is the Gutenberg selection (the Pile is not available
   offline)."""
-  sizes = {**CEREBRAS_GPT, **CEREBRAS_GPT_MUP}
+  sizes = {**presets.CEREBRAS_GPT, **presets.CEREBRAS_GPT_MUP}
   if size not in sizes:
     raise InputError(f"unknown Cerebras-GPT size {size!r}. Choose one of: {', '.join(sizes)}.")
   p = sizes[size]
@@ -499,32 +462,8 @@ def cerebras_gpt(size: str) -> ml_collections.ConfigDict:
   c.optim.eps = p.eps
   c.optim.decay = p.decay
   tokens_per_step = p.batch * 2048
-  c.optim.warmup_steps = math.ceil(WARMUP_TOKENS / tokens_per_step)
-  params = closed_form_params(p.n_layers, p.d_model)
-  c.train.steps = math.ceil(TOKENS_PER_PARAM * params / tokens_per_step)
+  c.optim.warmup_steps = math.ceil(presets.WARMUP_TOKENS / tokens_per_step)
+  params = presets.closed_form_params(p.n_layers, p.d_model)
+  c.train.steps = math.ceil(presets.TOKENS_PER_PARAM * params / tokens_per_step)
   c.train.eval_every = 1000
   return c
-
-
-def layer_matrix_params(d_model: int, d_ff: int) -> int:
-  """Parameters of one block's matrices: QKV and attention-out (4 d^2), MLP in and out (2 d f)."""
-  return 4 * d_model**2 + 2 * d_model * d_ff
-
-
-def layer_params(d_model: int, d_ff: int) -> int:
-  """Parameters of one block: its matrices, their biases (QKV 3 d, attention-out d, MLP-in f,
-  MLP-out d) and two layer norms (4 d). With d_ff = 4 d: 12 d^2 + 13 d
-  (docs/cerebras_gpt.md#parameter-count)."""
-  return layer_matrix_params(d_model, d_ff) + 9 * d_model + d_ff
-
-
-def closed_form_params(
-  n_layers: int, d_model: int, vocab: int = GPT2_VOCAB, positions: int = 2048
-) -> int:
-  """V d + P d + L (12 d^2 + 13 d) + 2 d, for d_ff = 4 d and tied embeddings
-  (docs/cerebras_gpt.md#parameter-count).
-
-  Lets a config derive its Chinchilla budget without building the model; the model's own count,
-  from abstract shapes, is what reports use and what the tests hold to the paper's table.
-  """
-  return (vocab + positions) * d_model + n_layers * layer_params(d_model, 4 * d_model) + 2 * d_model

@@ -24,8 +24,8 @@ import safetensors
 import safetensors.numpy
 from flax import nnx
 
-from cgpt_jax import config as config_lib
 from cgpt_jax import model as model_lib
+from cgpt_jax import presets
 from cgpt_jax.errors import InputError
 
 CONFIG = "config.json"
@@ -182,8 +182,8 @@ def gpt2_config(cfg: ml_collections.ConfigDict) -> dict:
     "use_cache": True,
     # The model config does not know its tokenizer: <|endoftext|> for the GPT-2 vocabulary, and
     # none otherwise rather than transformers' default 50256, which is no token of a smaller one.
-    "bos_token_id": GPT2_EOT if cfg.vocab_size == config_lib.GPT2_VOCAB else None,
-    "eos_token_id": GPT2_EOT if cfg.vocab_size == config_lib.GPT2_VOCAB else None,
+    "bos_token_id": GPT2_EOT if cfg.vocab_size == presets.GPT2_VOCAB else None,
+    "eos_token_id": GPT2_EOT if cfg.vocab_size == presets.GPT2_VOCAB else None,
   }
 
 

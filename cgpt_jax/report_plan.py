@@ -19,7 +19,7 @@ def plan_row(p: dict, plan: dict) -> dict:
   """The numbers of one planning row, from the sweep point `p` (its config_arg a Cerebras-GPT size)
   and its plan.json: memory, collective bytes measured and analytic, and roofline.analyse on each
   accelerator of roofline.HARDWARE."""
-  from cgpt_jax import config as config_lib
+  from cgpt_jax import presets
   from cgpt_jax.costs import roofline
 
   m = plan["mesh"]
@@ -30,7 +30,7 @@ def plan_row(p: dict, plan: dict) -> dict:
     "mesh": "×".join(str(m[a]) for a in roofline.AXES),
     "devices": plan["devices"],
     "batch": plan["tokens_per_step"] // plan["config"]["data"]["seq_len"],
-    "paper_batch": config_lib.CEREBRAS_GPT[p["config_arg"]].batch,
+    "paper_batch": presets.CEREBRAS_GPT[p["config_arg"]].batch,
     "grad_accum": plan["config"]["train"]["grad_accum"],
     "microbatches": plan.get("pipeline", {}).get("microbatches"),
     "memory_bytes": plan["memory_per_device_bytes"]["total_bytes"],

@@ -26,7 +26,7 @@ import ml_collections
 
 from cgpt_jax import config as config_lib
 from cgpt_jax import model as model_lib
-from cgpt_jax import report_plan
+from cgpt_jax import presets, report_plan
 from cgpt_jax.costs import memory, roofline
 
 
@@ -41,12 +41,12 @@ def grad_accum(size: str, rows: int, tensor: int, split: int) -> int:
   """The fewest micro-steps for `rows` sequences per device whose activations fit beside the
   state split `split` ways (memory.grad_accum), for the size's config as a run resolves it (the
   GPT-2 vocabulary, padded as the model pads it)."""
-  c = config_lib.resolve(get_config(size), config_lib.GPT2_VOCAB)
+  c = config_lib.resolve(get_config(size), presets.GPT2_VOCAB)
   m = c.model
   per_row = memory.activation_bytes_per_row(
     m.n_layers, m.d_model, c.data.seq_len, model_lib.padded_vocab(m), tensor
   )
-  n_params = config_lib.closed_form_params(m.n_layers, m.d_model, m.vocab_size, m.n_positions)
+  n_params = presets.closed_form_params(m.n_layers, m.d_model, m.vocab_size, m.n_positions)
   return memory.grad_accum(rows, per_row, memory.step_state_bytes(n_params, split))
 
 
@@ -62,7 +62,7 @@ def point(
   accumulation that fits; pipelines keep their microbatches in one step (grad_accum 1)."""
   sizes = {a: axes.get(a, 1) for a in roofline.AXES}
   assert math.prod(sizes.values()) == devices, (size, layout, sizes)
-  paper = config_lib.CEREBRAS_GPT[size].batch
+  paper = presets.CEREBRAS_GPT[size].batch
   batch = batch or paper
   split = sizes["fsdp"] * sizes["tensor"] * sizes["pipe"]
   k = (

@@ -45,7 +45,7 @@ import pathlib
 import ml_collections
 
 from cgpt_jax import config as config_lib
-from cgpt_jax import report_scaling, scaling_law
+from cgpt_jax import presets, report_scaling, scaling_law
 from cgpt_jax.data import text_builder
 from cgpt_jax.errors import InputError
 
@@ -76,7 +76,7 @@ def corpus_chars() -> tuple[int, int]:
 
 def params(n_layers: int, d_model: int) -> int:
   vocab, _ = corpus_chars()
-  return config_lib.closed_form_params(n_layers, d_model, vocab=vocab, positions=SEQ_LEN)
+  return presets.closed_form_params(n_layers, d_model, vocab=vocab, positions=SEQ_LEN)
 
 
 def batch_size(n_params: int) -> int:
@@ -98,7 +98,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   n_layers, d_model = SIZES[name]
   n_params = params(n_layers, d_model)
   batch = batch_size(n_params)
-  steps = math.ceil(config_lib.TOKENS_PER_PARAM * n_params / (batch * SEQ_LEN))
+  steps = math.ceil(presets.TOKENS_PER_PARAM * n_params / (batch * SEQ_LEN))
   c = config_lib.base_config()
   c.model.n_layers = n_layers
   c.model.d_model = d_model

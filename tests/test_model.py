@@ -8,7 +8,7 @@ from flax import nnx
 from helpers import PAPER_PARAMS
 
 from cgpt_jax import config as config_lib
-from cgpt_jax import loss
+from cgpt_jax import loss, presets
 from cgpt_jax import model as model_lib
 
 
@@ -29,8 +29,8 @@ def test_param_count_matches_paper(size):
   )  # nothing allocated
   assert model_lib.count_params(abstract, model_cfg(size)) == PAPER_PARAMS[size]
   assert abstract["wte"].shape == (50304, model_cfg(size).d_model)  # padded to a multiple of 128
-  p = config_lib.CEREBRAS_GPT[size]
-  assert config_lib.closed_form_params(p.n_layers, p.d_model) == PAPER_PARAMS[size]
+  p = presets.CEREBRAS_GPT[size]
+  assert presets.closed_form_params(p.n_layers, p.d_model) == PAPER_PARAMS[size]
 
 
 def test_every_parameter_has_logical_names():

@@ -13,7 +13,7 @@ from helpers import experiment, tiny_config
 
 from cgpt_jax import config as config_lib
 from cgpt_jax import model as model_lib
-from cgpt_jax import mup
+from cgpt_jax import mup, presets
 from cgpt_jax.train import setup
 
 TRUNC = 0.8796  # std of a unit normal truncated to [-2, 2]
@@ -47,7 +47,7 @@ def test_presets_carry_the_mup_rules():
   assert c.model.output_multiplier == pytest.approx(1 / m)
   assert c.model.hidden_lr_multiplier == pytest.approx(1 / m)
   assert c.model.attention_scale == pytest.approx(1 / 64)
-  assert set(config_lib.CEREBRAS_GPT_MUP) == {
+  assert set(presets.CEREBRAS_GPT_MUP) == {
     "111m-mup",
     "256m-mup",
     "590m-mup",

@@ -15,9 +15,8 @@ import numpy as np
 import pytest
 from helpers import REPO, assert_bad_input, experiment, launch, launch_env
 
-from cgpt_jax import config as config_lib
+from cgpt_jax import presets, report_scaling, sweep
 from cgpt_jax import report as report_lib
-from cgpt_jax import report_scaling, sweep
 from cgpt_jax.costs import analysis, memory, roofline
 
 # One block of width d = 2 with d_ff = 8, vocabulary 3, context T = 5.
@@ -69,14 +68,14 @@ def test_grad_accum_is_the_fewest_micro_steps_that_fit(per_row, k):
 def test_parameter_counts_by_hand():
   # Matrices: QKV and out 4 d^2 = 16, MLP 2 d f = 32. Biases: QKV 3 d, out d, MLP-in f, MLP-out d
   # = 18; two layer norms 4 d = 8.
-  assert config_lib.layer_matrix_params(2, 8) == 48
-  assert config_lib.layer_params(2, 8) == 48 + 18 + 8 == 74
+  assert presets.layer_matrix_params(2, 8) == 48
+  assert presets.layer_params(2, 8) == 48 + 18 + 8 == 74
   assert analysis.layer_params(TINY) == 74 and analysis.layer_matmul_params(TINY) == 48
   # (V + P) d + L (12 d^2 + 13 d) + 2 d with V 3, P 4, d 2.
-  assert config_lib.closed_form_params(1, 2, vocab=3, positions=4) == 14 + 74 + 4
+  assert presets.closed_form_params(1, 2, vocab=3, positions=4) == 14 + 74 + 4
   # 111M: 12 * 768^2 + 13 * 768 per layer, the GPT-2 vocabulary and 2048 positions.
   per_layer = 12 * 768**2 + 13 * 768
-  assert config_lib.closed_form_params(10, 768) == 52305 * 768 + 10 * per_layer + 2 * 768
+  assert presets.closed_form_params(10, 768) == 52305 * 768 + 10 * per_layer + 2 * 768
 
 
 def test_flops_per_token_is_the_blocks_plus_the_head():

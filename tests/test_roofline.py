@@ -11,7 +11,7 @@ import pytest
 from helpers import REPO
 from helpers import experiment as load_experiment
 
-from cgpt_jax import report_plan
+from cgpt_jax import presets, report_plan
 from cgpt_jax.costs import roofline
 
 experiment = load_experiment("plan_cerebras_gpt")
@@ -116,7 +116,7 @@ def test_sweep_points_are_well_formed():
   for p in points:
     sizes = [p[f"mesh.{a}"] for a in roofline.AXES]
     assert p["devices"] == math.prod(sizes), p["name"]
-    batch = p.get("data.global_batch", experiment.config_lib.CEREBRAS_GPT[p["config_arg"]].batch)
+    batch = p.get("data.global_batch", presets.CEREBRAS_GPT[p["config_arg"]].batch)
     assert batch % (p["train.grad_accum"] * p["mesh.data"] * p["mesh.fsdp"]) == 0, p["name"]
   assert {p["devices"] for p in points if p["config_arg"] == "13b"} >= {64, 512}
 

@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 from helpers import experiment
 
-from cgpt_jax import config as config_lib
-from cgpt_jax import scaling_law
+from cgpt_jax import presets, scaling_law
 from cgpt_jax.errors import InputError
 from cgpt_jax.train import setup
 
@@ -126,7 +125,7 @@ def test_sweep_points_spend_the_chinchilla_budget_within_one_epoch(monkeypatch):
     d = s.cfg.data
     tokens_per_step = d.global_batch * d.seq_len
     tokens = s.cfg.train.steps * tokens_per_step
-    assert 0 <= tokens - config_lib.TOKENS_PER_PARAM * s.n_params < tokens_per_step, point["name"]
+    assert 0 <= tokens - presets.TOKENS_PER_PARAM * s.n_params < tokens_per_step, point["name"]
     assert tokens < train_chars, point["name"]
     assert s.cfg.model.d_model // s.cfg.model.n_heads == scaling.D_HEAD
     assert s.n_params == scaling.params(s.cfg.model.n_layers, s.cfg.model.d_model)

@@ -15,14 +15,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from cgpt_jax import config as config_lib
+from cgpt_jax import presets
 from cgpt_jax.costs import memory as memory_model
 from cgpt_jax.parallel import context as context_lib
 
 
 def layer_matmul_params(m: ml_collections.ConfigDict) -> int:
   """Parameters of the blocks' matrices: QKV, attention-out and the two MLP matrices."""
-  return m.n_layers * config_lib.layer_matrix_params(m.d_model, m.d_ff)
+  return m.n_layers * presets.layer_matrix_params(m.d_model, m.d_ff)
 
 
 def flops_per_token(m: ml_collections.ConfigDict, seq_len: int) -> int:
@@ -227,8 +227,8 @@ def dot_flops(hlo_text: str, branch_shares: list[float] | None = None) -> int:
 
 
 def layer_params(m: ml_collections.ConfigDict) -> int:
-  """Parameters of one block of `m` (config.layer_params): matrices, biases and layer norms."""
-  return config_lib.layer_params(m.d_model, m.d_ff)
+  """Parameters of one block of `m` (presets.layer_params): matrices, biases and layer norms."""
+  return presets.layer_params(m.d_model, m.d_ff)
 
 
 def layer_matmul_flops_per_token(m: ml_collections.ConfigDict, seq_len: int) -> int:
@@ -288,7 +288,7 @@ def expected_matmul_flops(
   layers += (chains - 1) * (2 * layer_matmul_params(m) + 8 * m.n_layers * keys * d)
   if (m.remat if remat is None else remat) == "full":
     per_unit = remat_unit(m, schedule)
-    forward = 2 * config_lib.layer_matrix_params(d, f) + 4 * keys * d
+    forward = 2 * presets.layer_matrix_params(d, f) + 4 * keys * d
     skipped = 2 * d * f * rerun_drops_last(m, schedule)
     layers += chains * (m.n_layers // per_unit) * (per_unit * forward - skipped)
   layers *= tokens

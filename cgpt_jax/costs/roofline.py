@@ -23,6 +23,7 @@ import dataclasses
 import math
 
 from cgpt_jax import config as config_lib
+from cgpt_jax import presets
 from cgpt_jax.costs import analysis, comm
 from cgpt_jax.parallel.layouts import (
   AXES,  # outermost first: tensor neighbours are adjacent devices
@@ -101,10 +102,10 @@ def cs2_streaming_table(seq_len: int = 2048, system: StreamingSystem = CS2) -> l
   the weights in twice and the gradients out once at the system I/O rate, against seconds of
   compute at the wafer's dense peak (a lower bound on the real compute time)."""
   rows = []
-  for name in config_lib.CEREBRAS_GPT:
-    c = config_lib.resolve(config_lib.cerebras_gpt(name), config_lib.GPT2_VOCAB)
+  for name in presets.CEREBRAS_GPT:
+    c = config_lib.resolve(config_lib.cerebras_gpt(name), presets.GPT2_VOCAB)
     m = c.model
-    params = config_lib.closed_form_params(m.n_layers, m.d_model, m.vocab_size, m.n_positions)
+    params = presets.closed_form_params(m.n_layers, m.d_model, m.vocab_size, m.n_positions)
     tokens = c.data.global_batch * seq_len
     stream_s = STREAM_BYTES_PER_PARAM * params / system.io_bytes_per_s
     compute_s = analysis.flops_per_token(m, seq_len) * tokens / system.peak_flops

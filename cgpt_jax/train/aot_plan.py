@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from cgpt_jax import config as config_lib
 from cgpt_jax import model as model_lib
+from cgpt_jax import presets
 from cgpt_jax.costs import analysis, comm, roofline
 from cgpt_jax.parallel import context, wafer
 from cgpt_jax.train import run_dir, setup, step_functions
@@ -88,7 +88,7 @@ def plan(cfg: ml_collections.ConfigDict, workdir: str) -> dict:
   compile_s = time.perf_counter() - t0
   memory = analysis.compiled_memory(compiled)
   tokens_per_step = s.cfg.data.global_batch * s.cfg.data.seq_len
-  budget = config_lib.TOKENS_PER_PARAM * s.n_params
+  budget = presets.TOKENS_PER_PARAM * s.n_params
   result = {
     **setup.describe(s),
     "chinchilla_tokens": budget,
