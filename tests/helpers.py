@@ -19,13 +19,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from tolerances import GRAD_ATOL
+from tolerances import GRAD_ATOL, RTOL
 
 from cgpt_jax import config as config_lib
 from cgpt_jax import data
 from cgpt_jax import model as model_lib
 from cgpt_jax.parallel import pipeline
-from cgpt_jax.train import setup, step_functions
+from cgpt_jax.train import loop, setup, step_functions
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -243,3 +243,22 @@ def copy_checkpoint(src, dst, step):
   for other in (dst / "checkpoints").iterdir():
     if other.is_dir() and other.name.isdigit() and int(other.name) != step:
       shutil.rmtree(other)
+
+
+def assert_meshes_train_like_single(shared_data, data_dir, tmp_path_factory, meshes) -> list[dict]:
+  """Runs the eight-head model under `single` and under each (layout, sizes) of `meshes` on 8
+  devices; every logged training and eval loss equal to single's (RTOL). The meshes' summaries."""
+  ref_dir = tmp_path_factory.mktemp("single")
+  loop.run(eight_head_config(shared_data, data_dir, "single"), str(ref_dir))
+  ref_train, ref_eval = losses(ref_dir)
+  summaries = []
+  for layout, sizes in meshes:
+    workdir = tmp_path_factory.mktemp(layout)
+    summaries.append(
+      loop.run(eight_head_config(shared_data, data_dir, layout, **sizes), str(workdir))
+    )
+    assert summaries[-1]["devices"] == 8
+    got_train, got_eval = losses(workdir)
+    np.testing.assert_allclose(got_train, ref_train, rtol=RTOL, err_msg=f"{layout} {sizes}")
+    np.testing.assert_allclose(got_eval, ref_eval, rtol=RTOL, err_msg=f"{layout} {sizes}")
+  return summaries

@@ -10,6 +10,7 @@ import pytest
 from helpers import (
   SHAKESPEARE,
   assert_bad_input,
+  assert_meshes_train_like_single,
   assert_same_gradients,
   by_step,
   copy_checkpoint,
@@ -18,7 +19,6 @@ from helpers import (
   fixed_batch,
   launch,
   loss_and_gradients,
-  losses,
 )
 from tolerances import RTOL
 
@@ -71,16 +71,8 @@ def test_ring_has_single_gradients(shared_data, data_dir, single, layout, sizes)
 @pytest.mark.slow
 def test_ring_trains_like_single(shared_data, data_dir, tmp_path_factory):
   """12 steps and two evaluations under each ring give single's losses at every step (RTOL)."""
-  ref_dir = tmp_path_factory.mktemp("single")
-  loop.run(eight_head_config(shared_data, data_dir, "single"), str(ref_dir))
-  ref_train, ref_eval = losses(ref_dir)
-  for layout, sizes in MESHES:
-    workdir = tmp_path_factory.mktemp(layout)
-    summary = loop.run(eight_head_config(shared_data, data_dir, layout, **sizes), str(workdir))
-    assert summary["devices"] == 8 and summary["context"]["imbalance_zigzag"] == 1
-    got_train, got_eval = losses(workdir)
-    np.testing.assert_allclose(got_train, ref_train, rtol=RTOL, err_msg=f"{layout} {sizes}")
-    np.testing.assert_allclose(got_eval, ref_eval, rtol=RTOL, err_msg=f"{layout} {sizes}")
+  summaries = assert_meshes_train_like_single(shared_data, data_dir, tmp_path_factory, MESHES)
+  assert all(s["context"]["imbalance_zigzag"] == 1 for s in summaries)
 
 
 def test_per_token_losses_come_back_in_sequence_order(shared_data, data_dir):

@@ -4,11 +4,11 @@ import jax
 import numpy as np
 import pytest
 from helpers import (
+  assert_meshes_train_like_single,
   assert_same_gradients,
   compiled_step,
   eight_head_config,
   loss_and_gradients,
-  losses,
   tiny_config,
 )
 from jax.sharding import PartitionSpec as P
@@ -16,7 +16,7 @@ from tolerances import RTOL
 
 from cgpt_jax.costs import analysis, comm
 from cgpt_jax.errors import InputError
-from cgpt_jax.train import aot_plan, loop, setup
+from cgpt_jax.train import aot_plan, setup
 
 LAYOUTS = ("dp", "zero1", "fsdp")
 
@@ -96,16 +96,7 @@ def test_each_layout_trains_like_single(shared_data, data_dir, tmp_path_factory)
   moves a loss by a few ulps per step (dp measured 7.7e-7 relative over 50 steps), while a lost,
   doubled or misplaced reduction moves it by 1e-2 or more.
   """
-  ref_dir = tmp_path_factory.mktemp("single")
-  loop.run(eight_head_config(shared_data, data_dir, "single"), str(ref_dir))
-  ref_train, ref_eval = losses(ref_dir)
-  for layout, sizes in MESHES:
-    workdir = tmp_path_factory.mktemp(layout)
-    summary = loop.run(eight_head_config(shared_data, data_dir, layout, **sizes), str(workdir))
-    assert summary["devices"] == 8
-    got_train, got_eval = losses(workdir)
-    np.testing.assert_allclose(got_train, ref_train, rtol=RTOL, err_msg=f"{layout} {sizes}")
-    np.testing.assert_allclose(got_eval, ref_eval, rtol=RTOL, err_msg=f"{layout} {sizes}")
+  assert_meshes_train_like_single(shared_data, data_dir, tmp_path_factory, MESHES)
 
 
 def test_each_layout_has_single_gradients(shared_data, data_dir):
