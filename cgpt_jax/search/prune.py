@@ -62,7 +62,6 @@ def divisibility(c: Candidate, s: Shape) -> str | None:
         f"divisibility: zero1 moments (vocab, d_model) over data={z['data']}",
       ),
       (s.seq_len % (2 * z["context"]), f"divisibility: seq {s.seq_len} over 2 x context"),
-      (z["context"] > 1 and stages > 1, "invalid: context parallelism with a pipeline"),
       (
         c.layout == "sp" and s.seq_len % (y * stages * z["context"]),
         f"divisibility: seq {s.seq_len} over sp tensor={y}",

@@ -67,11 +67,17 @@ def divisors(n: int) -> list[int]:
 
 def meshes(devices: int, tensor_cap: int) -> list[tuple[int, ...]]:
   """Ordered factorisations of `devices` into len(AXES) sizes, tensor at most `tensor_cap` (the
-  fast links' node: Megatron keeps tensor parallelism inside one)."""
+  fast links' node: Megatron keeps tensor parallelism inside one). Context and pipe never both
+  exceed 1: the ring does not combine with a pipeline (context.check refuses it)."""
   out = [()]
   for _ in AXES:
     out = [m + (d,) for m in out for d in divisors(devices // math.prod(m))]
-  return [m for m in out if math.prod(m) == devices and m[AXES.index("tensor")] <= tensor_cap]
+  pipe, ring, tensor = (AXES.index(a) for a in ("pipe", "context", "tensor"))
+  return [
+    m
+    for m in out
+    if math.prod(m) == devices and m[tensor] <= tensor_cap and (m[pipe] == 1 or m[ring] == 1)
+  ]
 
 
 def layouts_for(sizes: dict[str, int]) -> list[str]:
