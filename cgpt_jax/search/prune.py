@@ -15,7 +15,7 @@ from cgpt_jax.search.space import Candidate
 # factor: the estimate is the low end of what XLA keeps (memory.layer_activation_bytes_per_token),
 # and the margin covers the rest, so no candidate that would fit is dropped (tests/test_search.py
 # holds every compiled tiny candidate's estimate / compiled under it).
-MEMORY_MARGIN = 1.2
+MEMORY_MARGIN = 1.3
 KEEP_FITTING_K = 2  # gradient-accumulation choices kept per twin group: the fewest that fit, + 1
 
 
