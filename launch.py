@@ -14,7 +14,10 @@ python launch.py --config experiments/NAME.py[:ARG] --workdir DIR [--devices N].
   --mode MODE          train (default; resumes from DIR's latest checkpoint), plan (compile ahead
                        of time from abstract shapes only -> DIR/plan.json; also --plan), eval
                        (sliding-window perplexity -> DIR/evals.jsonl), generate
-                       (-> DIR/samples.jsonl), export_hf (GPT-2-format folder)
+                       (-> DIR/samples.jsonl), export_hf (GPT-2-format folder), search (rank
+                       every layout on --devices N for --hardware=h100|v5p within
+                       --memory_budget_gb: prune, compile the --search_top_k most promising, each
+                       in DIR/candidates/NAME/ -> DIR/search.json, report.md, pareto.png)
 
   --verbose            with an error raised by the experiment file itself, print its traceback too
 
@@ -52,7 +55,7 @@ _PLAN = flags.DEFINE_bool("plan", False, "Same as --mode=plan.")
 _MODE = flags.DEFINE_enum(
   "mode",
   "train",
-  ["train", "plan", "eval", "generate", "export_hf"],
+  ["train", "plan", "eval", "generate", "export_hf", "search"],
   "What to do with the experiment and its workdir.",
 )
 _SWEEP = flags.DEFINE_bool(
@@ -105,6 +108,22 @@ _SHUTDOWN_TIMEOUT = flags.DEFINE_integer(
   30,
   "Seconds a finished cluster process waits for the others to finish.",
   lower_bound=1,
+)
+# --mode=search (cgpt_jax/search/, docs/search.md).
+_HARDWARE = flags.DEFINE_string(
+  "hardware", "h100", "Accelerator a search ranks layouts for: h100 or v5p (costs/roofline.py)."
+)
+_BUDGET = flags.DEFINE_float(
+  "memory_budget_gb", None, "A search's memory per device in GB (default: the hardware's HBM)."
+)
+_TOP_K = flags.DEFINE_integer(
+  "search_top_k",
+  24,
+  "Candidates a search compiles ahead of time, the most promising first.",
+  lower_bound=1,
+)
+_SEARCH_TIME = flags.DEFINE_float(
+  "search_time_budget", 3600, "Seconds a search may spend compiling its candidates, in all."
 )
 _VERBOSE = flags.DEFINE_bool(
   "verbose", False, "With an error raised by the experiment file, also print its traceback."
@@ -268,6 +287,27 @@ def run_sweep() -> bool:
   return True
 
 
+def run_search(workdir: str) -> None:
+  """--mode=search: this process lists, prunes and ranks; each candidate compiles in its own."""
+  from cgpt_jax.search import runner
+
+  config_flag = flags.FLAGS["config"]
+  options = {
+    "hardware": _HARDWARE.value,
+    "budget_gb": _BUDGET.value,
+    "top_k": _TOP_K.value,
+    "time_budget_s": _SEARCH_TIME.value,
+  }
+  runner.run(
+    _CONFIG.value,
+    config_flag.config_filename,
+    workdir,
+    _DEVICES.value,
+    dict(config_flag.override_values),
+    options,
+  )
+
+
 def join_processes() -> None:
   """A --processes parent runs its children and exits here; a cluster process joins the others."""
   from cgpt_jax import distributed
@@ -316,7 +356,9 @@ def run(cfg, workdir: str, mode: str) -> None:
   from cgpt_jax.train import aot_plan, loop
 
   try:
-    if mode == "plan":
+    if mode == "search":
+      run_search(workdir)
+    elif mode == "plan":
       result = aot_plan.plan(cfg, workdir)
       print(
         f"plan: {result['params']:,} params, {result['flops_per_token']:,} FLOPs/token, "

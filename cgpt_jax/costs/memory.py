@@ -33,6 +33,35 @@ def step_state_bytes(n_params: int, split: int) -> float:
   return STEP_BYTES_PER_PARAM * n_params / split
 
 
+def layer_activation_bytes_per_token(
+  remat: str,
+  d_model: int,
+  d_ff: int,
+  n_heads: int,
+  seq_len: int,
+  tensor: int = 1,
+  sequence_parallel: bool = False,
+) -> float:
+  """Bytes one token keeps per block for the backward, ACTIVATION_BYTES each, under a remat policy.
+  "full": the block's input [d] (split over tensor under sequence parallelism). "dots": the matmul
+  outputs too: QKV (3 d), the scores (heads x T), attention's output and projection (2 d), MLP-in
+  (f) and MLP-out (d). "none": Korthikanti et al. (2022)'s 34 d + 5 heads T bytes per token at
+  2 bytes per value. All but the block's input split over tensor. These are the lower end of what a
+  compiler keeps (XLA adds temporaries), which is the side the search's pruning needs."""
+  kept = {
+    "full": 0.0,
+    "dots": 6 * d_model + d_ff + n_heads * seq_len,
+    "none": (34 * d_model + 5 * n_heads * seq_len) / 2 - d_model,
+  }[remat]
+  block_input = d_model / (tensor if sequence_parallel else 1)
+  return ACTIVATION_BYTES * (block_input + kept / tensor)
+
+
+def logits_bytes_per_token(padded_vocab: int, tensor: int) -> float:
+  """LOGITS_COPIES copies of a token's logits [V / Y] (vocab-parallel over Y tensor devices)."""
+  return ACTIVATION_BYTES * LOGITS_COPIES * padded_vocab / tensor
+
+
 def activation_bytes_per_row(
   n_layers: int, d_model: int, seq_len: int, padded_vocab: int, tensor: int
 ) -> float:
@@ -40,7 +69,8 @@ def activation_bytes_per_row(
   input [T, d] and LOGITS_COPIES copies of the logits [T, V / Y] (the vocabulary as the model pads
   it, split over Y tensor devices), ACTIVATION_BYTES each. Measured: within 1.2x of the compiled
   temp bytes for 13B."""
-  return seq_len * ACTIVATION_BYTES * (n_layers * d_model + LOGITS_COPIES * padded_vocab / tensor)
+  block = layer_activation_bytes_per_token("full", d_model, 0, 0, seq_len)
+  return seq_len * (n_layers * block + logits_bytes_per_token(padded_vocab, tensor))
 
 
 def grad_accum(

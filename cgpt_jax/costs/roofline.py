@@ -20,11 +20,13 @@ Both assume perfect overlap of compute and communication: the step takes at leas
 """
 
 import dataclasses
+import difflib
 import math
 
 from cgpt_jax import config as config_lib
 from cgpt_jax import presets
 from cgpt_jax.costs import analysis, comm
+from cgpt_jax.errors import InputError
 from cgpt_jax.parallel.layouts import (
   AXES,  # outermost first: tensor neighbours are adjacent devices
 )
@@ -70,6 +72,18 @@ TPU_V5P = Hardware(
   "How to Scale Your Model, part 2 (9e10 B/s per ICI link each way, 2 links per axis)",
 )
 HARDWARE = (H100, TPU_V5P)
+BY_FLAG = {"h100": H100, "v5p": TPU_V5P}  # launch.py's --hardware names
+
+
+def hardware(flag: str) -> Hardware:
+  """The accelerator launch.py's --hardware names, or an InputError naming the nearest."""
+  if flag.lower() in BY_FLAG:
+    return BY_FLAG[flag.lower()]
+  near = difflib.get_close_matches(flag.lower(), BY_FLAG, n=1, cutoff=0) or list(BY_FLAG)
+  raise InputError(
+    f"--hardware={flag}: unknown accelerator; the nearest is --hardware={near[0]} "
+    f"(known: {', '.join(BY_FLAG)}; specs in cgpt_jax/costs/roofline.py)."
+  )
 
 
 @dataclasses.dataclass(frozen=True)
