@@ -205,6 +205,21 @@ def run(
   sweep = points(module, arg, default_devices)
   if results_file is not None:
     check_results_path(results_file)
+  out = sweep_folder(workdir)
+  results = {}
+  for i, point in enumerate(sweep, 1):
+    tag = f"[{i}/{len(sweep)}] {point.name} ({point.mode}, {point.devices} devices)"
+    results[point.name] = run_point(point, out / "points" / point.name, config_path, common, tag)
+  lines = write_report(module, config_name, sweep, results, out)
+  if results_file is not None:
+    again = regenerate_command(config_name, workdir, common, default_devices, results_file)
+    report_lib.write_results(results_file, again, lines, out)
+    print(f"results -> {results_file}", flush=True)
+  return results
+
+
+def sweep_folder(workdir: str) -> pathlib.Path:
+  """The sweep's folder, refused if it is a file or holds what no sweep wrote; created, marked."""
   out = pathlib.Path(workdir).resolve()
   if out.exists() and not out.is_dir():
     raise InputError(f"--workdir {out} is a file; a sweep needs a folder.")
@@ -218,29 +233,35 @@ def run(
       )
   out.mkdir(parents=True, exist_ok=True)
   (out / RUN_MARKER).touch()
-  results = {}
-  for i, point in enumerate(sweep, 1):
-    folder = out / "points" / point.name
-    tag = f"[{i}/{len(sweep)}] {point.name} ({point.mode}, {point.devices} devices)"
-    if is_finished(point, folder, common):
-      results[point.name] = load_result(point, folder)
-      print(f"{tag}: finished earlier, skipped", flush=True)
-      continue
-    prepare(point, folder, common)
-    t0 = time.perf_counter()
-    with open(folder / "log.txt", "w") as log:
-      # In this process's working directory, as if the user had typed the point's command.
-      proc = subprocess.run(
-        command(point, config_path, folder, common), stdout=log, stderr=subprocess.STDOUT
-      )
-    seconds = time.perf_counter() - t0
-    if proc.returncode == 0:
-      results[point.name] = load_result(point, folder)
-      print(f"{tag}: done in {seconds:.0f} s{report_lib.headline(results[point.name])}", flush=True)
-    else:
-      error = last_error_line((folder / "log.txt").read_text())
-      results[point.name] = {"error": f"exit {proc.returncode}: {error}"}
-      print(f"{tag}: FAILED in {seconds:.0f} s: {error} (log: {folder / 'log.txt'})", flush=True)
+  return out
+
+
+def run_point(point: Point, folder: pathlib.Path, config_path: str, common: dict, tag: str) -> dict:
+  """The point's result: read back if finished earlier, else from its own launch.py process."""
+  if is_finished(point, folder, common):
+    print(f"{tag}: finished earlier, skipped", flush=True)
+    return load_result(point, folder)
+  prepare(point, folder, common)
+  t0 = time.perf_counter()
+  with open(folder / "log.txt", "w") as log:
+    # In this process's working directory, as if the user had typed the point's command.
+    proc = subprocess.run(
+      command(point, config_path, folder, common), stdout=log, stderr=subprocess.STDOUT
+    )
+  seconds = time.perf_counter() - t0
+  if proc.returncode == 0:
+    result = load_result(point, folder)
+    print(f"{tag}: done in {seconds:.0f} s{report_lib.headline(result)}", flush=True)
+    return result
+  error = last_error_line((folder / "log.txt").read_text())
+  print(f"{tag}: FAILED in {seconds:.0f} s: {error} (log: {folder / 'log.txt'})", flush=True)
+  return {"error": f"exit {proc.returncode}: {error}"}
+
+
+def write_report(
+  module: ModuleType, config_name: str, sweep: list[Point], results: dict, out: pathlib.Path
+) -> list[str]:
+  """WORKDIR/report.md (the experiment's report(), or a generic table) and report.json."""
   records = [dataclasses.asdict(p) for p in sweep]
   if hasattr(module, "report"):
     body = module.report(records, results, out)
@@ -259,8 +280,4 @@ def run(
   (out / "report.md").write_text("\n".join(lines) + "\n")
   (out / "report.json").write_text(json.dumps({"points": records, "results": results}, indent=2))
   print(f"report -> {out / 'report.md'}", flush=True)
-  if results_file is not None:
-    again = regenerate_command(config_name, workdir, common, default_devices, results_file)
-    report_lib.write_results(results_file, again, lines, out)
-    print(f"results -> {results_file}", flush=True)
-  return results
+  return lines
