@@ -205,7 +205,7 @@ def run(
   sweep = points(module, arg, default_devices)
   if results_file is not None:
     check_results_path(results_file)
-  out = sweep_folder(workdir)
+  out = claim_folder(workdir)
   results = {}
   for i, point in enumerate(sweep, 1):
     tag = f"[{i}/{len(sweep)}] {point.name} ({point.mode}, {point.devices} devices)"
@@ -218,16 +218,17 @@ def run(
   return results
 
 
-def sweep_folder(workdir: str) -> pathlib.Path:
-  """The sweep's folder, refused if it is a file or holds what no sweep wrote; created, marked."""
+def claim_folder(workdir: str, kind: str = "sweep") -> pathlib.Path:
+  """The folder of a sweep (or a layout search, `kind`), refused if it is a file or holds what no
+  sweep or search wrote; created and marked."""
   out = pathlib.Path(workdir).resolve()
   if out.exists() and not out.is_dir():
-    raise InputError(f"--workdir {out} is a file; a sweep needs a folder.")
+    raise InputError(f"--workdir {out} is a file; a {kind} needs a folder.")
   if out.is_dir() and not (out / RUN_MARKER).exists() and not (out / "points").is_dir():
     others = sorted(p.name for p in out.iterdir())
     if others:
       raise InputError(
-        f"--workdir {out} holds files that no sweep of this project wrote "
+        f"--workdir {out} holds files that no {kind} of this project wrote "
         f"({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}); refusing to "
         "write into it. Choose a new or empty --workdir."
       )
@@ -241,21 +242,37 @@ def run_point(point: Point, folder: pathlib.Path, config_path: str, common: dict
   if is_finished(point, folder, common):
     print(f"{tag}: finished earlier, skipped", flush=True)
     return load_result(point, folder)
-  prepare(point, folder, common)
   t0 = time.perf_counter()
-  with open(folder / "log.txt", "w") as log:
-    # In this process's working directory, as if the user had typed the point's command.
-    proc = subprocess.run(
-      command(point, config_path, folder, common), stdout=log, stderr=subprocess.STDOUT
-    )
+  result = launch_point(point, folder, config_path, common)
   seconds = time.perf_counter() - t0
-  if proc.returncode == 0:
-    result = load_result(point, folder)
+  if "error" in result:
+    print(
+      f"{tag}: FAILED in {seconds:.0f} s: {result['error']} (log: {folder / 'log.txt'})", flush=True
+    )
+  else:
     print(f"{tag}: done in {seconds:.0f} s{report_lib.headline(result)}", flush=True)
-    return result
-  error = last_error_line((folder / "log.txt").read_text())
-  print(f"{tag}: FAILED in {seconds:.0f} s: {error} (log: {folder / 'log.txt'})", flush=True)
-  return {"error": f"exit {proc.returncode}: {error}"}
+  return result
+
+
+def launch_point(
+  point: Point, folder: pathlib.Path, config_path: str, common: dict, timeout: float | None = None
+) -> dict:
+  """Runs the point afresh in its own launch.py process (in this process's working directory, as
+  if the user had typed its command), given `timeout` seconds: its result, or {"error": ...}."""
+  prepare(point, folder, common)
+  with open(folder / "log.txt", "w") as log:
+    try:
+      code = subprocess.run(
+        command(point, config_path, folder, common),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        timeout=timeout,
+      ).returncode
+    except subprocess.TimeoutExpired:
+      code = "timeout"
+  if code == 0:
+    return load_result(point, folder)
+  return {"error": f"exit {code}: {last_error_line((folder / 'log.txt').read_text())}"}
 
 
 def write_report(

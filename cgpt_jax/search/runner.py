@@ -6,7 +6,6 @@ compiled plans by the roofline's step time (rank.step_time). report.py writes th
 import copy
 import json
 import pathlib
-import subprocess
 import time
 
 import ml_collections
@@ -100,24 +99,11 @@ def compile_one(c, config_name: str, out: pathlib.Path, devices: int, common: di
   if (folder / "error.json").exists() and (folder / "point.json").exists():
     if sweep.read_json(folder / "point.json") == json.loads(json.dumps(point.record(common))):
       return sweep.read_json(folder / "error.json"), True
-  sweep.prepare(point, folder, common)
-  with open(folder / "log.txt", "w") as log:
-    try:
-      proc = subprocess.run(
-        sweep.command(point, config_path, folder, common),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        timeout=left,
-      )
-      code = proc.returncode
-    except subprocess.TimeoutExpired:
-      code = "timeout"
-  if code == 0:
-    return sweep.load_result(point, folder), False
-  error = {"error": f"exit {code}: {sweep.last_error_line((folder / 'log.txt').read_text())}"}
-  if code != "timeout":  # a timeout is the budget's, not the candidate's: try again next time
-    (folder / "error.json").write_text(json.dumps(error))
-  return error, False
+  result = sweep.launch_point(point, folder, config_path, common, timeout=left)
+  # A timeout is the budget's, not the candidate's: it is tried again next time.
+  if "error" in result and not result["error"].startswith("exit timeout"):
+    (folder / "error.json").write_text(json.dumps(result))
+  return result, False
 
 
 def compile_all(chosen, config_name, out, devices, common, seconds: float) -> dict:
@@ -136,21 +122,6 @@ def compile_all(chosen, config_name, out, devices, common, seconds: float) -> di
   return plans
 
 
-def claim_workdir(workdir: str) -> pathlib.Path:
-  """The search's folder: new, empty, or one a search (or sweep) of this project wrote."""
-  out = pathlib.Path(workdir).resolve()
-  if out.exists() and not out.is_dir():
-    raise InputError(f"--workdir {out} is a file; a search needs a folder.")
-  if out.is_dir() and not (out / sweep.RUN_MARKER).exists() and any(out.iterdir()):
-    raise InputError(
-      f"--workdir {out} holds files that no search of this project wrote; refusing to write into "
-      "it. Choose a new or empty --workdir."
-    )
-  out.mkdir(parents=True, exist_ok=True)
-  (out / sweep.RUN_MARKER).touch()
-  return out
-
-
 def run(cfg, config_name: str, workdir: str, devices: int, common: dict, options: dict) -> dict:
   """The whole search; `options`: hardware (a --hardware name), budget_gb (None: the HBM), top_k,
   time_budget_s. Every input is checked before anything compiles. Returns search.json's dict."""
@@ -162,7 +133,7 @@ def run(cfg, config_name: str, workdir: str, devices: int, common: dict, options
   candidates = space.enumerate_space(devices, shape.batch, tensor_cap(hw))
   survivors, why, estimates = prune.prune(candidates, shape, budget)
   check_budget(estimates, why, budget)
-  out = claim_workdir(workdir)
+  out = sweep.claim_folder(workdir, kind="search")
   ranked = analytic_ranking(cfg, vocab, survivors, hw, why)
   chosen = promising(ranked, options["top_k"])
   print(
