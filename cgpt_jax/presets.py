@@ -61,12 +61,17 @@ def layer_params(d_model: int, d_ff: int) -> int:
 
 
 def closed_form_params(
-  n_layers: int, d_model: int, vocab: int = GPT2_VOCAB, positions: int = 2048
+  n_layers: int,
+  d_model: int,
+  vocab: int = GPT2_VOCAB,
+  positions: int = 2048,
+  d_ff: int | None = None,
 ) -> int:
-  """V d + P d + L (12 d^2 + 13 d) + 2 d, for d_ff = 4 d and tied embeddings
-  (docs/cerebras_gpt.md#parameter-count).
+  """V d + P d + L (12 d^2 + 13 d) + 2 d, for d_ff = 4 d (the default) and tied embeddings
+  (docs/cerebras_gpt.md#parameter-count); the blocks' term is layer_params for another d_ff.
 
   Lets a config derive its Chinchilla budget without building the model; the model's own count,
   from abstract shapes, is what reports use and what the tests hold to the paper's table.
   """
-  return (vocab + positions) * d_model + n_layers * layer_params(d_model, 4 * d_model) + 2 * d_model
+  blocks = n_layers * layer_params(d_model, d_ff or 4 * d_model)
+  return (vocab + positions) * d_model + blocks + 2 * d_model

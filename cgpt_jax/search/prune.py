@@ -8,7 +8,9 @@ import itertools
 import ml_collections
 
 from cgpt_jax import model as model_lib
+from cgpt_jax import presets
 from cgpt_jax.costs import analysis, memory
+from cgpt_jax.parallel import layouts, pipeline_1f1b
 from cgpt_jax.search.space import Candidate
 
 # A candidate is pruned for memory only when the analytic estimate exceeds the budget by this
@@ -34,8 +36,14 @@ class Shape:
   def of(cls, cfg: ml_collections.ConfigDict) -> "Shape":
     m = cfg.model
     v = model_lib.padded_vocab(m)
-    held = analysis.layer_params(m) * m.n_layers + (v + m.n_positions + 2) * m.d_model
+    held = presets.closed_form_params(m.n_layers, m.d_model, v, m.n_positions, d_ff=m.d_ff)
     return cls(m, cfg.data.seq_len, cfg.data.global_batch, cfg.data.eval_batch, v, held)
+
+
+def _splits_moments(c: Candidate) -> bool:
+  """The candidate's layout splits the optimizer state over devices holding the parameters whole
+  (ZeRO-1): its preset has state rules of its own (Layout.zero1, before any layout is built)."""
+  return bool(layouts.LAYOUT_PRESETS[c.layout].state_rules)
 
 
 def _first(checks) -> str | None:
@@ -58,7 +66,7 @@ def divisibility(c: Candidate, s: Shape) -> str | None:
       (s.batch % (shards * c.grad_accum), f"divisibility: batch {s.batch} over {shards} shards"),
       (s.eval_batch % shards, f"divisibility: eval batch {s.eval_batch} over {shards} shards"),
       (
-        c.layout == "zero1" and (s.padded_vocab % z["data"] or m.d_model % z["data"]),
+        _splits_moments(c) and (s.padded_vocab % z["data"] or m.d_model % z["data"]),
         f"divisibility: zero1 moments (vocab, d_model) over data={z['data']}",
       ),
       (s.seq_len % (2 * z["context"]), f"divisibility: seq {s.seq_len} over 2 x context"),
@@ -84,13 +92,13 @@ def memory_estimate(c: Candidate, s: Shape) -> dict:
   (all M under the SPMD schedules, whose loop keeps every iteration's input; at least S under the
   hand-written ones), and the head's logits over the device's part of the sequence."""
   z, m = c.sizes, s.model
-  state = analysis.analytic_state_bytes(z, m, s.params_held, s.padded_vocab, c.layout == "zero1")
+  state = analysis.analytic_state_bytes(z, m, s.params_held, s.padded_vocab, _splits_moments(c))
   held = analysis.analytic_state_bytes(z, m, s.params_held, s.padded_vocab, False)
   grads = held * memory.GRAD_BYTES / memory.STATE_BYTES_PER_PARAM
   rows = s.batch / (z["data"] * z["fsdp"] * c.grad_accum)
   tokens = rows * s.seq_len / z["context"]
   in_flight = 1.0
-  if c.schedule in ("1f1b", "zb_h1", "interleaved_1f1b"):
+  if c.schedule in pipeline_1f1b.SCHEDULES:
     in_flight = min(c.microbatches, z["pipe"]) / c.microbatches
   block = memory.layer_activation_bytes_per_token(
     c.remat, m.d_model, m.d_ff, m.n_heads, s.seq_len, z["tensor"], c.layout == "sp"
@@ -141,9 +149,8 @@ def prune(candidates: list[Candidate], s: Shape, budget: float) -> tuple[list, d
     else:
       why[c.name] = reason
   survivors = []
-  group = lambda c: dataclasses.replace(c, grad_accum=0)  # noqa: E731  (twins up to k)
   for _, twins in itertools.groupby(
-    sorted(fitting, key=lambda c: (repr(group(c)), c.grad_accum)), group
+    sorted(fitting, key=lambda c: (repr(_without_k(c)), c.grad_accum)), _without_k
   ):
     twins = list(twins)
     survivors += twins[:KEEP_FITTING_K]
